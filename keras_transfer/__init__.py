@@ -1,0 +1,59 @@
+"""keras_transfer: transfer learning with Keras 3 and TensorFlow.
+
+Example:
+
+```python
+import keras_transfer as kt
+model = kt.ImageTransferModel("mobilenet_v2", num_classes=5, weights="imagenet")
+history = model.fit(train, validation_data=val, head_epochs=5, fine_tune_epochs=5)
+model.evaluate(test)
+model.export("saved_models/flowers")
+```
+"""
+
+__version__ = "0.1.0"
+
+from keras_transfer.backbones import BackboneSpec, get_backbone_spec, list_backbones
+from keras_transfer.data import default_augmentation, make_image_dataset
+from keras_transfer.distribute import get_strategy
+from keras_transfer.errors import (
+    BackboneError,
+    DataError,
+    ExportError,
+    KerasTransferError,
+    TrainingDivergedError,
+    WeightsError,
+)
+from keras_transfer.export import load_metadata
+from keras_transfer.heads import build_head
+from keras_transfer.image import ImagePreprocessing, ImageTransferModel
+from keras_transfer.model import TransferModel
+from keras_transfer.training import TransferHistory, WarmupDecay, freeze, unfreeze
+from keras_transfer.weights import WeightsLoadReport, load_weights_by_name
+
+__all__ = [
+    "BackboneError",
+    "BackboneSpec",
+    "DataError",
+    "ExportError",
+    "ImagePreprocessing",
+    "ImageTransferModel",
+    "KerasTransferError",
+    "TrainingDivergedError",
+    "TransferHistory",
+    "TransferModel",
+    "WarmupDecay",
+    "WeightsError",
+    "WeightsLoadReport",
+    "__version__",
+    "build_head",
+    "default_augmentation",
+    "freeze",
+    "get_backbone_spec",
+    "get_strategy",
+    "list_backbones",
+    "load_metadata",
+    "load_weights_by_name",
+    "make_image_dataset",
+    "unfreeze",
+]

@@ -1,0 +1,248 @@
+"""`ImageTransferModel`: transfer learning on images.
+
+Every model takes raw RGB pixels in 0-255 and does the backbone's own
+preprocessing inside (`ImagePreprocessing`), so a SavedModel export serves
+raw images without any client-side code.
+"""
+
+from __future__ import annotations
+
+import os
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+from keras_transfer import backbones as registry
+from keras_transfer.data import make_image_dataset
+from keras_transfer.errors import BackboneError
+from keras_transfer.model import TransferModel, strategy_scope
+
+_IMAGENET_MEAN_RGB = (0.485, 0.456, 0.406)
+_IMAGENET_STD_RGB = (0.229, 0.224, 0.225)
+_CAFFE_MEAN_BGR = (103.939, 116.779, 123.68)
+
+
+@keras.saving.register_keras_serializable(package="keras_transfer")
+class ImagePreprocessing(keras.layers.Layer):
+    """Maps raw 0-255 RGB pixels to what a backbone's weights expect.
+
+    Args:
+        mode: str. `"caffe"` (RGB->BGR minus the ImageNet mean), `"tf"`
+            (scale to [-1, 1]), `"torch"` (scale to [0, 1], ImageNet mean and
+            std) or `"none"` (the backbone normalises its own input).
+
+    Example:
+        >>> ImagePreprocessing("tf")(np.full((1, 2, 2, 3), 255.0))  # all 1.0
+    """
+
+    def __init__(self, mode="none", **kwargs):
+        super().__init__(**kwargs)
+        if mode not in registry.PREPROCESSING_MODES:
+            raise ValueError(f"Received mode={mode!r}; expected one of "
+                             f"{registry.PREPROCESSING_MODES}.")
+        self.mode = mode
+
+    def call(self, images):
+        x = keras.ops.cast(images, self.compute_dtype)
+        if self.mode == "caffe":
+            return x[..., ::-1] - keras.ops.convert_to_tensor(_CAFFE_MEAN_BGR, x.dtype)
+        if self.mode == "tf":
+            return x / 127.5 - 1.0
+        if self.mode == "torch":
+            mean = keras.ops.convert_to_tensor(_IMAGENET_MEAN_RGB, x.dtype)
+            std = keras.ops.convert_to_tensor(_IMAGENET_STD_RGB, x.dtype)
+            return (x / 255.0 - mean) / std
+        return x
+
+    def compute_output_shape(self, input_shape):
+        return input_shape
+
+    def get_config(self):
+        return {**super().get_config(), "mode": self.mode}
+
+
+@keras.saving.register_keras_serializable(package="keras_transfer")
+class ImageTransferModel(TransferModel):
+    """An image classifier (or regressor) on a pretrained backbone.
+
+    Args:
+        backbone: str or keras.Model. A registry name (see
+            `list_backbones()`), or any Keras model that maps images to a
+            feature map, e.g. one you pretrained yourself.
+        num_classes: int. The number of classes to predict.
+        weights: `"imagenet"` (downloaded by Keras), `None` (random), or the
+            path of a weights file loaded by layer name. Ignored for a
+            `keras.Model` backbone, which keeps its own weights.
+        input_shape: tuple `(height, width, 3)` or an int side. Defaults to
+            the backbone's default size (or the model's input shape).
+        cut_layer: str, optional. For a `keras.Model` backbone: the layer
+            whose output becomes the feature map (drop everything after it).
+        preprocessing: str, optional. For a `keras.Model` backbone: one of
+            `"caffe"`, `"tf"`, `"torch"`, `"none"` (default `"none"`: the
+            model gets raw 0-255 pixels).
+        task, pooling, hidden_units, dropout, class_names: see
+            `TransferModel`.
+        strategy: a `tf.distribute.Strategy` or a name (`"auto"`,
+            `"mirrored"`, `"cpu"`, `"tpu"`); everything is built and
+            compiled in its scope.
+        weights_source: str, optional. Where the pretrained weights came
+            from, recorded in the export metadata (defaults to `weights`).
+
+    Example:
+        >>> model = kt.ImageTransferModel("mobilenet_v2", num_classes=5,
+        ...                               weights=None, input_shape=(96, 96, 3))
+        >>> model.fit(x_train, y_train, head_epochs=2, fine_tune_epochs=1)
+        >>> probabilities = model.predict(x_test)
+    """
+
+    def __init__(self, backbone="mobilenet_v2", num_classes=2, *, weights="imagenet",
+                 input_shape=None, cut_layer=None, preprocessing=None,
+                 task="classification", pooling="flatten", hidden_units=(),
+                 dropout=0.0, class_names=None, strategy=None,
+                 weights_source=None, name=None, **kwargs):
+        strategy, strategy_context = strategy_scope(strategy)
+        with strategy_context:
+            super().__init__(num_classes, task=task, pooling=pooling,
+                             hidden_units=hidden_units, dropout=dropout,
+                             class_names=class_names,
+                             name=name or "image_transfer_model", **kwargs)
+            if isinstance(backbone, dict):  # from_config of a custom backbone
+                backbone = keras.saving.deserialize_keras_object(backbone)
+            if isinstance(backbone, keras.Model):
+                self.spec = None
+                network, mode, input_shape = _custom_backbone(
+                    backbone, cut_layer, preprocessing, input_shape)
+                self.backbone_name = network.name
+                source = weights_source or "keras.Model"
+            else:
+                self.spec = registry.get_backbone_spec(backbone)
+                if preprocessing not in (None, self.spec.preprocessing):
+                    raise BackboneError(
+                        f"Received preprocessing={preprocessing!r} for '{self.spec.name}', "
+                        f"whose weights expect {self.spec.preprocessing!r}; leave it unset.")
+                input_shape = self.spec.check_input_shape(input_shape)
+                network = self.spec.build(input_shape, weights)
+                mode = self.spec.preprocessing
+                self.backbone_name = self.spec.name
+                source = weights_source or (None if weights is None else str(weights))
+            self.input_shape_ = tuple(input_shape)
+            self.preprocessing = mode
+            self.weights_source = source
+            self._custom_backbone = self.spec is None
+            self._attach(ImagePreprocessing(mode, name="preprocessing"), network,
+                         self.input_shape_)
+
+    @property
+    def image_size(self) -> tuple[int, int]:
+        """`(height, width)` of the model input."""
+        return self.input_shape_[:2]
+
+    def make_dataset(self, x, y=None, *, batch_size=32, training=False,
+                     augmentation=None, seed=None):
+        return make_image_dataset(
+            x, y, image_size=self.image_size, task=self.task,
+            num_classes=self.num_classes, batch_size=batch_size,
+            shuffle=training, augmentation=augmentation if training else None,
+            seed=seed)
+
+    def serving_endpoints(self):
+        height, width = self.image_size
+        output_key = "predictions" if self.task == "regression" else "probabilities"
+
+        def resize(images):
+            images = tf.cast(images, tf.float32)
+            return tf.image.resize(images, (height, width))
+
+        def serve_images(images):
+            # Resize only when needed so same-size inputs are not resampled.
+            same = tf.logical_and(tf.equal(tf.shape(images)[1], height),
+                                  tf.equal(tf.shape(images)[2], width))
+            x = tf.cond(same, lambda: tf.cast(images, tf.float32), lambda: resize(images))
+            x = tf.ensure_shape(x, (None, height, width, 3))
+            return {output_key: self(x, training=False)}
+
+        def decode_one(data):
+            image = tf.io.decode_image(data, channels=3, expand_animations=False)
+            image.set_shape((None, None, 3))
+            return tf.image.resize(tf.cast(image, tf.float32), (height, width))
+
+        def serve_bytes(encoded):
+            # Every image is decoded and resized on its own: sizes may differ.
+            x = tf.map_fn(decode_one, encoded,
+                          fn_output_signature=tf.TensorSpec((height, width, 3), tf.float32))
+            return {output_key: self(x, training=False)}
+
+        return {
+            "serving_default": (serve_images, [tf.TensorSpec((None, None, None, 3), tf.uint8, name="images")]),
+            "serving_bytes": (serve_bytes, [tf.TensorSpec((None,), tf.string, name="image_bytes")]),
+        }
+
+    def export_metadata(self):
+        return {
+            "kind": "image",
+            "backbone": self.backbone_name,
+            "weights": self.weights_source,
+            "input_shape": list(self.input_shape_),
+            "preprocessing": self.preprocessing,
+            "inputs": {
+                "serving_default": "images: uint8 [batch, height, width, 3], raw RGB 0-255, any size (resized inside)",
+                "serving_bytes": "image_bytes: string [batch], encoded JPEG/PNG/GIF/BMP",
+            },
+        }
+
+    def get_config(self):
+        config = super().get_config()
+        if self._custom_backbone:
+            backbone = keras.saving.serialize_keras_object(self.backbone)
+        else:
+            backbone = self.backbone_name
+        config.update({
+            "backbone": backbone,
+            # The weights travel with a saved model, not in its config.
+            "weights": None,
+            "weights_source": self.weights_source,
+            "input_shape": list(self.input_shape_),
+            "preprocessing": self.preprocessing,
+        })
+        return config
+
+
+def _custom_backbone(model, cut_layer, preprocessing, input_shape):
+    """Cuts a user's model at `cut_layer` and checks it takes images."""
+    if cut_layer is not None:
+        try:
+            output = model.get_layer(cut_layer).output
+        except ValueError as error:
+            names = [layer.name for layer in model.layers][-8:]
+            raise BackboneError(
+                f"Received cut_layer={cut_layer!r}, which is not a layer of "
+                f"'{model.name}'. Its last layers are {names}."
+            ) from error
+        model = keras.Model(model.inputs, output, name=f"{model.name}_cut")
+    shape = tuple(model.input_shape[1:]) if model.inputs else None
+    if shape is None or len(shape) != 3:
+        raise BackboneError(
+            f"Received a backbone model with input shape {shape}; expected "
+            "images (height, width, channels). Build it with keras.Input(shape=(H, W, 3))."
+        )
+    if input_shape is None:
+        input_shape = shape
+    if isinstance(input_shape, int):
+        input_shape = (input_shape, input_shape, 3)
+    input_shape = tuple(int(d) for d in input_shape)
+    if shape[-1] != 3 or input_shape[-1] != 3:
+        raise BackboneError(
+            f"Received a backbone that takes {shape[-1]} channels; transfer "
+            "models feed RGB images (3 channels). Grayscale data is converted "
+            "to RGB by the pipeline, so build the backbone for 3 channels."
+        )
+    fixed = [d for d in shape[:2] if d is not None]
+    if fixed and tuple(shape[:2]) != tuple(input_shape[:2]):
+        raise BackboneError(
+            f"Received input_shape={input_shape} for a backbone built for "
+            f"{shape}. Leave input_shape unset or build the backbone with "
+            "keras.Input(shape=(None, None, 3))."
+        )
+    mode = preprocessing or "none"
+    return model, mode, input_shape

@@ -1,0 +1,49 @@
+"""Shared test fixtures. Tests marked `large` run only with --run-large."""
+
+import os
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+
+SHARED = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", "..", "shared"))
+
+
+def pytest_addoption(parser):
+    parser.addoption("--run-large", action="store_true", default=False,
+                     help="also run tests marked large")
+
+
+def pytest_collection_modifyitems(config, items):
+    if config.getoption("--run-large"):
+        return
+    skip = pytest.mark.skip(reason="large test: run with --run-large (make test does)")
+    for item in items:
+        if "large" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture
+def tiny_images():
+    """40 random 32x32 RGB uint8 images and labels of 3 classes."""
+    rng = np.random.default_rng(0)
+    x = rng.integers(0, 256, (40, 32, 32, 3), dtype=np.uint8)
+    y = rng.integers(0, 3, 40)
+    return x, y
+
+
+@pytest.fixture
+def image_folder(tmp_path):
+    """A folder of 3 classes x 4 small PNG files, colours per class."""
+    import tensorflow as tf
+
+    rng = np.random.default_rng(1)
+    root = tmp_path / "images"
+    for label, name in enumerate(["cat", "dog", "fox"]):
+        (root / name).mkdir(parents=True)
+        for i in range(4):
+            image = rng.integers(0, 60, (36, 40, 3), dtype=np.uint8)
+            image[..., label] += 180
+            (root / name / f"{i}.png").write_bytes(tf.io.encode_png(image).numpy())
+    return root
