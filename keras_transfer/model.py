@@ -172,28 +172,31 @@ class TransferModel(keras.Model):
 
         loss, callbacks = heads.default_loss(self.task), list(callbacks or [])
         history = training.TransferHistory()
-        if head_epochs:
-            training.freeze(self.backbone)
-            self.train_batchnorm = False
-            record, phase_history = training.run_phase(
-                self, "head", train, validation, head_epochs,
-                keras.optimizers.Adam(head_learning_rate), loss,
-                heads.default_metrics(self.task), callbacks, early_stopping,
-                initial_epoch=0, verbose=verbose)
-            history.extend(record, phase_history)
-        if fine_tune_epochs:
-            training.unfreeze(self.backbone, unfreeze, train_batchnorm)
-            self.train_batchnorm = bool(train_batchnorm)
-            total = steps * fine_tune_epochs
-            schedule = training.WarmupDecay(
-                fine_tune_learning_rate, total_steps=total,
-                warmup_steps=int(round(warmup_fraction * total)), decay=decay)
-            record, phase_history = training.run_phase(
-                self, "fine_tune", train, validation, fine_tune_epochs,
-                keras.optimizers.Adam(schedule), loss,
-                heads.default_metrics(self.task), callbacks, early_stopping,
-                initial_epoch=len(history.epoch), verbose=verbose)
-            history.extend(record, phase_history)
+        # Optimizers and metrics own variables: create them in the scope.
+        with self.distribute_strategy.scope():
+            if head_epochs:
+                training.freeze(self.backbone)
+                self.train_batchnorm = False
+                record, phase_history = training.run_phase(
+                    self, "head", train, validation, head_epochs,
+                    keras.optimizers.Adam(head_learning_rate), loss,
+                    heads.default_metrics(self.task), callbacks, early_stopping,
+                    initial_epoch=0, verbose=verbose, peak_learning_rate=head_learning_rate)
+                history.extend(record, phase_history)
+            if fine_tune_epochs:
+                training.unfreeze(self.backbone, unfreeze, train_batchnorm)
+                self.train_batchnorm = bool(train_batchnorm)
+                total = steps * fine_tune_epochs
+                schedule = training.WarmupDecay(
+                    fine_tune_learning_rate, total_steps=total,
+                    warmup_steps=int(round(warmup_fraction * total)), decay=decay)
+                record, phase_history = training.run_phase(
+                    self, "fine_tune", train, validation, fine_tune_epochs,
+                    keras.optimizers.Adam(schedule), loss,
+                    heads.default_metrics(self.task), callbacks, early_stopping,
+                    initial_epoch=len(history.epoch), verbose=verbose,
+                    peak_learning_rate=fine_tune_learning_rate)
+                history.extend(record, phase_history)
         self.history = history
         return history
 

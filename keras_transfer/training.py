@@ -237,7 +237,8 @@ class TransferHistory(keras.callbacks.History):
 
 
 def run_phase(model, name, train, validation, epochs, optimizer, loss, metrics,
-              callbacks=(), early_stopping=None, initial_epoch=0, verbose="auto"):
+              callbacks=(), early_stopping=None, initial_epoch=0, verbose="auto",
+              peak_learning_rate=None):
     """Compiles `model` in its strategy's scope and fits one phase.
 
     Args:
@@ -253,6 +254,7 @@ def run_phase(model, name, train, validation, epochs, optimizer, loss, metrics,
             weights when it stops.
         initial_epoch: int. Epochs already run, so numbering continues.
         verbose: as for `fit`.
+        peak_learning_rate: float. The phase's highest rate, for the record.
 
     Returns:
         `(PhaseRecord, keras.callbacks.History)`.
@@ -260,7 +262,7 @@ def run_phase(model, name, train, validation, epochs, optimizer, loss, metrics,
     with model.distribute_strategy.scope():
         model.compile(optimizer=optimizer, loss=loss, metrics=metrics)
     trainable, frozen = count_params(model)
-    peak = getattr(optimizer.learning_rate, "peak_learning_rate", None)
+    peak = peak_learning_rate
     if peak is None:
         peak = float(keras.ops.convert_to_numpy(optimizer.learning_rate))
     record = PhaseRecord(name, initial_epoch, 0, trainable, frozen, peak)
