@@ -49,7 +49,7 @@ How to read the output
 
 Usage:
     python benchmarks/finetune_throughput.py            # defaults, ~2 min on 2 cores
-    python benchmarks/finetune_throughput.py --quick    # smaller, ~30 s
+    python benchmarks/finetune_throughput.py --quick    # smaller, under 1 min
     python benchmarks/finetune_throughput.py --backbone resnet50 --size 128
 """
 

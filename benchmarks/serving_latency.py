@@ -40,7 +40,7 @@ How to read the output
     Nothing is asserted: the script prints ratios measured in one run.
 
 Usage:
-    python benchmarks/serving_latency.py             # defaults, ~1-2 min on 2 cores
+    python benchmarks/serving_latency.py             # defaults, ~1 min on 2 cores
     python benchmarks/serving_latency.py --quick     # smaller, ~30 s
     python benchmarks/serving_latency.py --backbone efficientnet_b0 --size 224
 """

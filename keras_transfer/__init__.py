@@ -28,6 +28,13 @@ from keras_transfer.export import load_metadata
 from keras_transfer.heads import build_head
 from keras_transfer.image import ImagePreprocessing, ImageTransferModel
 from keras_transfer.model import TransferModel
+from keras_transfer.text import (
+    TextPooling,
+    TextTransferModel,
+    adapt_causal_lm,
+    minilm_path,
+    text_presets,
+)
 from keras_transfer.training import TransferHistory, WarmupDecay, freeze, unfreeze
 from keras_transfer.weights import WeightsLoadReport, load_weights_by_name
 
@@ -40,12 +47,15 @@ __all__ = [
     "ImageTransferModel",
     "KerasTransferError",
     "TrainingDivergedError",
+    "TextPooling",
+    "TextTransferModel",
     "TransferHistory",
     "TransferModel",
     "WarmupDecay",
     "WeightsError",
     "WeightsLoadReport",
     "__version__",
+    "adapt_causal_lm",
     "build_head",
     "default_augmentation",
     "freeze",
@@ -55,5 +65,7 @@ __all__ = [
     "load_metadata",
     "load_weights_by_name",
     "make_image_dataset",
+    "minilm_path",
+    "text_presets",
     "unfreeze",
 ]

@@ -365,3 +365,128 @@ def default_augmentation(seed: int | None = None):
         keras.layers.RandomRotation(0.05, seed=seed),
         keras.layers.RandomZoom(0.1, seed=seed),
     ], name="augmentation")
+
+
+# ------------------------------------------------------------------ text
+@dataclasses.dataclass
+class TextSource:
+    """Texts and labels read from a source.
+
+    Attributes:
+        texts: list of str.
+        labels: numpy array of label indices or targets, or None.
+        class_names: list of str when the labels were names, else None.
+    """
+
+    texts: list
+    labels: np.ndarray | None
+    class_names: list | None = None
+
+
+def read_text_file(path: str, text_column: str = "text", label_column: str | None = "label",
+                   delimiter: str | None = None) -> TextSource:
+    """Reads a CSV or TSV file with named text and label columns.
+
+    Args:
+        path: str. A `.csv` or `.tsv` file with a header row (the delimiter
+            is guessed from the extension unless given).
+        text_column: str. Name of the column holding the texts.
+        label_column: str or None. Name of the label column (None for
+            unlabelled text).
+        delimiter: str, optional. Field separator.
+
+    Returns:
+        A `TextSource`; string labels are turned into indices of
+        `class_names` (sorted), integer labels are kept.
+    """
+    import csv
+
+    if not os.path.isfile(path):
+        raise DataError(f"Received text file {path!r}, which does not exist.")
+    delimiter = delimiter or ("\t" if path.lower().endswith((".tsv", ".tab")) else ",")
+    with open(path, "rb") as f:
+        raw = f.read().splitlines()
+    lines = []
+    for number, line in enumerate(raw, start=1):
+        try:
+            lines.append(line.decode("utf-8"))
+        except UnicodeDecodeError as error:
+            raise DataError(
+                f"{path!r} is not valid UTF-8 at line {number} (byte {error.start}: "
+                f"{line[max(error.start - 10, 0):error.start + 10]!r}). Re-save the "
+                "file as UTF-8."
+            ) from error
+    rows = list(csv.DictReader(lines, delimiter=delimiter))
+    if not rows:
+        raise DataError(f"{path!r} has a header but no rows, or is empty.")
+    columns = list(rows[0].keys())
+    for column in (text_column, label_column):
+        if column is not None and column not in columns:
+            raise DataError(f"{path!r} has no column {column!r}; its columns are {columns}. "
+                            "Pass text_column= and label_column= to pick them.")
+    texts = [row[text_column] or "" for row in rows]
+    if label_column is None:
+        return TextSource(texts, None)
+    labels, class_names = encode_labels([row[label_column] for row in rows])
+    return TextSource(texts, labels, class_names)
+
+
+def encode_labels(values, class_names=None):
+    """Turns labels into indices; names become indices of sorted class names.
+
+    Returns:
+        `(labels, class_names)`: class_names is None for numeric labels.
+    """
+    values = list(values)
+    try:
+        return np.asarray([int(v) for v in values]), class_names
+    except (TypeError, ValueError):
+        pass
+    names = class_names or sorted({str(v) for v in values})
+    index = {name: i for i, name in enumerate(names)}
+    unknown = sorted({str(v) for v in values} - set(index))
+    if unknown:
+        raise DataError(f"Received labels {unknown[:10]} that are not among the "
+                        f"class names {names}.")
+    return np.asarray([index[str(v)] for v in values]), names
+
+
+def as_text_source(x, y=None, *, text_column="text", label_column="label",
+                   class_names=None) -> TextSource | tf.data.Dataset:
+    """Wraps a list of strings, a CSV/TSV path or a dataset of strings.
+
+    Returns:
+        A `TextSource` for lists and files, or the `tf.data.Dataset` as is.
+    """
+    if isinstance(x, tf.data.Dataset):
+        if y is not None:
+            raise DataError("Received a tf.data.Dataset and separate labels y; "
+                            "put the labels in the dataset as (text, label) pairs.")
+        return x
+    if isinstance(x, (str, os.PathLike)):
+        if y is not None:
+            raise DataError("Received labels y together with a file; the labels come "
+                            "from its label column. Drop y or pass a list of texts.")
+        source = read_text_file(os.fspath(x), text_column, label_column)
+    else:
+        if isinstance(x, np.ndarray):
+            x = x.tolist()
+        if not isinstance(x, (list, tuple)):
+            raise DataError(f"Received texts of type {type(x).__name__}; expected a list "
+                            "of strings, a CSV/TSV path or a tf.data.Dataset.")
+        texts = [t.decode("utf-8") if isinstance(t, bytes) else t for t in x]
+        labels, names = (None, None) if y is None else encode_labels(y, class_names)
+        source = TextSource(texts, labels, names)
+    if not source.texts:
+        raise DataError("Received no texts: the list is empty.")
+    not_str = [i for i, t in enumerate(source.texts) if not isinstance(t, str)]
+    if not_str:
+        raise DataError(f"Received non-string texts at positions {not_str[:10]}.")
+    empty = [i for i, t in enumerate(source.texts) if not t.strip()]
+    if empty:
+        raise DataError(f"Received {len(empty)} empty strings, at positions {empty[:10]}. "
+                        "Remove them or give them some text.")
+    if source.labels is not None and len(source.labels) != len(source.texts):
+        raise DataError(f"Received {len(source.texts)} texts but {len(source.labels)} "
+                        "labels; expected one label per text.")
+    return source

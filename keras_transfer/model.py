@@ -83,6 +83,13 @@ class TransferModel(keras.Model):
         features = self.backbone(x, training=training if self.train_batchnorm else False)
         return self.head(features, training=training)
 
+    @property
+    def _default_save_signature(self):
+        # Keras traces a default signature from the build shapes when a
+        # SavedModel is written; ours has explicit raw-input signatures, and
+        # a text model's build shape is no tensor spec.
+        return None
+
     # ----------------------------------------------------------- data hooks
     def make_dataset(self, x, y=None, *, batch_size=32, training=False,
                      augmentation=None, seed=None):
@@ -184,8 +191,7 @@ class TransferModel(keras.Model):
                     initial_epoch=0, verbose=verbose, peak_learning_rate=head_learning_rate)
                 history.extend(record, phase_history)
             if fine_tune_epochs:
-                training.unfreeze(self.backbone, unfreeze, train_batchnorm)
-                self.train_batchnorm = bool(train_batchnorm)
+                self._unfreeze_for_fine_tuning(unfreeze, train_batchnorm)
                 total = steps * fine_tune_epochs
                 schedule = training.WarmupDecay(
                     fine_tune_learning_rate, total_steps=total,
@@ -199,6 +205,11 @@ class TransferModel(keras.Model):
                 history.extend(record, phase_history)
         self.history = history
         return history
+
+    def _unfreeze_for_fine_tuning(self, unfreeze, train_batchnorm):
+        """Makes the weights that phase 2 trains trainable."""
+        training.unfreeze(self.backbone, unfreeze, train_batchnorm)
+        self.train_batchnorm = bool(train_batchnorm)
 
     def _adopt_class_names(self, class_names):
         if class_names is None:

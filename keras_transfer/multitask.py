@@ -1,0 +1,1233 @@
+"""Several heads trained in parallel on one backbone, and forgetting measurements.
+
+`MultiTaskModel` puts one head per task on a shared image backbone. Each task
+has its own dataset of its own size. Training interleaves batches: every step
+takes one batch from ONE task (round-robin, or drawn in proportion to the
+tasks' sizes), and the batch carries a per-task mask as Keras sample weights,
+so only that task's loss, and only that task's metrics, count the batch. The
+two phases are those of `TransferModel.fit` (head on the frozen backbone,
+then fine-tuning with BatchNormalization frozen and a `WarmupDecay` rate),
+run by the same functions of `training.py`.
+
+`forgetting_report` measures how much a backbone forgot when it was
+fine-tuned: accuracy kept on an earlier task, representation drift per block
+(linear CKA and cosine similarity on a probe set) and relative weight change
+per layer. `snapshot_backbone` keeps the copy of the original to compare with.
+
+Example:
+
+```python
+import keras_transfer as kt
+model = kt.MultiTaskModel("mobilenet_v2", tasks={
+    "digits": kt.Task(num_classes=10),
+    "tags": kt.Task(num_classes=5, kind="multilabel"),
+    "size": kt.Task(num_classes=1, kind="regression", loss_weight=0.5),
+}, weights=None, input_shape=(32, 32, 3))
+original = kt.snapshot_backbone(model)
+model.fit({"digits": (x1, y1), "tags": (x2, y2), "size": (x3, y3)},
+          head_epochs=2, fine_tune_epochs=2)
+model.evaluate({"digits": (x1_test, y1_test)})   # {"digits": {"loss": ..., "accuracy": ...}}
+report = kt.forgetting_report(original, model, x1_test[:200])
+print(report)
+```
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import re
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+from keras_transfer import backbones as registry
+from keras_transfer import heads, training
+from keras_transfer.data import make_image_dataset
+from keras_transfer.errors import BackboneError, DataError
+from keras_transfer.image import ImagePreprocessing, _custom_backbone
+from keras_transfer.model import strategy_scope
+
+logger = logging.getLogger("keras_transfer")
+
+SAMPLINGS = ("round_robin", "proportional")
+_TASK_NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_]*$")
+
+
+# --------------------------------------------------------------------- tasks
+@dataclasses.dataclass
+class Task:
+    """One task of a `MultiTaskModel`: its head, loss and loss weight.
+
+    Args:
+        num_classes: int. The number of classes to predict (outputs for
+            regression).
+        kind: str. `"classification"` (softmax, integer labels),
+            `"multilabel"` (sigmoid, 0/1 targets of shape `(N, num_classes)`)
+            or `"regression"` (linear, targets of shape `(N,)` or
+            `(N, num_classes)`).
+        loss_weight: float. Weight of this task's loss in the total loss.
+        class_names: list of str, optional. Names of the classes, in order.
+        pooling: str. Head pooling: `"avg"` (default), `"max"` or
+            `"flatten"`.
+        hidden_units: sequence of int. Hidden Dense layers of the head.
+        dropout: float. Dropout rate in the head.
+
+    Example:
+        >>> kt.Task(num_classes=1, kind="regression", loss_weight=0.5)
+    """
+
+    num_classes: int
+    kind: str = "classification"
+    loss_weight: float = 1.0
+    class_names: list | None = None
+    pooling: str = "avg"
+    hidden_units: tuple = ()
+    dropout: float = 0.0
+
+    def __post_init__(self):
+        heads.check_task(self.kind, self.num_classes)
+        if self.pooling not in heads.POOLINGS:
+            raise ValueError(f"Received pooling={self.pooling!r}; expected one of {heads.POOLINGS}.")
+        if isinstance(self.loss_weight, bool) or not isinstance(self.loss_weight, (int, float)) \
+                or not math.isfinite(self.loss_weight) or self.loss_weight < 0:
+            raise ValueError(f"Received loss_weight={self.loss_weight!r}; expected a "
+                             "finite number >= 0.")
+        self.loss_weight = float(self.loss_weight)
+        self.hidden_units = tuple(int(u) for u in self.hidden_units)
+        self.dropout = float(self.dropout)
+        if self.class_names is not None:
+            self.class_names = [str(c) for c in self.class_names]
+            if self.kind != "regression" and len(self.class_names) != self.num_classes:
+                raise ValueError(
+                    f"Received {len(self.class_names)} class names "
+                    f"{self.class_names[:10]} for num_classes={self.num_classes}; "
+                    "give one name per class.")
+
+    @property
+    def output(self) -> str:
+        """What the head outputs: `"probabilities"` or `"predictions"`."""
+        return "predictions" if self.kind == "regression" else "probabilities"
+
+    def get_config(self) -> dict:
+        config = dataclasses.asdict(self)
+        config["hidden_units"] = list(self.hidden_units)
+        return config
+
+
+def _as_task(name, task) -> Task:
+    if isinstance(task, Task):
+        return task
+    if isinstance(task, dict):
+        return Task(**task)
+    raise ValueError(f"Received task {name!r}: {task!r}; expected a kt.Task, e.g. "
+                     "kt.Task(num_classes=10), or its config dict.")
+
+
+def task_schedule(batches: dict, sampling: str = "round_robin", seed=None) -> list[str]:
+    """The order in which one training epoch takes batches from the tasks.
+
+    `"round_robin"` takes one batch from each task in turn until the largest
+    task has been seen once; smaller tasks start over when they run out, so
+    every task trains for the same number of steps. `"proportional"` takes
+    every batch of every task once, in a random order, so each step draws a
+    task in proportion to the batches it has left. (The training pipeline
+    reshuffles the proportional order every epoch.)
+
+    Args:
+        batches: dict. `{task name: batches per pass over its data}`.
+        sampling: str. `"round_robin"` or `"proportional"`.
+        seed: int, optional. Seed of the proportional order.
+
+    Returns:
+        A list of task names, one per step of the epoch.
+
+    Example:
+        >>> task_schedule({"a": 3, "b": 1})
+        ['a', 'b', 'a', 'b', 'a', 'b']
+        >>> sorted(task_schedule({"a": 3, "b": 1}, "proportional"))
+        ['a', 'a', 'a', 'b']
+    """
+    if sampling not in SAMPLINGS:
+        raise ValueError(f"Received sampling={sampling!r}; expected one of {SAMPLINGS}.")
+    names = list(batches)
+    if sampling == "round_robin":
+        return names * max(batches.values())
+    order = [name for name in names for _ in range(batches[name])]
+    np.random.default_rng(seed).shuffle(order)
+    return order
+
+
+# --------------------------------------------------------------------- model
+@keras.saving.register_keras_serializable(package="keras_transfer")
+class MultiTaskModel(keras.Model):
+    """One image backbone, one head per task, trained on all tasks jointly.
+
+    The model takes raw 0-255 RGB images and returns `{task name: outputs}`.
+
+    Args:
+        backbone: str or keras.Model. A registry name (see
+            `list_backbones()`), or any Keras model that maps images to a
+            feature map. A `keras.Model` is used (and trained) as it is:
+            keep a copy with `snapshot_backbone` to compare with later.
+        tasks: dict. `{name: Task}`; names are identifiers (letters, digits,
+            underscores) and become the output keys and metric prefixes.
+        weights: `"imagenet"`, `None` (random), or a weights file. Ignored
+            for a `keras.Model` backbone.
+        input_shape: tuple `(height, width, 3)` or an int side.
+        cut_layer: str, optional. For a `keras.Model` backbone: the layer
+            whose output becomes the feature map.
+        preprocessing: str, optional. For a `keras.Model` backbone:
+            `"caffe"`, `"tf"`, `"torch"` or `"none"` (default).
+        strategy: a `tf.distribute.Strategy` or a name (`"auto"`,
+            `"mirrored"`, `"cpu"`, `"tpu"`).
+        weights_source: str, optional. Where the pretrained weights came
+            from, for the export metadata.
+        name: str, optional. Model name.
+
+    Example:
+        >>> model = kt.MultiTaskModel("mobilenet_v2", tasks={
+        ...     "digits": kt.Task(num_classes=10),
+        ...     "tags": kt.Task(num_classes=5, kind="multilabel"),
+        ...     "size": kt.Task(num_classes=1, kind="regression", loss_weight=0.5),
+        ... }, weights=None, input_shape=(32, 32, 3))
+        >>> history = model.fit({"digits": (x1, y1), "tags": (x2, y2)},
+        ...                     head_epochs=2, fine_tune_epochs=1)
+        >>> history.history["digits_accuracy"], history.history["tags_loss"]
+        >>> model.predict(x1)["digits"].shape     # (N, 10)
+    """
+
+    def __init__(self, backbone="mobilenet_v2", tasks=None, *, weights="imagenet",
+                 input_shape=None, cut_layer=None, preprocessing=None, strategy=None,
+                 weights_source=None, name=None, **kwargs):
+        if not isinstance(tasks, dict) or not tasks:
+            raise ValueError(
+                f"Received tasks={tasks!r}; expected a non-empty dict "
+                "{name: kt.Task(...)}, e.g. {'digits': kt.Task(num_classes=10)}.")
+        for task_name in tasks:
+            if not isinstance(task_name, str) or not _TASK_NAME.match(task_name):
+                raise ValueError(
+                    f"Received task name {task_name!r}; expected an identifier "
+                    "(a letter, then letters, digits or underscores), e.g. 'digits'. "
+                    "It becomes an output key and a metric prefix.")
+        strategy, strategy_context = strategy_scope(strategy)
+        with strategy_context:
+            super().__init__(name=name or "multi_task_model", **kwargs)
+            self._task_specs = {n: _as_task(n, t) for n, t in tasks.items()}
+            self.task_names = list(self._task_specs)
+            if isinstance(backbone, dict):  # from_config of a custom backbone
+                backbone = keras.saving.deserialize_keras_object(backbone)
+            if isinstance(backbone, keras.Model):
+                self.spec = None
+                network, mode, input_shape = _custom_backbone(
+                    backbone, cut_layer, preprocessing, input_shape)
+                self.backbone_name = network.name
+                source = weights_source or "keras.Model"
+            else:
+                self.spec = registry.get_backbone_spec(backbone)
+                if preprocessing not in (None, self.spec.preprocessing):
+                    raise BackboneError(
+                        f"Received preprocessing={preprocessing!r} for '{self.spec.name}', "
+                        f"whose weights expect {self.spec.preprocessing!r}; leave it unset.")
+                input_shape = self.spec.check_input_shape(input_shape)
+                network = self.spec.build(input_shape, weights)
+                mode = self.spec.preprocessing
+                self.backbone_name = self.spec.name
+                source = weights_source or (None if weights is None else str(weights))
+            self.input_shape_ = tuple(input_shape)
+            self.preprocessing = mode
+            self.weights_source = source
+            self._custom_backbone = self.spec is None
+            self.train_batchnorm = False
+            self.preprocessor = ImagePreprocessing(mode, name="preprocessing")
+            self.backbone = network
+            self.task_heads = {
+                n: heads.build_head(t.num_classes, t.kind, t.pooling, t.hidden_units,
+                                    t.dropout, name=f"{n}_head")
+                for n, t in self._task_specs.items()}
+            # Per-task mean loss over that task's examples only.
+            self.task_loss_trackers = [keras.metrics.Mean(name=f"{n}_loss")
+                                       for n in self.task_names]
+            self.build((None, *self.input_shape_))
+            training.freeze(self.backbone)
+        self._task_loss_fns = None
+
+    # ------------------------------------------------------------ properties
+    @property
+    def tasks(self) -> dict:
+        """`{name: Task}`, in output order."""
+        return dict(self._task_specs)
+
+    @property
+    def task(self) -> str:
+        """`"multitask"`: read by the export metadata."""
+        return "multitask"
+
+    @property
+    def num_classes(self) -> dict:
+        """`{task name: number of classes or outputs}`."""
+        return {n: t.num_classes for n, t in self._task_specs.items()}
+
+    @property
+    def class_names(self) -> dict:
+        """`{task name: class names or None}`."""
+        return {n: t.class_names for n, t in self._task_specs.items()}
+
+    @property
+    def image_size(self) -> tuple[int, int]:
+        """`(height, width)` of the model input."""
+        return self.input_shape_[:2]
+
+    # ----------------------------------------------------------------- model
+    def build(self, input_shape):
+        features = self.backbone.compute_output_shape(
+            self.preprocessor.compute_output_shape(input_shape))
+        for head in self.task_heads.values():
+            head.build(features)
+        self.built = True
+
+    def call(self, inputs, training=None):
+        x = self.preprocessor(inputs)
+        # The backbone runs in inference mode unless BatchNormalization
+        # training was asked for (as in TransferModel.call).
+        features = self.backbone(x, training=training if self.train_batchnorm else False)
+        return {n: self.task_heads[n](features, training=training) for n in self.task_names}
+
+    def compile(self, optimizer="adam", loss=None, metrics=None, **kwargs):
+        """Compiles with one loss and metrics per task.
+
+        Args:
+            optimizer: a Keras optimizer or its name.
+            loss: dict, optional. `{task name: loss}` overriding the default
+                loss of some tasks (a name, function or `keras.losses.Loss`).
+            metrics: dict, optional. `{task name: list of metrics}`
+                overriding the defaults of some tasks. They are weighted by
+                the task masks, so they count that task's examples only.
+            **kwargs: passed to `keras.Model.compile` (not `loss_weights`
+                nor `weighted_metrics`: set `Task(loss_weight=...)`).
+        """
+        for arg in ("loss_weights", "weighted_metrics"):
+            if kwargs.get(arg) is not None:
+                raise ValueError(
+                    f"Received {arg}={kwargs[arg]!r}; a MultiTaskModel sets loss "
+                    "weights with kt.Task(loss_weight=...) and weighs metrics by task "
+                    "itself. Pass per-task metrics as metrics={task: [...]}.")
+            kwargs.pop(arg, None)
+        losses = {n: heads.default_loss(t.kind) for n, t in self._task_specs.items()}
+        losses.update(self._check_task_dict(loss, "loss"))
+        task_metrics = {n: heads.default_metrics(t.kind) for n, t in self._task_specs.items()}
+        task_metrics.update(self._check_task_dict(metrics, "metrics"))
+        self._task_loss_fns = {n: _per_example_loss(fn) for n, fn in losses.items()}
+        super().compile(optimizer=optimizer, loss=None, weighted_metrics=task_metrics, **kwargs)
+
+    def _check_task_dict(self, value, arg) -> dict:
+        if value is None:
+            return {}
+        if not isinstance(value, dict):
+            raise ValueError(f"Received {arg}={value!r}; expected a dict "
+                             f"{{task name: ...}} for the tasks {self.task_names}.")
+        unknown = sorted(set(value) - set(self.task_names))
+        if unknown:
+            raise ValueError(f"Received {arg} for unknown task(s) {unknown}; this "
+                             f"model's tasks are {self.task_names}.")
+        return dict(value)
+
+    def compute_loss(self, x=None, y=None, y_pred=None, sample_weight=None, training=True):
+        """Sum over tasks of `loss_weight * task loss`, each masked to its task."""
+        if self._task_loss_fns is None:
+            raise RuntimeError("Compile the model first (fit and evaluate do it).")
+        if not isinstance(y, dict) or set(y) != set(self.task_names):
+            raise DataError(
+                f"Received targets {type(y).__name__} with keys "
+                f"{sorted(y) if isinstance(y, dict) else None}; a MultiTaskModel "
+                f"trains on batches with targets and masks for all of its tasks "
+                f"{self.task_names}. Pass data as {{task name: (images, labels)}}.")
+        total = 0.0
+        for name, tracker in zip(self.task_names, self.task_loss_trackers):
+            values = self._task_loss_fns[name](y[name], y_pred[name])
+            values = keras.ops.cast(values, "float32")
+            if len(values.shape) > 1:  # a loss without reduction over outputs
+                values = keras.ops.mean(keras.ops.reshape(
+                    values, (keras.ops.shape(values)[0], -1)), axis=-1)
+            if sample_weight is not None:
+                mask = keras.ops.cast(sample_weight[name], "float32")
+            else:
+                mask = keras.ops.ones_like(values)
+            tracker.update_state(values, sample_weight=mask)
+            batch = keras.ops.cast(keras.ops.shape(values)[0], "float32")
+            weight = self._task_specs[name].loss_weight
+            total = total + weight * keras.ops.sum(values * mask) / batch
+        # Gradients are summed over replicas: scale like Keras losses do.
+        replicas = tf.distribute.get_strategy().num_replicas_in_sync
+        if replicas > 1:
+            total = total / float(replicas)
+        if self.losses:
+            total = total + keras.ops.sum(keras.ops.stack(
+                [keras.ops.cast(v, "float32") for v in self.losses]))
+        return total
+
+    def _ensure_compiled(self):
+        if not self.compiled:
+            with self.distribute_strategy.scope():
+                self.compile()
+
+    # ------------------------------------------------------------------ data
+    def _check_data(self, data, arg="x") -> dict:
+        if isinstance(data, tf.data.Dataset) or not isinstance(data, dict):
+            raise DataError(
+                f"Received {arg} of type {type(data).__name__}; a MultiTaskModel "
+                "takes a dict {task name: data}, where data is (images, labels), "
+                "a tf.data.Dataset of (image, label) or an image folder, e.g. "
+                f"{{{self.task_names[0]!r}: (x, y)}}.")
+        if not data:
+            raise DataError(f"Received {arg}={{}}: no task has data. Its tasks are "
+                            f"{self.task_names}.")
+        unknown = [n for n in data if n not in self._task_specs]
+        if unknown:
+            import difflib
+
+            hints = {n: difflib.get_close_matches(str(n), self.task_names, n=1) for n in unknown}
+            hint = "; ".join(f"{n!r}: did you mean {h[0]!r}?" for n, h in hints.items() if h)
+            raise DataError(
+                f"Received {arg} for task(s) {unknown}, which this model does not "
+                f"have. Its tasks are {self.task_names}. {hint}".rstrip())
+        return {n: data[n] for n in self.task_names if n in data}
+
+    def _task_dataset(self, name, data, *, batch_size, training, augmentation=None, seed=None):
+        """One task's batches as `(images, {task: targets}, {task: mask})`."""
+        task = self._task_specs[name]
+        if isinstance(data, tuple):
+            if len(data) != 2:
+                raise DataError(f"Received a tuple of {len(data)} items for task "
+                                f"{name!r}; expected (images, labels).")
+            x, y = data
+        else:
+            x, y = data, None
+        if y is not None and task.kind == "regression":
+            _check_regression_targets(name, y, task.num_classes)
+        try:
+            dataset, source = make_image_dataset(
+                x, y, image_size=self.image_size, task=task.kind,
+                num_classes=task.num_classes, batch_size=batch_size, shuffle=training,
+                augmentation=augmentation if training else None, seed=seed)
+        except DataError as error:
+            raise DataError(f"Task {name!r}: {error}") from error
+        if not source.has_labels:
+            raise DataError(f"Task {name!r} received images without labels; give "
+                            "(images, labels) or a dataset of (image, label) pairs.")
+        self._adopt_class_names(name, source.class_names)
+        specs = {n: self._task_specs[n] for n in self.task_names}
+
+        def route(images, labels):
+            n = tf.shape(images)[0]
+            targets, masks = {}, {}
+            for other, spec in specs.items():
+                if spec.kind == "classification":
+                    empty = tf.zeros((n,), tf.int64)
+                else:
+                    empty = tf.zeros((n, spec.num_classes), tf.float32)
+                if other == name:
+                    if spec.kind == "classification":
+                        targets[other] = tf.reshape(tf.cast(labels, tf.int64), (n,))
+                    else:
+                        targets[other] = tf.reshape(tf.cast(labels, tf.float32),
+                                                    (n, spec.num_classes))
+                    masks[other] = tf.ones((n,), tf.float32)
+                else:
+                    targets[other] = empty
+                    masks[other] = tf.zeros((n,), tf.float32)
+            return images, targets, masks
+
+        dataset = dataset.map(route, num_parallel_calls=tf.data.AUTOTUNE)
+        steps = training_steps(dataset)
+        if steps == 0:
+            raise DataError(f"Task {name!r}: the data is empty; it yields no batches.")
+        return dataset, steps
+
+    def _adopt_class_names(self, name, class_names):
+        if class_names is None:
+            return
+        task = self._task_specs[name]
+        if task.class_names is None:
+            if task.kind != "regression" and len(class_names) != task.num_classes:
+                raise DataError(
+                    f"Task {name!r}: the data names {len(class_names)} classes "
+                    f"{list(class_names)[:10]}, but the task has num_classes="
+                    f"{task.num_classes}.")
+            task.class_names = list(class_names)
+        elif list(class_names) != list(task.class_names):
+            raise DataError(
+                f"Task {name!r}: the data names the classes {list(class_names)[:10]}, "
+                f"but the task was built for {task.class_names[:10]}.")
+
+    def make_dataset(self, data, *, batch_size=32, training=False, sampling="round_robin",
+                     augmentation=None, seed=None):
+        """Turns `{task: data}` into one pipeline of single-task batches.
+
+        Args:
+            data: dict `{task name: (images, labels) | tf.data.Dataset | folder}`.
+            batch_size: int. Examples per batch (every batch holds one task).
+            training: bool. Shuffle, augment and interleave the tasks by
+                `sampling`; otherwise the tasks follow one another.
+            sampling: str. `"round_robin"` or `"proportional"`, see
+                `task_schedule`.
+            augmentation: Keras layer(s) for training batches.
+            seed: int, optional. Shuffle seed.
+
+        Returns:
+            `(dataset, steps)`: batches of `(images, {task: targets},
+            {task: mask})`, and the number of batches in one epoch.
+        """
+        if sampling not in SAMPLINGS:
+            raise ValueError(f"Received sampling={sampling!r}; expected one of {SAMPLINGS}.")
+        data = self._check_data(data)
+        parts = {n: self._task_dataset(n, d, batch_size=batch_size, training=training,
+                                       augmentation=augmentation, seed=seed)
+                 for n, d in data.items()}
+        names = list(parts)
+        datasets = [parts[n][0] for n in names]
+        batches = {n: parts[n][1] for n in names}
+        if not training or len(names) == 1:
+            joint = datasets[0]
+            for dataset in datasets[1:]:
+                joint = joint.concatenate(dataset)
+            steps = sum(batches.values())
+        else:
+            schedule = task_schedule(batches, sampling, seed)
+            steps = len(schedule)
+            choice = tf.data.Dataset.from_tensor_slices(
+                np.array([names.index(n) for n in schedule], np.int64))
+            if sampling == "proportional":
+                # Every batch once per epoch, in a new random order each epoch.
+                choice = choice.shuffle(steps, seed=seed, reshuffle_each_iteration=True)
+            else:
+                datasets = [d.repeat() for d in datasets]  # smaller tasks start over
+            joint = tf.data.Dataset.choose_from_datasets(datasets, choice)
+        joint = joint.apply(tf.data.experimental.assert_cardinality(steps))
+        return joint.prefetch(tf.data.AUTOTUNE), steps
+
+    # -------------------------------------------------------------- training
+    def fit(self, x=None, y=None, *, validation_data=None, head_epochs=5,
+            fine_tune_epochs=0, epochs=None, batch_size=32, sampling="round_robin",
+            head_learning_rate=1e-3, fine_tune_learning_rate=1e-5, unfreeze="all",
+            train_batchnorm=False, warmup_fraction=0.1, decay="cosine",
+            early_stopping=None, augmentation=None, callbacks=None, shuffle=True,
+            seed=None, verbose="auto"):
+        """Trains the heads on the frozen backbone, then fine-tunes, on all tasks.
+
+        Args:
+            x: dict `{task name: data}`; data is `(images, labels)`, a
+                `tf.data.Dataset` of `(image, label)` or an image folder.
+                Tasks may have datasets of different sizes; tasks left out
+                are not trained (their heads stay as they are).
+            y: must be None (the labels travel in `x`).
+            validation_data: dict like `x`, optional.
+            head_epochs: int. Epochs of phase 1 (backbone frozen).
+            fine_tune_epochs: int. Epochs of phase 2 (backbone unfrozen);
+                0 skips it.
+            epochs: int, optional. Keras-style alias: `head_epochs=epochs`
+                and no fine-tuning.
+            batch_size: int. Examples per batch; each batch is from one task.
+            sampling: str. `"round_robin"` (one batch of each task in turn,
+                smaller tasks repeated: equal steps per task) or
+                `"proportional"` (every batch once per epoch, tasks drawn in
+                proportion to their size). See `task_schedule`.
+            head_learning_rate: float. Adam learning rate of phase 1.
+            fine_tune_learning_rate: float. Peak Adam rate of phase 2.
+            unfreeze: `"all"`, an int N or a layer name, for phase 2.
+            train_batchnorm: bool. Let BatchNormalization train in phase 2.
+            warmup_fraction: float. Share of phase 2 spent warming up.
+            decay: str. `"cosine"` or `"linear"` decay after warmup.
+            early_stopping: int, optional. Patience in epochs on the total
+                validation loss (or the loss); restores the best weights.
+            augmentation: Keras layer(s) applied to training batches.
+            callbacks: list of Keras callbacks, used in both phases.
+            shuffle: bool. Shuffle each task's data every epoch.
+            seed: int, optional. Shuffle and sampling seed.
+            verbose: as for `keras.Model.fit`.
+
+        Returns:
+            A `TransferHistory` covering both phases, with the total `loss`
+            and per-task keys such as `digits_loss`, `digits_accuracy`,
+            `tags_binary_accuracy`, `size_mae` and their `val_` forms.
+
+        Example:
+            >>> history = model.fit({"digits": (x1, y1), "tags": (x2, y2)},
+            ...                     validation_data={"digits": (v1, w1)},
+            ...                     head_epochs=3, fine_tune_epochs=2,
+            ...                     sampling="proportional")
+        """
+        if y is not None:
+            raise DataError("Received y; a MultiTaskModel takes its labels in x: "
+                            "x={task name: (images, labels)}.")
+        if epochs is not None:
+            head_epochs, fine_tune_epochs = epochs, 0
+        for arg, value in (("head_epochs", head_epochs), ("fine_tune_epochs", fine_tune_epochs)):
+            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+                raise ValueError(f"Received {arg}={value!r}; expected an int >= 0.")
+        if head_epochs + fine_tune_epochs == 0:
+            raise ValueError("Received head_epochs=0 and fine_tune_epochs=0: nothing to train.")
+        if not 0.0 <= warmup_fraction <= 1.0:
+            raise ValueError(f"Received warmup_fraction={warmup_fraction}; expected [0, 1].")
+        if sampling not in SAMPLINGS:
+            raise ValueError(f"Received sampling={sampling!r}; expected one of {SAMPLINGS}.")
+
+        fed = self._check_data(x)
+        train, steps = self.make_dataset(fed, batch_size=batch_size, training=shuffle,
+                                         sampling=sampling, augmentation=augmentation,
+                                         seed=seed)
+        validation, validated = None, []
+        if validation_data is not None:
+            validated = list(self._check_data(validation_data, "validation_data"))
+            validation, _ = self.make_dataset(validation_data, batch_size=batch_size)
+        left_out = [n for n in self.task_names if n not in fed]
+        if left_out:
+            logger.info("Tasks without training data (not trained): %s", left_out)
+        callbacks = [_DropUnfedTasks(self.task_names, list(fed), validated),
+                     *(callbacks or [])]
+        loss = {n: heads.default_loss(t.kind) for n, t in self._task_specs.items()}
+
+        def metrics():
+            return {n: heads.default_metrics(t.kind) for n, t in self._task_specs.items()}
+
+        history = training.TransferHistory()
+        with self.distribute_strategy.scope():
+            if head_epochs:
+                training.freeze(self.backbone)
+                self.train_batchnorm = False
+                record, phase_history = training.run_phase(
+                    self, "head", train, validation, head_epochs,
+                    keras.optimizers.Adam(head_learning_rate), loss, metrics(),
+                    callbacks, early_stopping, initial_epoch=0, verbose=verbose,
+                    peak_learning_rate=head_learning_rate)
+                history.extend(record, phase_history)
+            if fine_tune_epochs:
+                training.unfreeze(self.backbone, unfreeze, train_batchnorm)
+                self.train_batchnorm = bool(train_batchnorm)
+                total = steps * fine_tune_epochs
+                schedule = training.WarmupDecay(
+                    fine_tune_learning_rate, total_steps=total,
+                    warmup_steps=int(round(warmup_fraction * total)), decay=decay)
+                record, phase_history = training.run_phase(
+                    self, "fine_tune", train, validation, fine_tune_epochs,
+                    keras.optimizers.Adam(schedule), loss, metrics(), callbacks,
+                    early_stopping, initial_epoch=len(history.epoch), verbose=verbose,
+                    peak_learning_rate=fine_tune_learning_rate)
+                history.extend(record, phase_history)
+        self.history = history
+        return history
+
+    def evaluate(self, x=None, y=None, *, batch_size=32, verbose=0, **kwargs):
+        """Evaluates each task on its own data.
+
+        Args:
+            x: dict `{task name: data}` as for `fit`; any subset of tasks.
+            y: must be None.
+            batch_size: int.
+            verbose: as for `keras.Model.evaluate`.
+
+        Returns:
+            `{task name: {"loss": ..., metric: ...}}`, e.g.
+            `{"digits": {"loss": 0.3, "accuracy": 0.9}}`. Each task's values
+            count that task's examples only.
+        """
+        if kwargs.get("_use_cached_eval_dataset"):  # Keras fit's validation pass
+            return keras.Model.evaluate(self, x, y, batch_size=batch_size,
+                                        verbose=verbose, **kwargs)
+        if y is not None:
+            raise DataError("Received y; pass x={task name: (images, labels)}.")
+        data = self._check_data(x)
+        dataset, _ = self.make_dataset(data, batch_size=batch_size)
+        self._ensure_compiled()
+        results = keras.Model.evaluate(self, dataset, verbose=verbose, return_dict=True,
+                                       **kwargs)
+        per_task = {n: {} for n in data}
+        for key, value in results.items():
+            owner = _task_of_key(key, self.task_names)
+            if owner in per_task:
+                per_task[owner][key[len(owner) + 1:]] = float(value)
+        return per_task
+
+    def predict(self, x, *, batch_size=32, verbose=0, **kwargs) -> dict:
+        """Predicts every task on the same images.
+
+        Args:
+            x: images (arrays, a `tf.data.Dataset` or a folder), as for
+                `ImageTransferModel.predict`.
+            batch_size: int.
+
+        Returns:
+            `{task name: numpy array (N, num_classes)}` of probabilities
+            (regression: predictions).
+        """
+        if isinstance(x, dict):
+            raise DataError("Received a dict; predict takes images only and returns "
+                            "every task's outputs for them.")
+        dataset, _ = make_image_dataset(x, None, image_size=self.image_size,
+                                        batch_size=batch_size)
+        dataset = dataset.map(lambda images, _labels: images)
+        outputs = keras.Model.predict(self, dataset, verbose=verbose, **kwargs)
+        return {n: np.asarray(outputs[n]) for n in self.task_names}
+
+    # ---------------------------------------------------------------- export
+    def serving_endpoints(self) -> dict:
+        """`{signature: (function, input_signature)}`; outputs `{task: values}`."""
+        height, width = self.image_size
+
+        def prepare(images):
+            images = tf.cast(images, tf.float32)
+            same = tf.logical_and(tf.equal(tf.shape(images)[1], height),
+                                  tf.equal(tf.shape(images)[2], width))
+            x = tf.cond(same, lambda: images,
+                        lambda: tf.image.resize(images, (height, width)))
+            return tf.ensure_shape(x, (None, height, width, 3))
+
+        def serve_images(images):
+            return self(prepare(images), training=False)
+
+        def decode_one(data):
+            image = tf.io.decode_image(data, channels=3, expand_animations=False)
+            image.set_shape((None, None, 3))
+            return tf.image.resize(tf.cast(image, tf.float32), (height, width))
+
+        def serve_bytes(encoded):
+            x = tf.map_fn(decode_one, encoded,
+                          fn_output_signature=tf.TensorSpec((height, width, 3), tf.float32))
+            return self(x, training=False)
+
+        return {
+            "serving_default": (serve_images, [tf.TensorSpec((None, None, None, 3), tf.uint8,
+                                                             name="images")]),
+            "serving_bytes": (serve_bytes, [tf.TensorSpec((None,), tf.string,
+                                                          name="image_bytes")]),
+        }
+
+    def export_metadata(self) -> dict:
+        """What `metadata.json` says about the model and each task."""
+        return {
+            "kind": "image_multitask",
+            "backbone": self.backbone_name,
+            "weights": self.weights_source,
+            "input_shape": list(self.input_shape_),
+            "preprocessing": self.preprocessing,
+            "output": {n: t.output for n, t in self._task_specs.items()},
+            "tasks": {n: {**t.get_config(), "output": t.output}
+                      for n, t in self._task_specs.items()},
+            "inputs": {
+                "serving_default": "images: uint8 [batch, height, width, 3], raw RGB 0-255, "
+                                   "any size (resized inside)",
+                "serving_bytes": "image_bytes: string [batch], encoded JPEG/PNG/GIF/BMP",
+            },
+        }
+
+    def export(self, path, *, overwrite=False, metrics=None, verify=True) -> str:
+        """Exports one SavedModel whose signatures return `{task: outputs}`.
+
+        Args:
+            path: str. The export folder.
+            overwrite: bool. Replace an existing export.
+            metrics: dict, optional. `{task: {metric: value}}` (as returned
+                by `evaluate`) or flat `{name: value}`, for `metadata.json`.
+            verify: bool. Reload and check the export before it replaces
+                anything.
+
+        Returns:
+            The path of the export.
+
+        Example:
+            >>> model.export("saved_models/multi")
+            >>> serve = tf.saved_model.load("saved_models/multi").signatures["serving_default"]
+            >>> serve(images=tf.constant(uint8_images))   # {"digits": ..., "tags": ...}
+        """
+        from keras_transfer.export import export_saved_model
+
+        flat = {}
+        for key, value in (metrics or {}).items():
+            if isinstance(value, dict):
+                flat.update({f"{key}_{k}": v for k, v in value.items()})
+            else:
+                flat[key] = value
+        return export_saved_model(self, path, overwrite=overwrite, metrics=flat, verify=verify)
+
+    def get_config(self):
+        if self._custom_backbone:
+            backbone = keras.saving.serialize_keras_object(self.backbone)
+        else:
+            backbone = self.backbone_name
+        return {
+            "name": self.name,
+            "backbone": backbone,
+            "tasks": {n: t.get_config() for n, t in self._task_specs.items()},
+            # The weights travel with a saved model, not in its config.
+            "weights": None,
+            "weights_source": self.weights_source,
+            "input_shape": list(self.input_shape_),
+            "preprocessing": self.preprocessing,
+        }
+
+
+def _per_example_loss(loss):
+    """A function `(y_true, y_pred) -> per-example losses` for any loss spec."""
+    if isinstance(loss, keras.losses.Loss):
+        return loss.call  # the unreduced values
+    function = keras.losses.get(loss)
+    if isinstance(function, keras.losses.Loss):
+        return function.call
+    if function is None:
+        raise ValueError(f"Received loss {loss!r}, which Keras does not know.")
+    return function
+
+
+def _task_of_key(key: str, task_names) -> str | None:
+    """The task a metric key belongs to: the longest task-name prefix."""
+    key = key.removeprefix("val_")
+    owners = [n for n in task_names if key.startswith(n + "_")]
+    return max(owners, key=len) if owners else None
+
+
+def _check_regression_targets(name, y, num_classes):
+    shape = np.shape(y)
+    if not (len(shape) == 2 and shape[1] == num_classes) and \
+            not (len(shape) == 1 and num_classes == 1):
+        raise DataError(
+            f"Task {name!r}: received regression targets of shape {shape}; expected "
+            f"(N, {num_classes})" + (" or (N,)" if num_classes == 1 else "") + ".")
+
+
+def training_steps(dataset) -> int:
+    """Batches in one pass of a finite dataset (counted if unknown)."""
+    return training.steps_per_epoch(dataset)
+
+
+class _DropUnfedTasks(keras.callbacks.Callback):
+    """Removes the metrics of tasks that had no data from each epoch's logs.
+
+    A task without training (or validation) data would otherwise show zeros.
+    """
+
+    def __init__(self, task_names, trained, validated):
+        super().__init__()
+        self.task_names = list(task_names)
+        self.trained = set(trained)
+        self.validated = set(validated)
+
+    def on_epoch_end(self, epoch, logs=None):
+        if logs is None:
+            return
+        for key in list(logs):
+            owner = _task_of_key(key, self.task_names)
+            if owner is None:
+                continue
+            fed = self.validated if key.startswith("val_") else self.trained
+            if owner not in fed:
+                del logs[key]
+
+
+# ---------------------------------------------------------------- forgetting
+def snapshot_backbone(model) -> keras.Model:
+    """A frozen copy of a backbone, to measure forgetting against later.
+
+    Args:
+        model: a `TransferModel`, `MultiTaskModel` (its `backbone` is
+            copied) or any functional `keras.Model`.
+
+    Returns:
+        A new `keras.Model` with the same architecture and weights. Its
+        weights are not shared, so later training leaves it unchanged.
+
+    Example:
+        >>> original = kt.snapshot_backbone(model)   # before fine-tuning
+        >>> model.fit(data, head_epochs=2, fine_tune_epochs=3)
+        >>> print(kt.forgetting_report(original, model, probe_images))
+    """
+    backbone = getattr(model, "backbone", model)
+    if not isinstance(backbone, keras.Model):
+        raise ValueError(f"Received {type(model).__name__}; expected a transfer model "
+                         "with a .backbone or a keras.Model.")
+    copy = keras.models.clone_model(backbone)
+    copy.set_weights(backbone.get_weights())
+    copy.trainable = False
+    return copy
+
+
+_BLOCK = re.compile(r"^(.*?block_?\d+[a-z]?)(?:_|$)")
+
+
+def _output_rank(layer) -> int | None:
+    try:
+        return len(layer.output.shape)
+    except (AttributeError, ValueError, RuntimeError):
+        return None
+
+
+def block_layers(backbone: keras.Model, max_blocks: int = 8) -> list[str]:
+    """Layer names at block boundaries, to compare representations at.
+
+    Layers whose names carry a block number (`block_3_...` in MobileNetV2,
+    `block3_...` in VGG, `conv2_block1_...` in ResNet, `block2a_...` in
+    EfficientNet) are grouped by block, and the last layer of each block
+    with a 4D output is its boundary (`block_3_add`, `block3_pool`). Without
+    block names, layers with 4D outputs are used. Up to `max_blocks` evenly
+    spaced boundaries are kept, plus the backbone's final output layer.
+
+    Args:
+        backbone: keras.Model. A functional model.
+        max_blocks: int. Most boundaries to keep before the final output.
+
+    Returns:
+        Layer names, in network order.
+
+    Example:
+        >>> block_layers(keras.applications.VGG16(weights=None, include_top=False))
+        ['block1_pool', 'block2_pool', 'block3_pool', 'block4_pool', 'block5_pool']
+    """
+    layers = [layer for layer in backbone.layers
+              if not isinstance(layer, keras.layers.InputLayer)]
+    if not layers:
+        raise ValueError(f"Received backbone '{backbone.name}' without layers.")
+    groups: dict[str, str] = {}
+    for layer in layers:
+        match = _BLOCK.match(layer.name)
+        if match and _output_rank(layer) == 4:
+            groups[match.group(1)] = layer.name  # the last one wins
+    candidates = list(groups.values())
+    if not candidates:
+        candidates = [layer.name for layer in layers if _output_rank(layer) == 4]
+    final = layers[-1].name
+    candidates = [c for c in candidates if c != final]
+    if len(candidates) > max_blocks:
+        keep = np.unique(np.linspace(0, len(candidates) - 1, max_blocks).round().astype(int))
+        candidates = [candidates[i] for i in keep]
+    return candidates + [final]
+
+
+def linear_cka(x, y) -> float:
+    """Linear centered kernel alignment (Kornblith et al., 2019).
+
+    Each example's activations are flattened and centered over the
+    examples; CKA = ||Y^T X||_F^2 / (||X^T X||_F ||Y^T Y||_F), computed with
+    the n x n Gram matrices when there are fewer examples than features.
+
+    Args:
+        x: array `(n, ...)`. Activations of n examples.
+        y: array `(n, ...)`. Activations of the same examples elsewhere.
+
+    Returns:
+        A float in [0, 1]; 1 for identical representations (also up to
+        rotation and isotropic scaling). NaN when either side is constant.
+
+    Example:
+        >>> a = np.random.default_rng(0).normal(size=(50, 8))
+        >>> round(linear_cka(a, 3 * a), 6)
+        1.0
+    """
+    x = np.asarray(x, np.float64).reshape(len(x), -1)
+    y = np.asarray(y, np.float64).reshape(len(y), -1)
+    if len(x) != len(y):
+        raise ValueError(f"Received {len(x)} and {len(y)} examples; expected the same examples.")
+    x = x - x.mean(axis=0)
+    y = y - y.mean(axis=0)
+    if len(x) < min(x.shape[1], y.shape[1]):
+        gram_x, gram_y = x @ x.T, y @ y.T
+        similarity = np.sum(gram_x * gram_y)
+        norm = np.linalg.norm(gram_x) * np.linalg.norm(gram_y)
+    else:
+        similarity = np.linalg.norm(y.T @ x) ** 2
+        norm = np.linalg.norm(x.T @ x) * np.linalg.norm(y.T @ y)
+    if norm == 0:
+        return math.nan
+    return float(min(similarity / norm, 1.0))
+
+
+def mean_cosine_similarity(x, y) -> float:
+    """Mean over examples of the cosine between flattened activations.
+
+    Args:
+        x: array `(n, ...)`.
+        y: array `(n, ...)`.
+
+    Returns:
+        A float in [-1, 1]. Two zero vectors count as identical (1).
+    """
+    x = np.asarray(x, np.float64).reshape(len(x), -1)
+    y = np.asarray(y, np.float64).reshape(len(y), -1)
+    norms = np.linalg.norm(x, axis=1) * np.linalg.norm(y, axis=1)
+    dots = np.sum(x * y, axis=1)
+    both_zero = (np.linalg.norm(x, axis=1) == 0) & (np.linalg.norm(y, axis=1) == 0)
+    cosine = np.where(norms > 0, dots / np.where(norms > 0, norms, 1.0), 0.0)
+    return float(np.mean(np.where(both_zero, 1.0, cosine)))
+
+
+def relative_weight_change(original: keras.layers.Layer, finetuned: keras.layers.Layer) -> float:
+    """`||W_ft - W_0|| / ||W_0||` over all weights of one layer.
+
+    Returns:
+        A float >= 0; NaN when the original weights are all zero and changed.
+    """
+    before = [np.asarray(w, np.float64) for w in original.get_weights()]
+    after = [np.asarray(w, np.float64) for w in finetuned.get_weights()]
+    change = math.sqrt(sum(float(np.sum((a - b) ** 2)) for a, b in zip(after, before)))
+    size = math.sqrt(sum(float(np.sum(b ** 2)) for b in before))
+    if size == 0:
+        return 0.0 if change == 0 else math.nan
+    return change / size
+
+
+@dataclasses.dataclass
+class ForgettingReport:
+    """How much a fine-tuned backbone moved away from the original.
+
+    Attributes:
+        blocks: list of dict, one row per block boundary: `block`, `layer`,
+            `cka` (linear CKA), `cosine` (mean cosine similarity),
+            `weight_change` (relative change of the block's weights) and
+            `params` (weights in the block).
+        layers: list of dict, one row per layer with weights: `layer`,
+            `params`, `weight_change`.
+        earlier_task: dict or None: `original_accuracy`,
+            `finetuned_accuracy` and `retained` (their ratio).
+        weight_change: float. Relative change of all backbone weights.
+        probe_size: int. Examples in the probe set.
+    """
+
+    blocks: list
+    layers: list
+    earlier_task: dict | None = None
+    weight_change: float = 0.0
+    probe_size: int = 0
+
+    @property
+    def retained_accuracy(self) -> float | None:
+        """Fine-tuned / original accuracy on the earlier task (None without one)."""
+        return None if self.earlier_task is None else self.earlier_task["retained"]
+
+    @property
+    def mean_cka(self) -> float:
+        """Mean linear CKA over the blocks."""
+        return float(np.nanmean([row["cka"] for row in self.blocks]))
+
+    @property
+    def mean_cosine(self) -> float:
+        """Mean cosine similarity over the blocks."""
+        return float(np.nanmean([row["cosine"] for row in self.blocks]))
+
+    def table(self) -> list[dict]:
+        """The per-block rows (copies), for printing or a DataFrame."""
+        return [dict(row) for row in self.blocks]
+
+    def summary(self) -> dict:
+        """Headline numbers: mean and lowest CKA, mean cosine, weight change."""
+        summary = {
+            "mean_cka": self.mean_cka,
+            "min_cka": float(np.nanmin([row["cka"] for row in self.blocks])),
+            "final_cka": self.blocks[-1]["cka"],
+            "mean_cosine": self.mean_cosine,
+            "weight_change": self.weight_change,
+        }
+        if self.earlier_task is not None:
+            summary.update(self.earlier_task)
+        return summary
+
+    def to_text(self) -> str:
+        """A plain-text table of the blocks and the headline numbers."""
+        width = max([len("block")] + [len(row["layer"]) for row in self.blocks])
+        lines = [f"Forgetting report ({self.probe_size} probe images)"]
+        if self.earlier_task is not None:
+            t = self.earlier_task
+            lines.append(f"Earlier task accuracy: {t['original_accuracy']:.4f} -> "
+                         f"{t['finetuned_accuracy']:.4f} (retained {t['retained']:.1%})")
+        lines.append(f"Relative weight change (all weights): {self.weight_change:.4g}")
+        header = f"{'layer':<{width}}  {'CKA':>7}  {'cosine':>7}  {'dW/W':>9}  {'params':>9}"
+        lines += [header, "-" * len(header)]
+        for row in self.blocks:
+            lines.append(f"{row['layer']:<{width}}  {row['cka']:>7.4f}  {row['cosine']:>7.4f}  "
+                         f"{row['weight_change']:>9.4g}  {row['params']:>9,}")
+        return "\n".join(lines)
+
+    def __str__(self) -> str:
+        return self.to_text()
+
+    def plot(self, path=None, title=None):
+        """Draws the report (see `plots.plot_forgetting`); returns the figure."""
+        from keras_transfer.plots import plot_forgetting
+
+        return plot_forgetting(self, path=path, title=title)
+
+
+def _parts(model):
+    """`(preprocessor or None, backbone)` of a transfer model or a bare backbone."""
+    backbone = getattr(model, "backbone", None)
+    if isinstance(backbone, keras.Model):
+        return getattr(model, "preprocessor", None), backbone
+    if isinstance(model, keras.Model):
+        return None, model
+    raise ValueError(f"Received {type(model).__name__}; expected a keras.Model backbone "
+                     "or a model with a .backbone (TransferModel, MultiTaskModel).")
+
+
+def _as_images(images, backbone, name="probe_images") -> np.ndarray:
+    images = np.asarray(images, np.float32)
+    if images.ndim == 3:
+        images = images[..., np.newaxis]
+    if images.ndim != 4 or len(images) == 0:
+        raise DataError(f"Received {name} of shape {images.shape}; expected "
+                        "(N, height, width, channels) with N >= 1.")
+    expected = backbone.input_shape
+    if images.shape[-1] == 1 and expected[-1] == 3:
+        images = np.repeat(images, 3, axis=-1)
+    size = tuple(expected[1:3])
+    if None not in size and tuple(images.shape[1:3]) != size:
+        images = tf.image.resize(images, size).numpy()
+    return images
+
+
+def _batches(function, images, batch_size):
+    outputs = [function(images[i:i + batch_size]) for i in range(0, len(images), batch_size)]
+    if isinstance(outputs[0], (list, tuple)):
+        return [np.concatenate([np.asarray(o[k]) for o in outputs]) for k in range(len(outputs[0]))]
+    return np.concatenate([np.asarray(o) for o in outputs])
+
+
+def _accuracy(predictions, labels) -> float:
+    labels = np.asarray(labels)
+    predictions = np.asarray(predictions)
+    if labels.ndim == 2 and labels.shape == predictions.shape and predictions.shape[1] > 1 \
+            and np.isin(labels, (0, 1)).all() and not np.allclose(labels.sum(axis=1), 1):
+        return float(np.mean((predictions > 0.5) == labels))  # multi-label
+    if labels.ndim == 2 and labels.shape == predictions.shape:
+        labels = labels.argmax(axis=1)  # one-hot
+    labels = labels.reshape(-1)
+    if predictions.shape[-1] == 1:
+        return float(np.mean((predictions.reshape(-1) > 0.5) == labels))
+    return float(np.mean(predictions.argmax(axis=-1) == labels))
+
+
+def forgetting_report(original_backbone, finetuned_backbone, probe_images, *,
+                      earlier_task=None, layers=None, preprocessing=None,
+                      max_blocks: int = 8, batch_size: int = 64) -> ForgettingReport:
+    """Measures how much fine-tuning changed a backbone.
+
+    Args:
+        original_backbone: the backbone before fine-tuning (from
+            `snapshot_backbone`), or a transfer model holding it.
+        finetuned_backbone: the fine-tuned backbone, or the transfer model
+            (`TransferModel`, `MultiTaskModel`) that holds it; its
+            preprocessing is then used for both backbones.
+        probe_images: array `(N, H, W, C)` of raw images (0-255), e.g. a
+            few hundred test images. Each block's activations on them take
+            N x (block size) floats of memory.
+        earlier_task: `(head, x, y)`, optional. A head trained on the
+            original backbone for an earlier task, with that task's images
+            and labels: the report gives its accuracy on the original and
+            on the fine-tuned backbone.
+        layers: list of str, optional. Layer names to compare at (default:
+            `block_layers(backbone, max_blocks)`).
+        preprocessing: a mode (`"tf"`, `"caffe"`, `"torch"`, `"none"`) or a
+            callable applied to the images first. Defaults to the
+            preprocessor of the fine-tuned (or original) transfer model,
+            else none.
+        max_blocks: int. Most block boundaries to compare at.
+        batch_size: int.
+
+    Returns:
+        A `ForgettingReport`: `print(report)` shows the table,
+        `report.plot()` draws it.
+
+    Example:
+        >>> original = kt.snapshot_backbone(model)
+        >>> model.fit(data_b, head_epochs=2, fine_tune_epochs=5)
+        >>> report = kt.forgetting_report(original, model, x_test[:256],
+        ...                               earlier_task=(head_a, xa_test, ya_test))
+        >>> report.summary()["retained"], report.mean_cka
+    """
+    pre_original, original = _parts(original_backbone)
+    pre_finetuned, finetuned = _parts(finetuned_backbone)
+    if isinstance(preprocessing, str):
+        preprocessing = ImagePreprocessing(preprocessing)
+    pre = preprocessing or pre_finetuned or pre_original or (lambda images: images)
+
+    names = list(layers) if layers is not None else block_layers(original, max_blocks)
+    for name in names:
+        for model in (original, finetuned):
+            try:
+                model.get_layer(name)
+            except ValueError as error:
+                raise ValueError(
+                    f"Received layer {name!r}, which is not a layer of '{model.name}'. "
+                    "Both backbones must have the same architecture; "
+                    "kt.block_layers(backbone) lists usable layers.") from error
+
+    def extractor(model):
+        outputs = [model.get_layer(name).output for name in names]
+        return keras.Model(model.inputs, outputs)
+
+    images = _as_images(probe_images, original)
+    prepared = _batches(lambda b: np.asarray(pre(b)), images, batch_size)
+    before = _batches(extractor(original), prepared, batch_size)
+    after = _batches(extractor(finetuned), prepared, batch_size)
+    if len(names) == 1:
+        before, after = [before], [after]
+
+    # Weight change per layer, and per block (layers up to each boundary).
+    layer_rows, totals = [], [0.0, 0.0]
+    order = [layer.name for layer in original.layers]
+    boundaries = [order.index(name) if name in order else len(order) - 1 for name in names]
+    block_sums = [[0.0, 0.0, 0] for _ in names]
+    for index, layer in enumerate(original.layers):
+        if not layer.weights:
+            continue
+        try:
+            tuned = finetuned.get_layer(layer.name)
+        except ValueError as error:
+            raise ValueError(f"The fine-tuned backbone has no layer {layer.name!r}; "
+                             "both backbones must have the same architecture.") from error
+        w0 = [np.asarray(w, np.float64) for w in layer.get_weights()]
+        w1 = [np.asarray(w, np.float64) for w in tuned.get_weights()]
+        change = sum(float(np.sum((a - b) ** 2)) for a, b in zip(w1, w0))
+        size = sum(float(np.sum(b ** 2)) for b in w0)
+        params = int(sum(w.size for w in w0))
+        relative = math.sqrt(change / size) if size else (0.0 if change == 0 else math.nan)
+        layer_rows.append({"layer": layer.name, "params": params, "weight_change": relative})
+        totals[0] += change
+        totals[1] += size
+        block = next((b for b, end in enumerate(boundaries) if index <= end), len(names) - 1)
+        block_sums[block][0] += change
+        block_sums[block][1] += size
+        block_sums[block][2] += params
+
+    rows = []
+    for name, a, b, (change, size, params) in zip(names, before, after, block_sums):
+        match = _BLOCK.match(name)
+        rows.append({
+            "block": match.group(1) if match else name,
+            "layer": name,
+            "cka": linear_cka(a, b),
+            "cosine": mean_cosine_similarity(a, b),
+            "weight_change": math.sqrt(change / size) if size else 0.0,
+            "params": params,
+        })
+
+    earlier = None
+    if earlier_task is not None:
+        if not isinstance(earlier_task, (tuple, list)) or len(earlier_task) != 3:
+            raise ValueError(f"Received earlier_task of type {type(earlier_task).__name__}; "
+                             "expected a tuple (head, images, labels).")
+        head, x, y = earlier_task
+        x = _as_images(x, original, "earlier_task images")
+        if len(x) != len(np.asarray(y)):
+            raise DataError(f"Received {len(x)} earlier-task images but {len(np.asarray(y))} "
+                            "labels; expected one label per image.")
+        x = _batches(lambda b: np.asarray(pre(b)), x, batch_size)
+
+        def accuracy(model):
+            predict = lambda b: head(model(b, training=False), training=False)  # noqa: E731
+            return _accuracy(_batches(predict, x, batch_size), y)
+
+        first, second = accuracy(original), accuracy(finetuned)
+        earlier = {"original_accuracy": first, "finetuned_accuracy": second,
+                   "retained": second / first if first else math.nan}
+
+    total = math.sqrt(totals[0] / totals[1]) if totals[1] else 0.0
+    return ForgettingReport(rows, layer_rows, earlier, total, len(images))
