@@ -112,6 +112,7 @@ def _digest(*parts) -> str:
 
 
 _STATE_KEYS = ("trainable", "build_config", "compile_config")
+_TRAINING_ONLY = ("_initializer", "_regularizer", "_constraint")
 
 
 def _canonical_config(config):
@@ -123,7 +124,9 @@ def _canonical_config(config):
     keeps the wiring between layers and drops the accidental names. State
     that is not architecture (`trainable`, which freezing flips, and the
     build and compile records, which appear once a layer is called) is left
-    out too.
+    out too, and so are initializers, regularizers and constraints, which
+    shape training but not what a layer computes (the weights digest covers
+    the values they led to).
     """
     names: dict[str, str] = {}
 
@@ -143,7 +146,7 @@ def _canonical_config(config):
     def rename(node):
         if isinstance(node, dict):
             return {key: rename(value) for key, value in node.items()
-                    if key not in _STATE_KEYS}
+                    if key not in _STATE_KEYS and not key.endswith(_TRAINING_ONLY)}
         if isinstance(node, (list, tuple)):
             return [rename(value) for value in node]
         if isinstance(node, str):

@@ -368,6 +368,15 @@ class MultiTaskModel(keras.Model):
                 [keras.ops.cast(v, "float32") for v in self.losses]))
         return total
 
+    def get_compile_config(self):
+        # Every training phase compiles with a fresh optimizer, so a saved
+        # model keeps no compile state; evaluate compiles the defaults.
+        return {}
+
+    def compile_from_config(self, config):
+        if config:
+            self.compile(**keras.saving.deserialize_keras_object(config))
+
     def _ensure_compiled(self):
         if not self.compiled:
             with self.distribute_strategy.scope():

