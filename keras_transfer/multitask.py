@@ -1170,7 +1170,8 @@ def forgetting_report(original_backbone, finetuned_backbone, probe_images, *,
 
     def extractor(model):
         outputs = [model.get_layer(name).output for name in names]
-        return keras.Model(model.inputs, outputs)
+        inputs = model.inputs[0] if len(model.inputs) == 1 else model.inputs
+        return keras.Model(inputs, outputs)
 
     images = _as_images(probe_images, original)
     prepared = _batches(lambda b: np.asarray(pre(b)), images, batch_size)
