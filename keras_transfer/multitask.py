@@ -1169,9 +1169,15 @@ def forgetting_report(original_backbone, finetuned_backbone, probe_images, *,
                     "kt.block_layers(backbone) lists usable layers.") from error
 
     def extractor(model):
-        outputs = [model.get_layer(name).output for name in names]
-        inputs = model.inputs[0] if len(model.inputs) == 1 else model.inputs
-        return keras.Model(inputs, outputs)
+        try:
+            outputs = [model.get_layer(name).output for name in names]
+            inputs = model.inputs[0] if len(model.inputs) == 1 else model.inputs
+            return keras.Model(inputs, outputs)
+        except (AttributeError, ValueError, TypeError) as error:
+            raise BackboneError(
+                f"Could not read the outputs of layers {names} of '{model.name}': "
+                f"{error}. The forgetting report needs functional backbones "
+                "(built from keras.Input), as keras.applications models are.") from error
 
     images = _as_images(probe_images, original)
     prepared = _batches(lambda b: np.asarray(pre(b)), images, batch_size)
