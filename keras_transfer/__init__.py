@@ -28,6 +28,17 @@ from keras_transfer.export import load_metadata
 from keras_transfer.heads import build_head
 from keras_transfer.image import ImagePreprocessing, ImageTransferModel
 from keras_transfer.model import TransferModel
+from keras_transfer.multitask import (
+    ForgettingReport,
+    MultiTaskModel,
+    Task,
+    block_layers,
+    forgetting_report,
+    linear_cka,
+    snapshot_backbone,
+    task_schedule,
+)
+from keras_transfer.plots import plot_forgetting, plot_history
 from keras_transfer.text import (
     TextPooling,
     TextTransferModel,
@@ -43,9 +54,12 @@ __all__ = [
     "BackboneSpec",
     "DataError",
     "ExportError",
+    "ForgettingReport",
     "ImagePreprocessing",
     "ImageTransferModel",
     "KerasTransferError",
+    "MultiTaskModel",
+    "Task",
     "TrainingDivergedError",
     "TextPooling",
     "TextTransferModel",
@@ -56,16 +70,23 @@ __all__ = [
     "WeightsLoadReport",
     "__version__",
     "adapt_causal_lm",
+    "block_layers",
     "build_head",
     "default_augmentation",
+    "forgetting_report",
     "freeze",
     "get_backbone_spec",
     "get_strategy",
+    "linear_cka",
     "list_backbones",
     "load_metadata",
     "load_weights_by_name",
     "make_image_dataset",
     "minilm_path",
+    "plot_forgetting",
+    "plot_history",
+    "snapshot_backbone",
+    "task_schedule",
     "text_presets",
     "unfreeze",
 ]

@@ -33,8 +33,8 @@ class ImageSource:
     """Images and labels read from a source, before batching.
 
     Attributes:
-        dataset: unbatched `tf.data.Dataset` of `(image, label)`; label is
-            None-free (`-1` placeholders when the source has no labels).
+        dataset: unbatched `tf.data.Dataset` of `(image, label)` (labels
+            are `-1` placeholders when the source has none).
         class_names: list of str, or None when the source does not name them.
         size: number of examples, or None when unknown.
         has_labels: bool.

@@ -7,10 +7,8 @@ raw images without any client-side code.
 
 from __future__ import annotations
 
-import os
 
 import keras
-import numpy as np
 import tensorflow as tf
 
 from keras_transfer import backbones as registry

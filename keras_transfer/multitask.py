@@ -49,6 +49,7 @@ from keras_transfer.data import make_image_dataset
 from keras_transfer.errors import BackboneError, DataError
 from keras_transfer.image import ImagePreprocessing, _custom_backbone
 from keras_transfer.model import strategy_scope
+from keras_transfer.training import steps_per_epoch
 
 logger = logging.getLogger("keras_transfer")
 
@@ -119,7 +120,7 @@ class Task:
 
 def _as_task(name, task) -> Task:
     if isinstance(task, Task):
-        return task
+        return dataclasses.replace(task)  # a copy: the model adopts class names
     if isinstance(task, dict):
         return Task(**task)
     raise ValueError(f"Received task {name!r}: {task!r}; expected a kt.Task, e.g. "
@@ -326,7 +327,7 @@ class MultiTaskModel(keras.Model):
         if value is None:
             return {}
         if not isinstance(value, dict):
-            raise ValueError(f"Received {arg}={value!r}; expected a dict "
+            raise TypeError(f"Received {arg}={value!r}; expected a dict "
                              f"{{task name: ...}} for the tasks {self.task_names}.")
         unknown = sorted(set(value) - set(self.task_names))
         if unknown:
@@ -450,7 +451,7 @@ class MultiTaskModel(keras.Model):
             return images, targets, masks
 
         dataset = dataset.map(route, num_parallel_calls=tf.data.AUTOTUNE)
-        steps = training_steps(dataset)
+        steps = steps_per_epoch(dataset)
         if steps == 0:
             raise DataError(f"Task {name!r}: the data is empty; it yields no batches.")
         return dataset, steps
@@ -618,7 +619,7 @@ class MultiTaskModel(keras.Model):
                 total = steps * fine_tune_epochs
                 schedule = training.WarmupDecay(
                     fine_tune_learning_rate, total_steps=total,
-                    warmup_steps=int(round(warmup_fraction * total)), decay=decay)
+                    warmup_steps=round(warmup_fraction * total), decay=decay)
                 record, phase_history = training.run_phase(
                     self, "fine_tune", train, validation, fine_tune_epochs,
                     keras.optimizers.Adam(schedule), loss, metrics(), callbacks,
@@ -805,11 +806,6 @@ def _check_regression_targets(name, y, num_classes):
             f"(N, {num_classes})" + (" or (N,)" if num_classes == 1 else "") + ".")
 
 
-def training_steps(dataset) -> int:
-    """Batches in one pass of a finite dataset (counted if unknown)."""
-    return training.steps_per_epoch(dataset)
-
-
 class _DropUnfedTasks(keras.callbacks.Callback):
     """Removes the metrics of tasks that had no data from each epoch's logs.
 
@@ -853,7 +849,7 @@ def snapshot_backbone(model) -> keras.Model:
     """
     backbone = getattr(model, "backbone", model)
     if not isinstance(backbone, keras.Model):
-        raise ValueError(f"Received {type(model).__name__}; expected a transfer model "
+        raise TypeError(f"Received {type(model).__name__}; expected a transfer model "
                          "with a .backbone or a keras.Model.")
     copy = keras.models.clone_model(backbone)
     copy.set_weights(backbone.get_weights())
@@ -975,13 +971,29 @@ def relative_weight_change(original: keras.layers.Layer, finetuned: keras.layers
     Returns:
         A float >= 0; NaN when the original weights are all zero and changed.
     """
+    change, size, _ = _weight_sums(original, finetuned)
+    return _relative(change, size)
+
+
+def _weight_sums(original, finetuned) -> tuple[float, float, int]:
+    """`(||W_ft - W_0||^2, ||W_0||^2, parameters)` over a layer's weights."""
     before = [np.asarray(w, np.float64) for w in original.get_weights()]
     after = [np.asarray(w, np.float64) for w in finetuned.get_weights()]
-    change = math.sqrt(sum(float(np.sum((a - b) ** 2)) for a, b in zip(after, before)))
-    size = math.sqrt(sum(float(np.sum(b ** 2)) for b in before))
+    if [w.shape for w in before] != [w.shape for w in after]:
+        raise ValueError(f"Layer {original.name!r} has weights of shapes "
+                         f"{[w.shape for w in before]} in the original backbone but "
+                         f"{[w.shape for w in after]} in the fine-tuned one; both "
+                         "backbones must have the same architecture.")
+    change = sum(float(np.sum((a - b) ** 2)) for a, b in zip(after, before))
+    size = sum(float(np.sum(b ** 2)) for b in before)
+    return change, size, int(sum(w.size for w in before))
+
+
+def _relative(change: float, size: float) -> float:
+    """`sqrt(change / size)` from squared norms; NaN for a change of nothing."""
     if size == 0:
         return 0.0 if change == 0 else math.nan
-    return change / size
+    return math.sqrt(change / size)
 
 
 @dataclasses.dataclass
@@ -1199,13 +1211,9 @@ def forgetting_report(original_backbone, finetuned_backbone, probe_images, *,
         except ValueError as error:
             raise ValueError(f"The fine-tuned backbone has no layer {layer.name!r}; "
                              "both backbones must have the same architecture.") from error
-        w0 = [np.asarray(w, np.float64) for w in layer.get_weights()]
-        w1 = [np.asarray(w, np.float64) for w in tuned.get_weights()]
-        change = sum(float(np.sum((a - b) ** 2)) for a, b in zip(w1, w0))
-        size = sum(float(np.sum(b ** 2)) for b in w0)
-        params = int(sum(w.size for w in w0))
-        relative = math.sqrt(change / size) if size else (0.0 if change == 0 else math.nan)
-        layer_rows.append({"layer": layer.name, "params": params, "weight_change": relative})
+        change, size, params = _weight_sums(layer, tuned)
+        layer_rows.append({"layer": layer.name, "params": params,
+                           "weight_change": _relative(change, size)})
         totals[0] += change
         totals[1] += size
         block = next((b for b, end in enumerate(boundaries) if index <= end), len(names) - 1)
@@ -1221,7 +1229,7 @@ def forgetting_report(original_backbone, finetuned_backbone, probe_images, *,
             "layer": name,
             "cka": linear_cka(a, b),
             "cosine": mean_cosine_similarity(a, b),
-            "weight_change": math.sqrt(change / size) if size else 0.0,
+            "weight_change": _relative(change, size),
             "params": params,
         })
 
@@ -1238,12 +1246,14 @@ def forgetting_report(original_backbone, finetuned_backbone, probe_images, *,
         x = _batches(lambda b: np.asarray(pre(b)), x, batch_size)
 
         def accuracy(model):
-            predict = lambda b: head(model(b, training=False), training=False)  # noqa: E731
+            def predict(batch):
+                return head(model(batch, training=False), training=False)
+
             return _accuracy(_batches(predict, x, batch_size), y)
 
         first, second = accuracy(original), accuracy(finetuned)
         earlier = {"original_accuracy": first, "finetuned_accuracy": second,
                    "retained": second / first if first else math.nan}
 
-    total = math.sqrt(totals[0] / totals[1]) if totals[1] else 0.0
+    total = _relative(*totals)
     return ForgettingReport(rows, layer_rows, earlier, total, len(images))

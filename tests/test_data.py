@@ -18,7 +18,8 @@ def test_image_folder_gives_class_names_and_resized_batches(image_folder):
     images, labels = next(iter(dataset))
     assert images.shape == (5, 32, 32, 3) and images.dtype == tf.float32
     assert float(tf.reduce_max(images)) > 1.0  # raw 0-255 values, not rescaled
-    assert sorted(np.concatenate([l.numpy() for _, l in dataset]).tolist()) == [0] * 4 + [1] * 4 + [2] * 4
+    labels = np.concatenate([batch_labels.numpy() for _, batch_labels in dataset])
+    assert sorted(labels.tolist()) == [0] * 4 + [1] * 4 + [2] * 4
 
 
 def test_model_learns_class_names_from_a_folder(image_folder):

@@ -168,11 +168,12 @@ def test_sequential_training_forgets_more_than_parallel_training(pretrained, dig
     x, y = digits["a_test"]
     retained = {}
     for parallel in (False, True):
-        model = fine_tune_on_b(pretrained, digits, 1e-3, parallel=parallel, fine_tune_epochs=3)
+        model = fine_tune_on_b(pretrained, digits, 1e-2, parallel=parallel, fine_tune_epochs=3)
         report = forgetting_report(backbone, model, x[:200], earlier_task=(head, x, y))
         retained[parallel] = report.retained_accuracy
-    assert retained[True] > retained[False] + 0.05
-    assert retained[True] > 0.9
+    # Seeds 0-2 gave 0.20-0.29 (sequential) and 0.96-1.01 (parallel).
+    assert retained[True] > retained[False] + 0.3
+    assert retained[True] > 0.85
 
 
 def test_block_boundaries_of_keras_applications():

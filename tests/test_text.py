@@ -76,7 +76,7 @@ def test_string_labels_keep_class_names_in_order():
 def test_csv_and_tsv_files(tmp_path):
     tsv = tmp_path / "reviews.tsv"
     tsv.write_text("sentence\tsentiment\n" + "".join(
-        f"{t}\t{'pos' if l else 'neg'}\n" for t, l in zip(TEXTS, LABELS)), encoding="utf-8")
+        f"{t}\t{'pos' if label else 'neg'}\n" for t, label in zip(TEXTS, LABELS)), encoding="utf-8")
     model = tiny_model()
     with pytest.raises(kt.DataError, match="no column 'text'.*sentence"):
         model.fit(str(tsv), head_epochs=1, verbose=0)

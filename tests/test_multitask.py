@@ -1,0 +1,280 @@
+"""The multi-task model: joint training, per-task metrics, export, configs and bad input."""
+
+import json
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+import keras_transfer as kt
+from keras_transfer.multitask import MultiTaskModel, Task, task_schedule
+from keras_transfer.plots import plot_history
+
+TASKS = {
+    "digits": Task(num_classes=3, class_names=["zero", "one", "two"]),
+    "tags": Task(num_classes=4, kind="multilabel"),
+    "size": Task(num_classes=1, kind="regression", loss_weight=0.5),
+}
+
+
+def task_data(seed=0, sizes=(40, 24, 16)):
+    """Each task with its own images, of its own size."""
+    rng = np.random.default_rng(seed)
+    images = [rng.integers(0, 256, (n, 32, 32, 3), dtype=np.uint8) for n in sizes]
+    return {
+        "digits": (images[0], rng.integers(0, 3, sizes[0])),
+        "tags": (images[1], rng.integers(0, 2, (sizes[1], 4))),
+        "size": (images[2], rng.normal(size=sizes[2]).astype("float32")),
+    }
+
+
+def tiny_backbone():
+    inputs = keras.Input((32, 32, 3))
+    x = keras.layers.Conv2D(8, 3, strides=2, name="conv")(inputs)
+    return keras.Model(inputs, x, name="tiny")
+
+
+def mobilenet_model(**kwargs):
+    return MultiTaskModel("mobilenet_v2", tasks=TASKS, weights=None, input_shape=(32, 32, 3),
+                          **kwargs)
+
+
+@pytest.fixture(scope="module")
+def trained():
+    """A MobileNetV2 multi-task model after both phases, with what it started from."""
+    keras.utils.set_random_seed(0)
+    model = mobilenet_model()
+    before = {"bn": batchnorm_stats(model.backbone)}
+    train, validation = task_data(0), task_data(1, sizes=(16, 8, 8))
+    validation.pop("size")  # a task without validation data
+    history = model.fit(train, validation_data=validation, head_epochs=2, fine_tune_epochs=2,
+                        batch_size=8, warmup_fraction=0.25, seed=0, verbose=0)
+    return model, history, train, validation, before
+
+
+def test_history_has_per_task_keys_for_both_phases(trained):
+    model, history, *_ = trained
+    expected = {"loss", "learning_rate", "digits_loss", "digits_accuracy", "tags_loss",
+                "tags_binary_accuracy", "size_loss", "size_mae", "val_loss",
+                "val_digits_loss", "val_digits_accuracy", "val_tags_loss",
+                "val_tags_binary_accuracy"}
+    assert set(history.history) == expected  # no val_size_*: it had no validation data
+    assert all(len(values) == 4 for values in history.history.values())
+    assert history.phase_of_epoch() == ["head"] * 2 + ["fine_tune"] * 2
+    head, fine = history.phases
+    head_params = sum(int(np.prod(w.shape)) for h in model.task_heads.values() for w in h.weights)
+    assert head.trainable_params == head_params == 1280 * (3 + 4 + 1) + 8
+    assert fine.peak_learning_rate == pytest.approx(1e-5)
+    bn_params = sum(int(np.prod(w.shape)) for layer in model.backbone.layers
+                    if isinstance(layer, keras.layers.BatchNormalization) for w in layer.weights)
+    assert fine.frozen_params == bn_params
+    rates = history.history["learning_rate"]
+    assert rates[0] == pytest.approx(1e-3) and rates[2] < 1e-5
+
+
+def batchnorm_stats(backbone):
+    return [np.array(w) for layer in backbone.layers
+            if isinstance(layer, keras.layers.BatchNormalization)
+            for w in (layer.moving_mean, layer.moving_variance)]
+
+
+def test_fine_tuning_keeps_mobilenet_batchnorm_statistics(trained):
+    model, _, _, _, before = trained
+    after = batchnorm_stats(model.backbone)
+    assert len(after) == len(before["bn"]) == 2 * 52
+    for a, b in zip(before["bn"], after):
+        np.testing.assert_array_equal(a, b)
+
+
+@pytest.mark.parametrize("train_batchnorm", [False, True])
+def test_fine_tuning_moves_the_backbone_and_batchnorm_only_when_asked(train_batchnorm):
+    keras.utils.set_random_seed(0)
+    inputs = keras.Input((32, 32, 3))
+    x = keras.layers.Conv2D(8, 3, strides=2, name="conv")(inputs)
+    x = keras.layers.BatchNormalization(name="bn")(x)
+    model = MultiTaskModel(keras.Model(inputs, x), TASKS, preprocessing="tf")
+    stats, kernel = batchnorm_stats(model.backbone), np.array(model.backbone.get_layer("conv").kernel)
+    data = task_data()
+    model.fit(data, head_epochs=1, batch_size=8, verbose=0)
+    np.testing.assert_array_equal(kernel, np.array(model.backbone.get_layer("conv").kernel))
+    model.fit(data, head_epochs=0, fine_tune_epochs=1, fine_tune_learning_rate=1e-3,
+              train_batchnorm=train_batchnorm, batch_size=8, verbose=0)
+    assert np.abs(kernel - np.array(model.backbone.get_layer("conv").kernel)).max() > 1e-5
+    moved = any(not np.allclose(a, b) for a, b in zip(stats, batchnorm_stats(model.backbone)))
+    assert moved == train_batchnorm
+
+
+def test_per_task_metrics_count_only_their_task(trained):
+    model, history, train, validation, _ = trained
+    results = model.evaluate(train)
+    assert set(results) == {"digits", "tags", "size"}
+    assert set(results["digits"]) == {"loss", "accuracy"}
+    (xd, yd), (xt, yt), (xs, ys) = train["digits"], train["tags"], train["size"]
+    digits, tags, size = (model.predict(x)[name] for x, name in
+                          ((xd, "digits"), (xt, "tags"), (xs, "size")))
+    expected_digits_loss = float(np.mean(keras.losses.sparse_categorical_crossentropy(yd, digits)))
+    assert results["digits"]["loss"] == pytest.approx(expected_digits_loss, rel=1e-4)
+    assert results["digits"]["accuracy"] == pytest.approx(np.mean(digits.argmax(1) == yd))
+    assert results["tags"]["binary_accuracy"] == pytest.approx(np.mean((tags > 0.5) == yt))
+    assert results["size"]["loss"] == pytest.approx(np.mean((size[:, 0] - ys) ** 2), rel=1e-4)
+    assert results["size"]["mae"] == pytest.approx(np.mean(np.abs(size[:, 0] - ys)), rel=1e-4)
+    # The last validation pass ran on the final weights: its per-task values
+    # are those of each task's own validation data alone.
+    alone = model.evaluate({"digits": validation["digits"]})
+    assert set(alone) == {"digits"}
+    assert history.history["val_digits_loss"][-1] == pytest.approx(alone["digits"]["loss"],
+                                                                   rel=1e-4)
+    assert history.history["val_digits_accuracy"][-1] == pytest.approx(
+        alone["digits"]["accuracy"])
+
+
+def test_predict_returns_every_task(trained):
+    model, _, train, _, _ = trained
+    outputs = model.predict(train["tags"][0])
+    assert list(outputs) == ["digits", "tags", "size"]
+    assert {k: v.shape for k, v in outputs.items()} == {"digits": (24, 3), "tags": (24, 4),
+                                                        "size": (24, 1)}
+    np.testing.assert_allclose(outputs["digits"].sum(axis=1), 1.0, rtol=1e-5)
+    assert ((outputs["tags"] >= 0) & (outputs["tags"] <= 1)).all()
+
+
+def test_export_has_one_output_per_task(trained, tmp_path):
+    model, _, train, _, _ = trained
+    x = train["digits"][0][:12]
+    path = model.export(str(tmp_path / "export"), metrics={"digits": {"accuracy": 0.5}})
+    loaded = tf.saved_model.load(path)
+    outputs = loaded.signatures["serving_default"](images=tf.constant(x))
+    assert set(outputs) == {"digits", "tags", "size"}
+    expected = model.predict(x)
+    for name, value in outputs.items():
+        assert np.abs(value.numpy() - expected[name]).max() <= 1e-5
+    encoded = tf.constant([tf.io.encode_png(image).numpy() for image in x])
+    from_bytes = loaded.signatures["serving_bytes"](image_bytes=encoded)
+    assert np.abs(from_bytes["tags"].numpy() - expected["tags"]).max() <= 1e-5
+    metadata = json.loads((tmp_path / "export" / "metadata.json").read_text())
+    assert metadata["task"] == "multitask" and metadata["kind"] == "image_multitask"
+    assert metadata["output"] == {"digits": "probabilities", "tags": "probabilities",
+                                  "size": "predictions"}
+    assert metadata["class_names"]["digits"] == ["zero", "one", "two"]
+    assert metadata["tasks"]["size"]["loss_weight"] == 0.5
+    assert metadata["metrics"] == {"digits_accuracy": 0.5}
+
+
+def test_config_and_keras_file_round_trip(trained, tmp_path):
+    model, _, train, _, _ = trained
+    config = model.get_config()
+    clone = MultiTaskModel.from_config(config)
+    assert clone.get_config() == config
+    assert clone.count_params() == model.count_params()
+    path = str(tmp_path / "multi.keras")
+    model.save(path)
+    loaded = keras.saving.load_model(path)
+    assert isinstance(loaded, MultiTaskModel)
+    assert loaded.tasks == model.tasks
+    x = train["size"][0]
+    for name, value in loaded.predict(x).items():
+        np.testing.assert_allclose(value, model.predict(x)[name], atol=1e-6)
+    assert loaded.evaluate({"digits": train["digits"]})["digits"]["accuracy"] == pytest.approx(
+        model.evaluate({"digits": train["digits"]})["digits"]["accuracy"])
+
+
+def test_plot_history_draws_both_phases(trained, tmp_path):
+    _, history, *_ = trained
+    path = tmp_path / "curves.png"
+    figure = plot_history(history, ["loss", "digits_accuracy", "learning_rate"], path=str(path))
+    assert path.stat().st_size > 1000
+    assert len([a for a in figure.axes if a.get_visible()]) == 3
+    assert len(plot_history(history.history).axes) >= 9
+    with pytest.raises(ValueError, match="history lacks"):
+        plot_history(history, ["nope"])
+
+
+def test_sampling_schedules_and_pipelines():
+    assert task_schedule({"a": 3, "b": 1}) == ["a", "b"] * 3
+    order = task_schedule({"a": 5, "b": 3, "c": 2}, "proportional", seed=0)
+    assert sorted(order) == ["a"] * 5 + ["b"] * 3 + ["c"] * 2 and order != sorted(order)
+    model = MultiTaskModel(tiny_backbone(), TASKS)
+    data = task_data()  # 5, 3 and 2 batches of 8
+    for sampling, steps, per_task in (("round_robin", 15, [5, 5, 5]),
+                                      ("proportional", 10, [5, 3, 2])):
+        dataset, count = model.make_dataset(data, batch_size=8, training=True,
+                                            sampling=sampling, seed=0)
+        assert count == steps == int(dataset.cardinality())
+        owners = []
+        for _images, targets, masks in dataset:
+            fed = [name for name, mask in masks.items() if float(mask.numpy().sum()) > 0]
+            assert len(fed) == 1  # every batch holds one task only
+            assert targets["tags"].shape[1:] == (4,) and targets["size"].shape[1:] == (1,)
+            owners.append(fed[0])
+        assert [owners.count(n) for n in ("digits", "tags", "size")] == per_task
+        if sampling == "round_robin":
+            assert owners[:3] == ["digits", "tags", "size"]
+
+
+def test_loss_weight_zero_and_tasks_without_data_leave_their_heads_alone():
+    keras.utils.set_random_seed(0)
+    tasks = dict(TASKS, tags=Task(4, kind="multilabel", loss_weight=0.0))
+    model = MultiTaskModel(tiny_backbone(), tasks)
+    before = {n: [np.array(w) for w in h.weights] for n, h in model.task_heads.items()}
+    data = task_data()
+    data.pop("size")
+    history = model.fit(data, head_epochs=1, batch_size=8, sampling="proportional", verbose=0)
+    assert "size_loss" not in history.history and "tags_loss" in history.history
+    for name in ("tags", "size"):
+        for a, b in zip(before[name], model.task_heads[name].weights):
+            np.testing.assert_array_equal(a, np.array(b))
+    assert not np.array_equal(before["digits"][0], np.array(model.task_heads["digits"].weights[0]))
+
+
+def test_custom_backbone_in_a_strategy_and_folder_data(image_folder):
+    strategy = tf.distribute.MirroredStrategy(["/cpu:0"])
+    tasks = {"animals": Task(3), "size": Task(1, kind="regression")}
+    with strategy.scope():  # a backbone that trains in a strategy is built in its scope
+        backbone = tiny_backbone()
+    model = MultiTaskModel(backbone, tasks, preprocessing="tf", strategy=strategy)
+    assert model.distribute_strategy is strategy
+    rng = np.random.default_rng(0)
+    sizes = (rng.integers(0, 256, (6, 32, 32, 3), dtype=np.uint8), rng.normal(size=(6, 1)))
+    history = model.fit({"animals": str(image_folder), "size": sizes}, head_epochs=1,
+                        fine_tune_epochs=1, batch_size=4, verbose=0)
+    assert len(history.epoch) == 2
+    assert model.class_names["animals"] == ["cat", "dog", "fox"]
+    for variable in (model.task_heads["animals"].weights[0], model.optimizer.iterations):
+        assert strategy.extended.variable_created_in_scope(variable.value)
+
+
+def test_bad_tasks_and_data():
+    with pytest.raises(ValueError, match="non-empty dict"):
+        MultiTaskModel(tiny_backbone(), {})
+    with pytest.raises(ValueError, match="task name 'my task'"):
+        MultiTaskModel(tiny_backbone(), {"my task": Task(2)})
+    with pytest.raises(ValueError, match="expected a kt.Task"):
+        MultiTaskModel(tiny_backbone(), {"a": 3})
+    with pytest.raises(ValueError, match="num_classes=1 for task 'classification'"):
+        Task(num_classes=1)
+    with pytest.raises(ValueError, match="loss_weight=-1"):
+        Task(2, loss_weight=-1)
+    model = MultiTaskModel(tiny_backbone(), TASKS)
+    data = task_data()
+    with pytest.raises(kt.DataError, match=r"task\(s\) \['digit'\].*did you mean 'digits'"):
+        model.fit({"digit": data["digits"]}, head_epochs=1, verbose=0)
+    with pytest.raises(kt.DataError, match="Task 'tags': Received 24 images but 23 labels"):
+        model.fit({"tags": (data["tags"][0], data["tags"][1][:23])}, head_epochs=1, verbose=0)
+    with pytest.raises(kt.DataError, match="takes a dict"):
+        model.fit(data["digits"][0], head_epochs=1, verbose=0)
+    with pytest.raises(kt.DataError, match="Received y"):
+        model.fit(data, data["digits"][1], head_epochs=1, verbose=0)
+    with pytest.raises(ValueError, match="sampling='random'"):
+        model.fit(data, head_epochs=1, sampling="random", verbose=0)
+    with pytest.raises(kt.DataError, match=r"regression targets of shape \(16, 2\)"):
+        model.fit({"size": (data["size"][0], np.zeros((16, 2)))}, head_epochs=1, verbose=0)
+    with pytest.raises(kt.DataError, match="outside num_classes=3"):
+        model.fit({"digits": (data["digits"][0], data["digits"][1] + 3)}, head_epochs=1,
+                  verbose=0)
+    with pytest.raises(kt.DataError, match="images without labels"):
+        model.evaluate({"digits": data["digits"][0]})
+    with pytest.raises(ValueError, match="Task\\(loss_weight"):
+        model.compile(loss_weights={"digits": 2.0})
+    with pytest.raises(ValueError, match="unknown task\\(s\\) \\['other'\\]"):
+        model.compile(metrics={"other": ["accuracy"]})
