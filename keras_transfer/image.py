@@ -105,25 +105,9 @@ class ImageTransferModel(TransferModel):
                              hidden_units=hidden_units, dropout=dropout,
                              class_names=class_names,
                              name=name or "image_transfer_model", **kwargs)
-            if isinstance(backbone, dict):  # from_config of a custom backbone
-                backbone = keras.saving.deserialize_keras_object(backbone)
-            if isinstance(backbone, keras.Model):
-                self.spec = None
-                network, mode, input_shape = _custom_backbone(
-                    backbone, cut_layer, preprocessing, input_shape)
-                self.backbone_name = network.name
-                source = weights_source or "keras.Model"
-            else:
-                self.spec = registry.get_backbone_spec(backbone)
-                if preprocessing not in (None, self.spec.preprocessing):
-                    raise BackboneError(
-                        f"Received preprocessing={preprocessing!r} for '{self.spec.name}', "
-                        f"whose weights expect {self.spec.preprocessing!r}; leave it unset.")
-                input_shape = self.spec.check_input_shape(input_shape)
-                network = self.spec.build(input_shape, weights)
-                mode = self.spec.preprocessing
-                self.backbone_name = self.spec.name
-                source = weights_source or (None if weights is None else str(weights))
+            resolved = resolve_image_backbone(backbone, weights, input_shape, cut_layer,
+                                              preprocessing, weights_source)
+            network, self.spec, self.backbone_name, mode, input_shape, source = resolved
             self.input_shape_ = tuple(input_shape)
             self.preprocessing = mode
             self.weights_source = source
@@ -145,36 +129,9 @@ class ImageTransferModel(TransferModel):
             seed=seed)
 
     def serving_endpoints(self):
-        height, width = self.image_size
         output_key = "predictions" if self.task == "regression" else "probabilities"
-
-        def resize(images):
-            images = tf.cast(images, tf.float32)
-            return tf.image.resize(images, (height, width))
-
-        def serve_images(images):
-            # Resize only when needed so same-size inputs are not resampled.
-            same = tf.logical_and(tf.equal(tf.shape(images)[1], height),
-                                  tf.equal(tf.shape(images)[2], width))
-            x = tf.cond(same, lambda: tf.cast(images, tf.float32), lambda: resize(images))
-            x = tf.ensure_shape(x, (None, height, width, 3))
-            return {output_key: self(x, training=False)}
-
-        def decode_one(data):
-            image = tf.io.decode_image(data, channels=3, expand_animations=False)
-            image.set_shape((None, None, 3))
-            return tf.image.resize(tf.cast(image, tf.float32), (height, width))
-
-        def serve_bytes(encoded):
-            # Every image is decoded and resized on its own: sizes may differ.
-            x = tf.map_fn(decode_one, encoded,
-                          fn_output_signature=tf.TensorSpec((height, width, 3), tf.float32))
-            return {output_key: self(x, training=False)}
-
-        return {
-            "serving_default": (serve_images, [tf.TensorSpec((None, None, None, 3), tf.uint8, name="images")]),
-            "serving_bytes": (serve_bytes, [tf.TensorSpec((None,), tf.string, name="image_bytes")]),
-        }
+        return image_serving_endpoints(
+            self.image_size, lambda images: {output_key: self(images, training=False)})
 
     def export_metadata(self):
         return {
@@ -204,6 +161,77 @@ class ImageTransferModel(TransferModel):
             "preprocessing": self.preprocessing,
         })
         return config
+
+
+def resolve_image_backbone(backbone, weights, input_shape, cut_layer=None,
+                           preprocessing=None, weights_source=None):
+    """Builds or cuts the backbone network of an image model.
+
+    Args:
+        backbone: a registry name, a `keras.Model`, or a serialized model
+            (from a config).
+        weights, input_shape, cut_layer, preprocessing, weights_source: see
+            `ImageTransferModel`.
+
+    Returns:
+        `(network, spec or None, backbone name, preprocessing mode,
+        input shape, weights source)`.
+    """
+    if isinstance(backbone, dict):  # from_config of a custom backbone
+        backbone = keras.saving.deserialize_keras_object(backbone)
+    if isinstance(backbone, keras.Model):
+        network, mode, input_shape = _custom_backbone(backbone, cut_layer, preprocessing,
+                                                      input_shape)
+        return network, None, network.name, mode, input_shape, weights_source or "keras.Model"
+    spec = registry.get_backbone_spec(backbone)
+    if preprocessing not in (None, spec.preprocessing):
+        raise BackboneError(
+            f"Received preprocessing={preprocessing!r} for '{spec.name}', "
+            f"whose weights expect {spec.preprocessing!r}; leave it unset.")
+    input_shape = spec.check_input_shape(input_shape)
+    network = spec.build(input_shape, weights)
+    source = weights_source or (None if weights is None else str(weights))
+    return network, spec, spec.name, spec.preprocessing, input_shape, source
+
+
+def image_serving_endpoints(image_size, predict) -> dict:
+    """The two serving signatures of image models.
+
+    Args:
+        image_size: `(height, width)` of the model input.
+        predict: callable from float32 images of that size to a dict of outputs.
+
+    Returns:
+        `{"serving_default": ..., "serving_bytes": ...}` as
+        `(function, input_signature)` pairs: raw uint8 images of any size,
+        and encoded JPEG/PNG/GIF/BMP bytes.
+    """
+    height, width = image_size
+
+    def serve_images(images):
+        # Resize only when needed so same-size inputs are not resampled.
+        images = tf.cast(images, tf.float32)
+        same = tf.logical_and(tf.equal(tf.shape(images)[1], height),
+                              tf.equal(tf.shape(images)[2], width))
+        x = tf.cond(same, lambda: images, lambda: tf.image.resize(images, (height, width)))
+        return predict(tf.ensure_shape(x, (None, height, width, 3)))
+
+    def decode_one(data):
+        image = tf.io.decode_image(data, channels=3, expand_animations=False)
+        image.set_shape((None, None, 3))
+        return tf.image.resize(tf.cast(image, tf.float32), (height, width))
+
+    def serve_bytes(encoded):
+        # Every image is decoded and resized on its own: sizes may differ.
+        images = tf.map_fn(decode_one, encoded,
+                           fn_output_signature=tf.TensorSpec((height, width, 3), tf.float32))
+        return predict(images)
+
+    return {
+        "serving_default": (serve_images,
+                            [tf.TensorSpec((None, None, None, 3), tf.uint8, name="images")]),
+        "serving_bytes": (serve_bytes, [tf.TensorSpec((None,), tf.string, name="image_bytes")]),
+    }
 
 
 def _custom_backbone(model, cut_layer, preprocessing, input_shape):

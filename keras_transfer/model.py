@@ -155,16 +155,8 @@ class TransferModel(keras.Model):
             >>> history = model.fit(train, validation_data=val,
             ...                     head_epochs=5, fine_tune_epochs=5)
         """
-        if epochs is not None:
-            head_epochs, fine_tune_epochs = epochs, 0
-        for name, value in (("head_epochs", head_epochs), ("fine_tune_epochs", fine_tune_epochs)):
-            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
-                raise ValueError(f"Received {name}={value!r}; expected an int >= 0.")
-        if head_epochs + fine_tune_epochs == 0:
-            raise ValueError("Received head_epochs=0 and fine_tune_epochs=0: nothing to train.")
-        if not 0.0 <= warmup_fraction <= 1.0:
-            raise ValueError(f"Received warmup_fraction={warmup_fraction}; expected [0, 1].")
-
+        head_epochs, fine_tune_epochs = training.check_phase_arguments(
+            head_epochs, fine_tune_epochs, epochs, warmup_fraction)
         train, source = self.make_dataset(x, y, batch_size=batch_size, training=shuffle,
                                           augmentation=augmentation, seed=seed)
         self._adopt_class_names(source.class_names)
@@ -177,32 +169,15 @@ class TransferModel(keras.Model):
         if steps == 0:
             raise DataError("The training data is empty: it yields no batches.")
 
-        loss, callbacks = heads.default_loss(self.task), list(callbacks or [])
-        history = training.TransferHistory()
-        # Optimizers and metrics own variables: create them in the scope.
-        with self.distribute_strategy.scope():
-            if head_epochs:
-                training.freeze(self.backbone)
-                self.train_batchnorm = False
-                record, phase_history = training.run_phase(
-                    self, "head", train, validation, head_epochs,
-                    keras.optimizers.Adam(head_learning_rate), loss,
-                    heads.default_metrics(self.task), callbacks, early_stopping,
-                    initial_epoch=0, verbose=verbose, peak_learning_rate=head_learning_rate)
-                history.extend(record, phase_history)
-            if fine_tune_epochs:
-                self._unfreeze_for_fine_tuning(unfreeze, train_batchnorm)
-                total = steps * fine_tune_epochs
-                schedule = training.WarmupDecay(
-                    fine_tune_learning_rate, total_steps=total,
-                    warmup_steps=int(round(warmup_fraction * total)), decay=decay)
-                record, phase_history = training.run_phase(
-                    self, "fine_tune", train, validation, fine_tune_epochs,
-                    keras.optimizers.Adam(schedule), loss,
-                    heads.default_metrics(self.task), callbacks, early_stopping,
-                    initial_epoch=len(history.epoch), verbose=verbose,
-                    peak_learning_rate=fine_tune_learning_rate)
-                history.extend(record, phase_history)
+        history = training.train_two_phases(
+            self, train, validation, steps=steps, head_epochs=head_epochs,
+            fine_tune_epochs=fine_tune_epochs, head_learning_rate=head_learning_rate,
+            fine_tune_learning_rate=fine_tune_learning_rate,
+            warmup_fraction=warmup_fraction, decay=decay,
+            loss=heads.default_loss(self.task),
+            make_metrics=lambda: heads.default_metrics(self.task),
+            prepare_fine_tuning=lambda: self._unfreeze_for_fine_tuning(unfreeze, train_batchnorm),
+            callbacks=list(callbacks or []), early_stopping=early_stopping, verbose=verbose)
         self.history = history
         return history
 

@@ -43,11 +43,14 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from keras_transfer import backbones as registry
 from keras_transfer import heads, training
 from keras_transfer.data import make_image_dataset
 from keras_transfer.errors import BackboneError, DataError
-from keras_transfer.image import ImagePreprocessing, _custom_backbone
+from keras_transfer.image import (
+    ImagePreprocessing,
+    image_serving_endpoints,
+    resolve_image_backbone,
+)
 from keras_transfer.model import strategy_scope
 from keras_transfer.training import steps_per_epoch
 
@@ -218,25 +221,9 @@ class MultiTaskModel(keras.Model):
             super().__init__(name=name or "multi_task_model", **kwargs)
             self._task_specs = {n: _as_task(n, t) for n, t in tasks.items()}
             self.task_names = list(self._task_specs)
-            if isinstance(backbone, dict):  # from_config of a custom backbone
-                backbone = keras.saving.deserialize_keras_object(backbone)
-            if isinstance(backbone, keras.Model):
-                self.spec = None
-                network, mode, input_shape = _custom_backbone(
-                    backbone, cut_layer, preprocessing, input_shape)
-                self.backbone_name = network.name
-                source = weights_source or "keras.Model"
-            else:
-                self.spec = registry.get_backbone_spec(backbone)
-                if preprocessing not in (None, self.spec.preprocessing):
-                    raise BackboneError(
-                        f"Received preprocessing={preprocessing!r} for '{self.spec.name}', "
-                        f"whose weights expect {self.spec.preprocessing!r}; leave it unset.")
-                input_shape = self.spec.check_input_shape(input_shape)
-                network = self.spec.build(input_shape, weights)
-                mode = self.spec.preprocessing
-                self.backbone_name = self.spec.name
-                source = weights_source or (None if weights is None else str(weights))
+            resolved = resolve_image_backbone(backbone, weights, input_shape, cut_layer,
+                                              preprocessing, weights_source)
+            network, self.spec, self.backbone_name, mode, input_shape, source = resolved
             self.input_shape_ = tuple(input_shape)
             self.preprocessing = mode
             self.weights_source = source
@@ -572,15 +559,8 @@ class MultiTaskModel(keras.Model):
         if y is not None:
             raise DataError("Received y; a MultiTaskModel takes its labels in x: "
                             "x={task name: (images, labels)}.")
-        if epochs is not None:
-            head_epochs, fine_tune_epochs = epochs, 0
-        for arg, value in (("head_epochs", head_epochs), ("fine_tune_epochs", fine_tune_epochs)):
-            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
-                raise ValueError(f"Received {arg}={value!r}; expected an int >= 0.")
-        if head_epochs + fine_tune_epochs == 0:
-            raise ValueError("Received head_epochs=0 and fine_tune_epochs=0: nothing to train.")
-        if not 0.0 <= warmup_fraction <= 1.0:
-            raise ValueError(f"Received warmup_fraction={warmup_fraction}; expected [0, 1].")
+        head_epochs, fine_tune_epochs = training.check_phase_arguments(
+            head_epochs, fine_tune_epochs, epochs, warmup_fraction)
         if sampling not in SAMPLINGS:
             raise ValueError(f"Received sampling={sampling!r}; expected one of {SAMPLINGS}.")
 
@@ -599,33 +579,19 @@ class MultiTaskModel(keras.Model):
                      *(callbacks or [])]
         loss = {n: heads.default_loss(t.kind) for n, t in self._task_specs.items()}
 
-        def metrics():
-            return {n: heads.default_metrics(t.kind) for n, t in self._task_specs.items()}
+        def prepare_fine_tuning():
+            training.unfreeze(self.backbone, unfreeze, train_batchnorm)
+            self.train_batchnorm = bool(train_batchnorm)
 
-        history = training.TransferHistory()
-        with self.distribute_strategy.scope():
-            if head_epochs:
-                training.freeze(self.backbone)
-                self.train_batchnorm = False
-                record, phase_history = training.run_phase(
-                    self, "head", train, validation, head_epochs,
-                    keras.optimizers.Adam(head_learning_rate), loss, metrics(),
-                    callbacks, early_stopping, initial_epoch=0, verbose=verbose,
-                    peak_learning_rate=head_learning_rate)
-                history.extend(record, phase_history)
-            if fine_tune_epochs:
-                training.unfreeze(self.backbone, unfreeze, train_batchnorm)
-                self.train_batchnorm = bool(train_batchnorm)
-                total = steps * fine_tune_epochs
-                schedule = training.WarmupDecay(
-                    fine_tune_learning_rate, total_steps=total,
-                    warmup_steps=round(warmup_fraction * total), decay=decay)
-                record, phase_history = training.run_phase(
-                    self, "fine_tune", train, validation, fine_tune_epochs,
-                    keras.optimizers.Adam(schedule), loss, metrics(), callbacks,
-                    early_stopping, initial_epoch=len(history.epoch), verbose=verbose,
-                    peak_learning_rate=fine_tune_learning_rate)
-                history.extend(record, phase_history)
+        history = training.train_two_phases(
+            self, train, validation, steps=steps, head_epochs=head_epochs,
+            fine_tune_epochs=fine_tune_epochs, head_learning_rate=head_learning_rate,
+            fine_tune_learning_rate=fine_tune_learning_rate,
+            warmup_fraction=warmup_fraction, decay=decay, loss=loss,
+            make_metrics=lambda: {n: heads.default_metrics(t.kind)
+                                  for n, t in self._task_specs.items()},
+            prepare_fine_tuning=prepare_fine_tuning, callbacks=callbacks,
+            early_stopping=early_stopping, verbose=verbose)
         self.history = history
         return history
 
@@ -684,35 +650,8 @@ class MultiTaskModel(keras.Model):
     # ---------------------------------------------------------------- export
     def serving_endpoints(self) -> dict:
         """`{signature: (function, input_signature)}`; outputs `{task: values}`."""
-        height, width = self.image_size
-
-        def prepare(images):
-            images = tf.cast(images, tf.float32)
-            same = tf.logical_and(tf.equal(tf.shape(images)[1], height),
-                                  tf.equal(tf.shape(images)[2], width))
-            x = tf.cond(same, lambda: images,
-                        lambda: tf.image.resize(images, (height, width)))
-            return tf.ensure_shape(x, (None, height, width, 3))
-
-        def serve_images(images):
-            return self(prepare(images), training=False)
-
-        def decode_one(data):
-            image = tf.io.decode_image(data, channels=3, expand_animations=False)
-            image.set_shape((None, None, 3))
-            return tf.image.resize(tf.cast(image, tf.float32), (height, width))
-
-        def serve_bytes(encoded):
-            x = tf.map_fn(decode_one, encoded,
-                          fn_output_signature=tf.TensorSpec((height, width, 3), tf.float32))
-            return self(x, training=False)
-
-        return {
-            "serving_default": (serve_images, [tf.TensorSpec((None, None, None, 3), tf.uint8,
-                                                             name="images")]),
-            "serving_bytes": (serve_bytes, [tf.TensorSpec((None,), tf.string,
-                                                          name="image_bytes")]),
-        }
+        return image_serving_endpoints(self.image_size,
+                                       lambda images: self(images, training=False))
 
     def export_metadata(self) -> dict:
         """What `metadata.json` says about the model and each task."""

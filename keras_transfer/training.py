@@ -286,6 +286,77 @@ def run_phase(model, name, train, validation, epochs, optimizer, loss, metrics,
     return record, history
 
 
+def check_phase_arguments(head_epochs, fine_tune_epochs, epochs=None,
+                          warmup_fraction=0.1) -> tuple[int, int]:
+    """Validates the epochs of both phases; `epochs` is the Keras-style alias.
+
+    Returns:
+        `(head_epochs, fine_tune_epochs)`.
+    """
+    if epochs is not None:
+        head_epochs, fine_tune_epochs = epochs, 0
+    for name, value in (("head_epochs", head_epochs), ("fine_tune_epochs", fine_tune_epochs)):
+        if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+            raise ValueError(f"Received {name}={value!r}; expected an int >= 0.")
+    if head_epochs + fine_tune_epochs == 0:
+        raise ValueError("Received head_epochs=0 and fine_tune_epochs=0: nothing to train.")
+    if not 0.0 <= warmup_fraction <= 1.0:
+        raise ValueError(f"Received warmup_fraction={warmup_fraction}; expected [0, 1].")
+    return head_epochs, fine_tune_epochs
+
+
+def train_two_phases(model, train, validation, *, steps, head_epochs, fine_tune_epochs,
+                     head_learning_rate, fine_tune_learning_rate, warmup_fraction, decay,
+                     loss, make_metrics, prepare_fine_tuning, callbacks=(),
+                     early_stopping=None, verbose="auto") -> TransferHistory:
+    """Trains the head on the frozen backbone, then fine-tunes.
+
+    Args:
+        model: a model with `backbone` and `train_batchnorm` attributes.
+        train, validation: batched `tf.data.Dataset`s (validation may be None).
+        steps: int. Batches per epoch, for the schedule.
+        head_epochs, fine_tune_epochs: int. Epochs of each phase.
+        head_learning_rate: float. Adam rate of phase 1.
+        fine_tune_learning_rate: float. Peak rate of phase 2.
+        warmup_fraction: float. Share of phase 2 spent warming up.
+        decay: str. `"cosine"` or `"linear"`.
+        loss: the loss (or dict of losses) to compile with.
+        make_metrics: callable returning fresh metrics for one phase.
+        prepare_fine_tuning: callable that makes phase 2's weights trainable.
+        callbacks: Keras callbacks for both phases.
+        early_stopping: int, optional. Patience in epochs.
+        verbose: as for `fit`.
+
+    Returns:
+        The combined `TransferHistory`.
+    """
+    history = TransferHistory()
+    # Optimizers and metrics own variables: create them in the strategy scope.
+    with model.distribute_strategy.scope():
+        if head_epochs:
+            freeze(model.backbone)
+            model.train_batchnorm = False
+            record, phase_history = run_phase(
+                model, "head", train, validation, head_epochs,
+                keras.optimizers.Adam(head_learning_rate), loss, make_metrics(),
+                callbacks, early_stopping, initial_epoch=0, verbose=verbose,
+                peak_learning_rate=head_learning_rate)
+            history.extend(record, phase_history)
+        if fine_tune_epochs:
+            prepare_fine_tuning()
+            total = steps * fine_tune_epochs
+            schedule = WarmupDecay(fine_tune_learning_rate, total_steps=total,
+                                   warmup_steps=int(round(warmup_fraction * total)),
+                                   decay=decay)
+            record, phase_history = run_phase(
+                model, "fine_tune", train, validation, fine_tune_epochs,
+                keras.optimizers.Adam(schedule), loss, make_metrics(), callbacks,
+                early_stopping, initial_epoch=len(history.epoch), verbose=verbose,
+                peak_learning_rate=fine_tune_learning_rate)
+            history.extend(record, phase_history)
+    return history
+
+
 def steps_per_epoch(dataset) -> int:
     """Batches in one pass of a finite dataset (counted if unknown)."""
     import tensorflow as tf
