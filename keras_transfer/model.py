@@ -198,6 +198,16 @@ class TransferModel(keras.Model):
                 "folders or build the model with matching class_names."
             )
 
+    def get_compile_config(self):
+        # Every training phase compiles with a fresh optimizer, so a saved
+        # model keeps no compile state (the last phase's optimizer would not
+        # fit the frozen model that loads); evaluate compiles the defaults.
+        return {}
+
+    def compile_from_config(self, config):
+        if config:
+            self.compile(**keras.saving.deserialize_keras_object(config))
+
     def _ensure_compiled(self):
         if not self.compiled:
             with self.distribute_strategy.scope():
