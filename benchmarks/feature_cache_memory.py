@@ -139,8 +139,9 @@ def main() -> None:
             train = run("train", args, path=extract["path"])
             rows[n] = (extract, train)
             for name, result in (("extract", extract), ("train", train)):
+                growth = result["peak"] - result["baseline"]
                 print(f"{name:7s} {n:6d} images: peak {result['peak']:7.0f} MiB, baseline "
-                      f"{result['baseline']:7.0f} MiB, growth {result['peak'] - result['baseline']:6.0f} MiB"
+                      f"{result['baseline']:7.0f} MiB, growth {growth:6.0f} MiB"
                       + (f"  ({extract['megabytes']:.0f} MB of features in {extract['shards']} "
                          "shard(s) on disk)" if name == "extract" else ""))
     finally:

@@ -25,6 +25,7 @@ from keras_transfer.errors import (
     WeightsError,
 )
 from keras_transfer.export import load_metadata
+from keras_transfer.features import FeatureCache, extract_features, train_head_on_features
 from keras_transfer.heads import build_head
 from keras_transfer.image import ImagePreprocessing, ImageTransferModel
 from keras_transfer.model import TransferModel
@@ -54,6 +55,7 @@ __all__ = [
     "BackboneSpec",
     "DataError",
     "ExportError",
+    "FeatureCache",
     "ForgettingReport",
     "ImagePreprocessing",
     "ImageTransferModel",
@@ -73,6 +75,7 @@ __all__ = [
     "block_layers",
     "build_head",
     "default_augmentation",
+    "extract_features",
     "forgetting_report",
     "freeze",
     "get_backbone_spec",
@@ -88,5 +91,6 @@ __all__ = [
     "snapshot_backbone",
     "task_schedule",
     "text_presets",
+    "train_head_on_features",
     "unfreeze",
 ]

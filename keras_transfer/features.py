@@ -133,7 +133,8 @@ def _canonical_config(config):
     def collect(node):
         if isinstance(node, dict):
             inner = node.get("config")
-            if "class_name" in node and isinstance(inner, dict) and isinstance(inner.get("name"), str):
+            if ("class_name" in node and isinstance(inner, dict)
+                    and isinstance(inner.get("name"), str)):
                 names.setdefault(inner["name"], f"L{len(names)}")
             if isinstance(node.get("name"), str) and "class_name" not in node:
                 names.setdefault(node["name"], f"L{len(names)}")  # the top-level config
@@ -217,7 +218,8 @@ def _augmentation_key(augmentation, copies: int) -> dict | None:
     if isinstance(augmentation, keras.layers.Layer):
         digest = _config_digest(augmentation)
     else:  # a plain function: only its name can be seen
-        digest = f"{getattr(augmentation, '__module__', '?')}.{getattr(augmentation, '__qualname__', repr(augmentation))}"
+        module = getattr(augmentation, "__module__", "?")
+        digest = f"{module}.{getattr(augmentation, '__qualname__', repr(augmentation))}"
     return {"augmentation": digest, "copies": int(copies)}
 
 
@@ -251,7 +253,8 @@ class _DataFingerprint:
         self.count = 0
 
     def update(self, inputs, labels) -> None:
-        self.layouts.add(_update_hash(self.inputs, inputs) + "|" + _update_hash(self.labels, labels))
+        layout = _update_hash(self.inputs, inputs) + "|" + _update_hash(self.labels, labels)
+        self.layouts.add(layout)
         self.count += int(tf.nest.flatten(labels)[0].shape[0])
 
     def hexdigest(self) -> str:
@@ -370,8 +373,9 @@ class _ShardWriter:
         start = 0
         while start < len(features):
             if self._open is None:
-                self._open = (_NpyStreamWriter(self._name("features"), features.dtype, features.shape[1:]),
-                              _NpyStreamWriter(self._name("labels"), labels.dtype, labels.shape[1:]))
+                self._open = (
+                    _NpyStreamWriter(self._name("features"), features.dtype, features.shape[1:]),
+                    _NpyStreamWriter(self._name("labels"), labels.dtype, labels.shape[1:]))
             feature_writer, label_writer = self._open
             take = min(self.shard_size - feature_writer.count, len(features) - start)
             feature_writer.write(features[start:start + take])
@@ -477,8 +481,10 @@ class FeatureCache:
         manifest = self.manifest
         if copy is not None and not 0 <= copy < self.copies:
             raise ValueError(f"Received copy={copy}; this cache holds copies 0..{self.copies - 1}.")
-        feature_dtype, label_dtype = np.dtype(manifest["feature_dtype"]), np.dtype(manifest["label_dtype"])
-        feature_shape, label_shape = tuple(manifest["feature_shape"]), tuple(manifest["label_shape"])
+        feature_dtype = np.dtype(manifest["feature_dtype"])
+        label_dtype = np.dtype(manifest["label_dtype"])
+        feature_shape = tuple(manifest["feature_shape"])
+        label_shape = tuple(manifest["label_shape"])
         feature_record = int(np.prod(feature_shape, dtype=np.int64)) * feature_dtype.itemsize
         label_record = int(np.prod(label_shape, dtype=np.int64)) * label_dtype.itemsize
 
@@ -520,7 +526,8 @@ class FeatureCache:
         dataset = dataset.batch(batch_size)
 
         def decode(feature_bytes, label_bytes):
-            features = tf.reshape(tf.io.decode_raw(feature_bytes, feature_dtype), (-1, *feature_shape))
+            features = tf.reshape(tf.io.decode_raw(feature_bytes, feature_dtype),
+                                  (-1, *feature_shape))
             labels = tf.reshape(tf.io.decode_raw(label_bytes, label_dtype), (-1, *label_shape))
             return features, labels
 
@@ -706,7 +713,8 @@ def extract_features(model, x, y=None, *, batch_size: int = 32, cache_dir=None,
     _check_model(model)
     if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
         raise ValueError(f"Received batch_size={batch_size!r}; expected a positive int.")
-    if not isinstance(augmented_copies, int) or isinstance(augmented_copies, bool) or augmented_copies < 0:
+    if (not isinstance(augmented_copies, int) or isinstance(augmented_copies, bool)
+            or augmented_copies < 0):
         raise ValueError(f"Received augmented_copies={augmented_copies!r}; expected an int >= 0.")
     if augmented_copies and augmentation is None:
         raise ValueError(f"Received augmented_copies={augmented_copies} without augmentation; "
@@ -865,23 +873,35 @@ def _check_model(model) -> None:
             "needs a keras_transfer TransferModel (e.g. kt.ImageTransferModel).")
 
 
-def use_feature_cache(feature_cache, head_epochs: int) -> bool:
-    """Decides whether `fit`'s head phase trains on cached features.
+def use_feature_cache(feature_cache, augmentation=None, augmented_copies: int = 0) -> bool:
+    """Whether `fit`'s head phase goes through `train_head_on_features`.
 
     Args:
-        feature_cache: `True` (always), `False` (never: the backbone runs
-            inside `fit` every epoch) or `"auto"` (when the head trains for
-            more than one epoch: extraction costs about one epoch of the
-            usual head phase, so it pays from the second epoch on).
-        head_epochs: int. Epochs of the head phase.
+        feature_cache: `"auto"` (yes: `train_head_on_features` caches the
+            features when nothing random happens to the inputs, or K
+            augmented copies, and otherwise runs the frozen backbone every
+            epoch, and logs which), `True` (the same, but random
+            augmentation without `augmented_copies` is an error, since its
+            features cannot be cached) or `False` (no: the backbone runs
+            inside `fit` every epoch).
+        augmentation: the `augmentation` given to `fit`.
+        augmented_copies: int. The `augmented_copies` given to `fit`.
 
     Returns:
         bool.
     """
-    if feature_cache is True or feature_cache is False:
-        return feature_cache
+    if feature_cache is False:
+        return False
+    if feature_cache is True:
+        if augmentation is not None and not augmented_copies:
+            raise ValueError(
+                "Received feature_cache=True with random augmentation and "
+                "augmented_copies=0: features of freshly augmented inputs change every "
+                "epoch and cannot be cached. Pass augmented_copies=K to cache K augmented "
+                "copies, or feature_cache='auto' to recompute them every epoch.")
+        return True
     if feature_cache == "auto":
-        return head_epochs > 1
+        return True
     raise ValueError(f"Received feature_cache={feature_cache!r}; expected True, False or 'auto'.")
 
 

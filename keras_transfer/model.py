@@ -15,7 +15,7 @@ import logging
 import keras
 import numpy as np
 
-from keras_transfer import heads, training
+from keras_transfer import features, heads, training
 from keras_transfer.distribute import get_strategy, scope
 from keras_transfer.errors import DataError
 
@@ -115,7 +115,8 @@ class TransferModel(keras.Model):
             head_learning_rate=1e-3, fine_tune_learning_rate=1e-5,
             unfreeze="all", train_batchnorm=False, warmup_fraction=0.1,
             decay="cosine", early_stopping=None, augmentation=None,
-            callbacks=None, shuffle=True, seed=None, verbose="auto"):
+            callbacks=None, shuffle=True, seed=None, verbose="auto",
+            feature_cache="auto", augmented_copies=0, cache_dir=None):
         """Trains the head on the frozen backbone, then fine-tunes.
 
         Args:
@@ -146,6 +147,21 @@ class TransferModel(keras.Model):
             shuffle: bool. Shuffle the training data every epoch.
             seed: int, optional. Shuffle seed.
             verbose: as for `keras.Model.fit`.
+            feature_cache: `"auto"`, `True` or `False`. Train the head on
+                backbone features computed once and cached on disk (see
+                `keras_transfer.features`) instead of running the frozen
+                backbone every epoch. `"auto"` (default): cache when nothing
+                random happens to the inputs (or `augmented_copies` > 0);
+                with random augmentation and `augmented_copies=0` the
+                backbone runs every epoch, as the log says. `True` makes
+                that last case an error; `False` never caches. While the
+                head trains on cached features, callbacks see `self.head`.
+            augmented_copies: int. With `augmentation` and the feature
+                cache: cache this many augmented copies of the data; epoch
+                i trains on copy i % K.
+            cache_dir: str, optional. Root of the feature cache (default
+                `$KERAS_TRANSFER_CACHE`, else
+                `~/.cache/keras_transfer/features`).
 
         Returns:
             A `TransferHistory` covering both phases.
@@ -169,6 +185,18 @@ class TransferModel(keras.Model):
         if steps == 0:
             raise DataError("The training data is empty: it yields no batches.")
 
+        train_head = None
+        if head_epochs and features.use_feature_cache(feature_cache, augmentation,
+                                                      augmented_copies):
+            def train_head():
+                return features.train_head_on_features(
+                    self, x, y, validation_data=validation_data, epochs=head_epochs,
+                    batch_size=batch_size, learning_rate=head_learning_rate,
+                    callbacks=list(callbacks or []), early_stopping=early_stopping,
+                    cache_dir=cache_dir, augmentation=augmentation,
+                    augmented_copies=augmented_copies, shuffle=shuffle, seed=seed,
+                    verbose=verbose)
+
         history = training.train_two_phases(
             self, train, validation, steps=steps, head_epochs=head_epochs,
             fine_tune_epochs=fine_tune_epochs, head_learning_rate=head_learning_rate,
@@ -177,7 +205,8 @@ class TransferModel(keras.Model):
             loss=heads.default_loss(self.task),
             make_metrics=lambda: heads.default_metrics(self.task),
             prepare_fine_tuning=lambda: self._unfreeze_for_fine_tuning(unfreeze, train_batchnorm),
-            callbacks=list(callbacks or []), early_stopping=early_stopping, verbose=verbose)
+            callbacks=list(callbacks or []), early_stopping=early_stopping, verbose=verbose,
+            train_head=train_head)
         self.history = history
         return history
 

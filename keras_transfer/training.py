@@ -308,7 +308,7 @@ def check_phase_arguments(head_epochs, fine_tune_epochs, epochs=None,
 def train_two_phases(model, train, validation, *, steps, head_epochs, fine_tune_epochs,
                      head_learning_rate, fine_tune_learning_rate, warmup_fraction, decay,
                      loss, make_metrics, prepare_fine_tuning, callbacks=(),
-                     early_stopping=None, verbose="auto") -> TransferHistory:
+                     early_stopping=None, verbose="auto", train_head=None) -> TransferHistory:
     """Trains the head on the frozen backbone, then fine-tunes.
 
     Args:
@@ -326,6 +326,9 @@ def train_two_phases(model, train, validation, *, steps, head_epochs, fine_tune_
         callbacks: Keras callbacks for both phases.
         early_stopping: int, optional. Patience in epochs.
         verbose: as for `fit`.
+        train_head: callable, optional. Runs phase 1 in another way (e.g.
+            `features.train_head_on_features` on cached features) and
+            returns `(PhaseRecord, keras History)`.
 
     Returns:
         The combined `TransferHistory`.
@@ -336,11 +339,14 @@ def train_two_phases(model, train, validation, *, steps, head_epochs, fine_tune_
         if head_epochs:
             freeze(model.backbone)
             model.train_batchnorm = False
-            record, phase_history = run_phase(
-                model, "head", train, validation, head_epochs,
-                keras.optimizers.Adam(head_learning_rate), loss, make_metrics(),
-                callbacks, early_stopping, initial_epoch=0, verbose=verbose,
-                peak_learning_rate=head_learning_rate)
+            if train_head is not None:
+                record, phase_history = train_head()
+            else:
+                record, phase_history = run_phase(
+                    model, "head", train, validation, head_epochs,
+                    keras.optimizers.Adam(head_learning_rate), loss, make_metrics(),
+                    callbacks, early_stopping, initial_epoch=0, verbose=verbose,
+                    peak_learning_rate=head_learning_rate)
             history.extend(record, phase_history)
         if fine_tune_epochs:
             prepare_fine_tuning()

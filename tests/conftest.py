@@ -24,6 +24,14 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip)
 
 
+@pytest.fixture(scope="session", autouse=True)
+def feature_cache_root(tmp_path_factory):
+    """Feature caches of every test go to a temporary folder, never ~/.cache."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("KERAS_TRANSFER_CACHE", str(tmp_path_factory.mktemp("feature_cache")))
+        yield
+
+
 @pytest.fixture
 def tiny_images():
     """40 random 32x32 RGB uint8 images and labels of 3 classes."""

@@ -1,4 +1,4 @@
-"""Feature extraction: a cache of backbone features, its key, its safety, and heads trained on it."""
+"""Feature extraction: the cache of backbone features, its key, its safety, heads trained on it."""
 
 import json
 import logging
@@ -97,7 +97,8 @@ def test_features_are_the_backbone_outputs_streamed_back_from_shards(backbone_ru
     cache.verify()
     manifest = json.loads(open(os.path.join(cache.path, "manifest.json")).read())
     assert manifest["complete"] and set(manifest["key"]) >= {"model", "data", "num_examples"}
-    assert set(manifest["key"]["model"]) >= {"architecture", "weights", "preprocessing", "input_size"}
+    assert set(manifest["key"]["model"]) >= {"architecture", "weights", "preprocessing",
+                                             "input_size"}
 
 
 def test_second_call_reuses_the_cache_without_running_the_backbone(backbone_runs):
@@ -177,8 +178,8 @@ KILLED_SCRIPT = textwrap.dedent("""
     backbone_file, root = sys.argv[1], sys.argv[2]
     rng = np.random.default_rng(0)
     x, y = rng.integers(0, 256, (24, 16, 16, 3), dtype=np.uint8), rng.integers(0, 3, 24)
-    model = kt.ImageTransferModel(keras.saving.load_model(backbone_file), 3, input_shape=(16, 16, 3),
-                                  preprocessing="tf", pooling="avg")
+    model = kt.ImageTransferModel(keras.saving.load_model(backbone_file), 3,
+                                  input_shape=(16, 16, 3), preprocessing="tf", pooling="avg")
     original = features._feature_function
 
     def slow(model, augmentation=None):
@@ -403,6 +404,23 @@ def test_bad_arguments_say_what_was_received():
     with pytest.raises(ValueError, match="epochs=0"):
         features.train_head_on_features(model, x, y, epochs=0)
     with pytest.raises(ValueError, match="feature_cache='yes'"):
-        features.use_feature_cache("yes", 3)
-    assert features.use_feature_cache("auto", 2) and not features.use_feature_cache("auto", 1)
-    assert features.use_feature_cache(True, 1) and not features.use_feature_cache(False, 9)
+        features.use_feature_cache("yes")
+    flip = keras.layers.RandomFlip()
+    with pytest.raises(ValueError, match="feature_cache=True with random augmentation"):
+        features.use_feature_cache(True, flip, 0)
+    assert features.use_feature_cache(True, flip, 2) and features.use_feature_cache(True)
+    assert features.use_feature_cache("auto", flip, 0) and features.use_feature_cache("auto")
+    assert not features.use_feature_cache(False)
+
+
+@pytest.mark.parametrize("task", ["multilabel", "regression"])
+def test_other_tasks_train_on_their_label_shapes(task):
+    x, _ = images(16)
+    targets = np.random.default_rng(0).integers(0, 2, (16, 3)).astype("float32")
+    model = tiny_model(task=task)
+    record, history = features.train_head_on_features(model, x, targets, epochs=2,
+                                                      batch_size=8, verbose=0)
+    cache = features.extract_features(model, x, targets, batch_size=8)
+    assert cache.reused and cache.manifest["label_shape"] == [3]
+    np.testing.assert_array_equal(cache.load()[1], targets)
+    assert len(history.history["loss"]) == 2 and model.predict(x).shape == (16, 3)
