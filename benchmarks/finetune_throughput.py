@@ -72,6 +72,7 @@ import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
 import keras_transfer as kt  # noqa: E402
+from machine import print_load  # noqa: E402  (benchmarks/machine.py)
 
 # The library's fine-tuning defaults (TransferModel.fit), mirrored by hand.
 PEAK_LEARNING_RATE = 1e-5
@@ -233,16 +234,6 @@ def pipeline_throughput(dataset: tf.data.Dataset, images: int, passes: int = 3) 
     return images / best
 
 
-def _print_load(end: bool = False) -> None:
-    """Prints the 1-minute load average, which says how busy the machine was."""
-    if not hasattr(os, "getloadavg"):
-        return
-    load = os.getloadavg()[0]
-    cores = os.cpu_count() or 1
-    busy = "  (busier than the core count: other programs compete, expect noise)" if load > cores else ""
-    print(f"load average {'at the end' if end else 'at the start'}: {load:.2f} on {cores} cores{busy}")
-
-
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """Parses the command line."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -288,7 +279,7 @@ def main(argv: list[str] | None = None) -> None:
           f"images={args.images} batch={args.batch_size} ({steps} steps/epoch) "
           f"classes={args.classes}; {args.rounds} rounds x {args.epochs} epochs "
           f"per side, first epoch of each fit dropped")
-    _print_load()
+    print_load()
 
     ours = kt.ImageTransferModel(args.backbone, args.classes, weights=None,
                                  input_shape=input_shape, pooling="avg")
@@ -337,7 +328,7 @@ def main(argv: list[str] | None = None) -> None:
     print(f"context, input pipeline alone: kt.make_image_dataset {library_rate:,.0f} images/s, "
           f"minimal tf.data {plain_rate:,.0f} images/s "
           f"(model step {rate['hand-written']:,.0f} images/s)")
-    _print_load(end=True)
+    print_load(end=True)
 
 
 if __name__ == "__main__":

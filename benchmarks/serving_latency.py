@@ -63,6 +63,7 @@ import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
 import keras_transfer as kt  # noqa: E402
+from machine import print_load  # noqa: E402  (benchmarks/machine.py)
 
 SAVED_MODEL = "SavedModel serving_default"
 KERAS_PREDICT = "keras.Model.predict(model, x)"
@@ -100,16 +101,6 @@ def measure(ways: dict[str, Callable[[], object]], calls: int, rounds: int,
     return {name: np.asarray(values) for name, values in samples.items()}
 
 
-def _print_load(end: bool = False) -> None:
-    """Prints the 1-minute load average, which says how busy the machine was."""
-    if not hasattr(os, "getloadavg"):
-        return
-    load = os.getloadavg()[0]
-    cores = os.cpu_count() or 1
-    busy = "  (busier than the core count: other programs compete, expect noise)" if load > cores else ""
-    print(f"load average {'at the end' if end else 'at the start'}: {load:.2f} on {cores} cores{busy}")
-
-
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """Parses the command line."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -145,7 +136,7 @@ def main(argv: list[str] | None = None) -> None:
     print(f"backbone={args.backbone} weights=None input={input_shape} classes={args.classes}; "
           f"batch 1, {args.warmup} warmup + {args.calls} timed calls per way in "
           f"{args.rounds} interleaved rounds")
-    _print_load()
+    print_load()
 
     model = kt.ImageTransferModel(args.backbone, args.classes, weights=None,
                                   input_shape=input_shape, pooling="avg")
@@ -181,7 +172,7 @@ def main(argv: list[str] | None = None) -> None:
     ratio = p50[SAVED_MODEL] / p50[KERAS_PREDICT]
     print(f"ratio SavedModel p50 / Keras predict p50: {ratio:.2f}x (target <= 1.0x); "
           f"vs keras_transfer model.predict: {p50[SAVED_MODEL] / p50[OUR_PREDICT]:.2f}x")
-    _print_load(end=True)
+    print_load(end=True)
 
 
 if __name__ == "__main__":

@@ -404,18 +404,7 @@ def read_text_file(path: str, text_column: str = "text", label_column: str | Non
     if not os.path.isfile(path):
         raise DataError(f"Received text file {path!r}, which does not exist.")
     delimiter = delimiter or ("\t" if path.lower().endswith((".tsv", ".tab")) else ",")
-    with open(path, "rb") as f:
-        raw = f.read().splitlines()
-    lines = []
-    for number, line in enumerate(raw, start=1):
-        try:
-            lines.append(line.decode("utf-8"))
-        except UnicodeDecodeError as error:
-            raise DataError(
-                f"{path!r} is not valid UTF-8 at line {number} (byte {error.start}: "
-                f"{line[max(error.start - 10, 0):error.start + 10]!r}). Re-save the "
-                "file as UTF-8."
-            ) from error
+    lines = read_utf8_lines(path)
     rows = list(csv.DictReader(lines, delimiter=delimiter))
     if not rows:
         raise DataError(f"{path!r} has a header but no rows, or is empty.")
@@ -429,6 +418,30 @@ def read_text_file(path: str, text_column: str = "text", label_column: str | Non
         return TextSource(texts, None)
     labels, class_names = encode_labels([row[label_column] for row in rows])
     return TextSource(texts, labels, class_names)
+
+
+def read_utf8_lines(path: str) -> list[str]:
+    """Reads a text file's lines, naming the first line that is not UTF-8.
+
+    Args:
+        path: str. The file.
+
+    Returns:
+        The lines, without line endings.
+    """
+    with open(path, "rb") as f:
+        raw = f.read().splitlines()
+    lines = []
+    for number, line in enumerate(raw, start=1):
+        try:
+            lines.append(line.decode("utf-8"))
+        except UnicodeDecodeError as error:
+            raise DataError(
+                f"{path!r} is not valid UTF-8 at line {number} (byte {error.start}: "
+                f"{line[max(error.start - 10, 0):error.start + 10]!r}). Re-save the "
+                "file as UTF-8."
+            ) from error
+    return lines
 
 
 def encode_labels(values, class_names=None):

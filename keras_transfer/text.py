@@ -27,7 +27,7 @@ import numpy as np
 import tensorflow as tf
 
 from keras_transfer import training
-from keras_transfer.data import TextSource, as_text_source
+from keras_transfer.data import TextSource, as_text_source, read_utf8_lines
 from keras_transfer.errors import BackboneError, DataError, WeightsError
 from keras_transfer.model import TransferModel, strategy_scope
 
@@ -485,15 +485,7 @@ def adapt_causal_lm(causal_lm, texts, *, epochs=1, batch_size=8, sequence_length
             raise BackboneError(f"Received unknown causal LM preset {preset!r}. Closest: {close}.")
         causal_lm = _load_preset(keras_hub.models.CausalLM, preset)
     if isinstance(texts, (str, os.PathLike)):
-        with open(texts, "rb") as f:
-            lines = f.read().splitlines()
-        decoded = []
-        for number, line in enumerate(lines, start=1):
-            try:
-                decoded.append(line.decode("utf-8"))
-            except UnicodeDecodeError as error:
-                raise DataError(f"{texts!r} is not valid UTF-8 at line {number}.") from error
-        texts = [t for t in decoded if t.strip()]
+        texts = [t for t in read_utf8_lines(os.fspath(texts)) if t.strip()]
     source = as_text_source(list(texts))
     if sequence_length is not None:
         causal_lm.preprocessor.sequence_length = sequence_length
