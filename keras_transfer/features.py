@@ -649,22 +649,14 @@ def _pid_alive(pid: int) -> bool:
 def _feature_function(model, augmentation=None):
     """A compiled function: raw input batch -> the features the head takes.
 
-    The backbone always runs in inference mode. A model may define
-    `head_inputs(inputs)` to say what its head takes; otherwise text models
-    (with a `pool` layer) pool the backbone outputs over the padding mask,
-    and every other model runs `backbone(preprocessor(inputs))`.
+    The backbone always runs in inference mode; `model.head_inputs` says
+    what the head takes (pooled token outputs for text models).
     """
-    hook = getattr(model, "head_inputs", None)
 
     def features(inputs):
         if augmentation is not None:
             inputs = augmentation(inputs, training=True)
-        if hook is not None:
-            return hook(inputs)
-        if hasattr(model, "pool"):
-            outputs = model.backbone(inputs, training=False)
-            return model.pool(outputs, inputs["padding_mask"])
-        return model.backbone(model.preprocessor(inputs), training=False)
+        return model.head_inputs(inputs, training=False)
 
     return tf.function(features, reduce_retracing=True)
 

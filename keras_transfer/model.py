@@ -77,11 +77,17 @@ class TransferModel(keras.Model):
         self.built = True
 
     def call(self, inputs, training=None):
+        return self.head(self.head_inputs(inputs, training=training), training=training)
+
+    def head_inputs(self, inputs, training=None):
+        """What the head takes: the backbone's features of raw inputs.
+
+        The backbone runs in inference mode unless the user asked to train
+        BatchNormalization: Dropout and BN statistics stay as pretrained.
+        The feature cache stores exactly these.
+        """
         x = self.preprocessor(inputs)
-        # The backbone runs in inference mode unless the user asked to train
-        # BatchNormalization: Dropout and BN statistics stay as pretrained.
-        features = self.backbone(x, training=training if self.train_batchnorm else False)
-        return self.head(features, training=training)
+        return self.backbone(x, training=training if self.train_batchnorm else False)
 
     @property
     def _default_save_signature(self):

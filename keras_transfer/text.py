@@ -256,10 +256,10 @@ class TextTransferModel(TransferModel):
         self.head.build((None, self.backbone.hidden_dim))
         self.built = True
 
-    def call(self, inputs, training=None):
+    def head_inputs(self, inputs, training=None):
+        """The pooled backbone output of a batch of token ids and masks."""
         outputs = self.backbone(inputs, training=training if self.train_batchnorm else False)
-        features = self.pool(outputs, inputs["padding_mask"])
-        return self.head(features, training=training)
+        return self.pool(outputs, inputs["padding_mask"])
 
     def tokenize(self, texts):
         """Token ids and masks of a batch of strings, as the backbone takes them."""
