@@ -43,18 +43,19 @@ def _weights(value: str):
 
 def _train(args) -> int:
     import keras_transfer as kt
-    from keras_transfer.data import TFDS_PREFIX, read_image_folder, read_tfds
+    from keras_transfer.data import TFDS_PREFIX, folder_class_names, read_tfds
 
-    source = (read_tfds(args.data) if args.data.startswith(TFDS_PREFIX)
-              else read_image_folder(args.data))
-    num_classes = len(source.class_names) if source.class_names else args.num_classes
+    # Only the class names are needed here: fit reads and checks the images.
+    class_names = (read_tfds(args.data).class_names if args.data.startswith(TFDS_PREFIX)
+                   else folder_class_names(args.data))
+    num_classes = len(class_names) if class_names else args.num_classes
     if not num_classes:
         raise SystemExit("The data does not name its classes: pass --num-classes.")
     input_shape = (args.image_size, args.image_size, 3) if args.image_size else None
     model = kt.ImageTransferModel(
         args.backbone, num_classes, weights=_weights(args.weights),
         input_shape=input_shape, pooling=args.pooling, dropout=args.dropout,
-        class_names=source.class_names)
+        class_names=class_names)
     validation = args.validation_data
     history = model.fit(
         args.data, validation_data=validation, head_epochs=args.head_epochs,

@@ -58,17 +58,7 @@ def read_image_folder(path: str) -> ImageSource:
     Returns:
         An `ImageSource`.
     """
-    if not os.path.isdir(path):
-        raise DataError(f"Received data path {path!r}, which is not a folder.")
-    class_names = sorted(
-        d for d in os.listdir(path)
-        if os.path.isdir(os.path.join(path, d)) and not d.startswith(".")
-    )
-    if not class_names:
-        raise DataError(
-            f"The folder {path!r} has no class subfolders. Expected one "
-            "subfolder of images per class, e.g. data/cats/*.jpg, data/dogs/*.jpg."
-        )
+    class_names = folder_class_names(path)
     files, labels = [], []
     for label, name in enumerate(class_names):
         folder = os.path.join(path, name)
@@ -98,6 +88,22 @@ def read_image_folder(path: str) -> ImageSource:
     dataset = tf.data.Dataset.from_tensor_slices((files, labels)).map(
         load, num_parallel_calls=tf.data.AUTOTUNE)
     return ImageSource(dataset, class_names, len(files))
+
+
+def folder_class_names(path: str) -> list[str]:
+    """The class names of an image folder: its subfolders, sorted."""
+    if not os.path.isdir(path):
+        raise DataError(f"Received data path {path!r}, which is not a folder.")
+    class_names = sorted(
+        d for d in os.listdir(path)
+        if os.path.isdir(os.path.join(path, d)) and not d.startswith(".")
+    )
+    if not class_names:
+        raise DataError(
+            f"The folder {path!r} has no class subfolders. Expected one "
+            "subfolder of images per class, e.g. data/cats/*.jpg, data/dogs/*.jpg."
+        )
+    return class_names
 
 
 def _is_readable_image(file: str) -> bool:
