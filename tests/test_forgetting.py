@@ -213,3 +213,66 @@ def test_user_layers_text_table_and_plot(pretrained, digits, tmp_path):
         forgetting_report(backbone, backbone, x[:4], earlier_task=("head", x))
     with pytest.raises(kt.DataError, match="probe_images of shape"):
         forgetting_report(backbone, backbone, np.zeros((0, 32, 32, 3)))
+
+
+# ---------------------------------------------------------------------- text
+def tiny_text_model(seed=0):
+    """A tiny random BERT `TextTransferModel`, with the texts and labels of test_text."""
+    pytest.importorskip("keras_hub")
+    from test_text import LABELS, TEXTS, tiny_model
+
+    keras.utils.set_random_seed(seed)
+    return tiny_model(), TEXTS, LABELS
+
+
+def test_identical_text_models_show_no_forgetting():
+    model, texts, labels = tiny_text_model()
+    model.fit(texts, labels, head_epochs=1, batch_size=8, verbose=0)
+    original = snapshot_backbone(model)
+    assert type(original) is type(model.backbone) and not original.trainable
+    assert original.hidden_dim == model.backbone.hidden_dim
+    report = forgetting_report(original, model, texts[:12],
+                               earlier_task=(model.head, texts, labels))
+    assert [row["layer"] for row in report.blocks] == ["transformer_layer_0",
+                                                       "transformer_layer_1"]
+    for row in report.table():
+        assert row["cka"] == pytest.approx(1.0, abs=1e-6)
+        assert row["cosine"] == pytest.approx(1.0, abs=1e-6)
+        assert row["weight_change"] == 0.0
+    assert report.weight_change == 0.0 and report.retained_accuracy == 1.0
+    assert report.probe_size == 12 and "12 probe texts" in str(report)
+    # Bare KerasHub backbones take their tokenizer as `preprocessing`.
+    bare = forgetting_report(original, model.backbone, texts, max_blocks=1,
+                             preprocessing=model.text_preprocessor)
+    assert bare.mean_cka == pytest.approx(1.0, abs=1e-6) and bare.probe_size == len(texts)
+    with pytest.raises(ValueError, match="no tokenizer"):
+        forgetting_report(original, model.backbone, texts)
+    with pytest.raises(kt.DataError, match="non-strings at positions \\[0, 1, 2\\]"):
+        forgetting_report(original, model, np.zeros((3, 8)))
+    with pytest.raises(kt.DataError, match="expected a non-empty list of strings"):
+        forgetting_report(original, model, [])
+    with pytest.raises(kt.DataError, match="not a KerasHub text backbone"):
+        forgetting_report(tiny_backbone(), tiny_backbone(), texts)
+
+
+def test_masked_mean_ignores_padding():
+    from keras_transfer.multitask import _masked_mean
+
+    values = np.array([[[1.0, 1.0], [3.0, 3.0], [100.0, -100.0]]])
+    np.testing.assert_allclose(_masked_mean(values, [[1, 1, 0]]), [[2.0, 2.0]])
+
+
+def test_high_learning_rate_text_fine_tune_drifts():
+    reports = {}
+    for rate in (1e-2, 1e-6):
+        model, texts, labels = tiny_text_model()
+        original = snapshot_backbone(model)
+        model.fit(texts, labels, head_epochs=0, fine_tune_epochs=1, batch_size=8,
+                  fine_tune_learning_rate=rate, warmup_fraction=0.0, verbose=0)
+        reports[rate] = forgetting_report(original, model, texts)
+    high, low = reports[1e-2], reports[1e-6]
+    assert high.weight_change > 1e-5
+    assert all(row["weight_change"] > 1e-5 for row in high.blocks)
+    assert high.mean_cka < 0.999 and high.mean_cosine < 0.999
+    assert high.weight_change > 100 * low.weight_change
+    assert high.mean_cka < low.mean_cka

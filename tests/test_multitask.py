@@ -8,7 +8,12 @@ import pytest
 import tensorflow as tf
 
 import keras_transfer as kt
-from keras_transfer.multitask import MultiTaskModel, Task, task_schedule
+from keras_transfer.multitask import (
+    MultiTaskModel,
+    Task,
+    TextMultiTaskModel,
+    task_schedule,
+)
 from keras_transfer.plots import plot_history
 
 TASKS = {
@@ -278,3 +283,118 @@ def test_bad_tasks_and_data():
         model.compile(loss_weights={"digits": 2.0})
     with pytest.raises(ValueError, match="unknown task\\(s\\) \\['other'\\]"):
         model.compile(metrics={"other": ["accuracy"]})
+
+
+# ---------------------------------------------------------------------- text
+TEXT_TASKS = {
+    "sentiment": Task(num_classes=2, class_names=["neg", "pos"]),
+    "topics": Task(num_classes=3, kind="multilabel", hidden_units=(4,)),
+    "score": Task(num_classes=1, kind="regression", loss_weight=0.5),
+}
+
+
+def tiny_text_multitask():
+    """A tiny random BERT with three task heads, and each task's texts of its own size."""
+    pytest.importorskip("keras_hub")
+    from test_text import LABELS, TEXTS, tiny_bert
+
+    backbone, preprocessor = tiny_bert()
+    model = TextMultiTaskModel(backbone, TEXT_TASKS, preprocessor=preprocessor,
+                               sequence_length=8)
+    rng = np.random.default_rng(0)
+    data = {
+        "sentiment": (TEXTS, LABELS),
+        "topics": (TEXTS[:12], rng.integers(0, 2, (12, 3))),
+        "score": (TEXTS[:8], rng.normal(size=8).astype("float32")),
+    }
+    return model, data
+
+
+@pytest.fixture(scope="module")
+def text_trained():
+    keras.utils.set_random_seed(0)
+    model, data = tiny_text_multitask()
+    frozen = [np.array(w) for w in model.backbone.weights]
+    history = model.fit(data, validation_data={"sentiment": data["sentiment"]},
+                        head_epochs=1, fine_tune_epochs=1, fine_tune_learning_rate=1e-3,
+                        batch_size=4, seed=0, verbose=0)
+    return model, history, data, frozen
+
+
+def test_text_multitask_history_predict_and_evaluate(text_trained):
+    model, history, data, frozen = text_trained
+    assert set(history.history) == {
+        "loss", "learning_rate", "sentiment_loss", "sentiment_accuracy", "topics_loss",
+        "topics_binary_accuracy", "score_loss", "score_mae", "val_loss",
+        "val_sentiment_loss", "val_sentiment_accuracy"}
+    assert history.phase_of_epoch() == ["head", "fine_tune"]
+    head = history.phases[0]
+    assert head.trainable_params == 8 * 2 + 2 + (8 * 4 + 4 + 4 * 3 + 3) + 8 + 1
+    assert any(not np.array_equal(a, np.array(b))
+               for a, b in zip(frozen, model.backbone.weights))
+    texts = data["sentiment"][0][:5]
+    outputs = model.predict(texts)
+    assert {k: v.shape for k, v in outputs.items()} == {"sentiment": (5, 2), "topics": (5, 3),
+                                                        "score": (5, 1)}
+    np.testing.assert_allclose(outputs["sentiment"].sum(axis=1), 1.0, rtol=1e-5)
+    results = model.evaluate({"sentiment": data["sentiment"], "score": data["score"]})
+    assert set(results) == {"sentiment", "score"}
+    assert set(results["sentiment"]) == {"loss", "accuracy"}
+    assert results["score"]["mae"] == pytest.approx(np.mean(np.abs(
+        model.predict(data["score"][0])["score"][:, 0] - data["score"][1])), rel=1e-4)
+    assert model.class_names["sentiment"] == ["neg", "pos"]
+
+
+def test_text_multitask_export_serves_raw_strings(text_trained, tmp_path):
+    import tensorflow_text  # noqa: F401  (registers the tokenizer ops)
+
+    model = text_trained[0]
+    path = model.export(str(tmp_path / "export"))
+    texts = ["the food was great", "awful", "unknownword service", "very very very " * 10]
+    outputs = tf.saved_model.load(path).signatures["serving_default"](texts=tf.constant(texts))
+    assert set(outputs) == {"sentiment", "topics", "score"}
+    expected = model.predict(texts)
+    for name, value in outputs.items():
+        assert np.abs(value.numpy() - expected[name]).max() <= 1e-5
+    metadata = kt.load_metadata(path)
+    assert metadata["kind"] == "text_multitask" and metadata["task"] == "multitask"
+    assert metadata["output"] == {"sentiment": "probabilities", "topics": "probabilities",
+                                  "score": "predictions"}
+    assert metadata["class_names"]["sentiment"] == ["neg", "pos"]
+
+
+def test_text_multitask_config_and_keras_file_round_trip(text_trained, tmp_path):
+    model, _, data, _ = text_trained
+    config = model.get_config()
+    clone = TextMultiTaskModel.from_config(config)
+    # KerasHub leaves the tokenizer object itself in a preprocessor's config,
+    # and a fine-tuned backbone's config says trainable (a new model is frozen).
+    config["backbone"]["config"]["trainable"] = False
+    without_tokenizer = [{k: v for k, v in c.items() if k != "preprocessor"}
+                         for c in (config, clone.get_config())]
+    assert without_tokenizer[0] == without_tokenizer[1]
+    assert clone.text_preprocessor.sequence_length == 8
+    assert clone.count_params() == model.count_params()
+    path = str(tmp_path / "text_multi.keras")
+    model.save(path)
+    loaded = keras.saving.load_model(path)
+    assert isinstance(loaded, TextMultiTaskModel) and loaded.tasks == model.tasks
+    texts = data["topics"][0]
+    expected = model.predict(texts)
+    for name, value in loaded.predict(texts).items():
+        np.testing.assert_allclose(value, expected[name], atol=1e-6)
+
+
+def test_text_multitask_bad_input():
+    model, data = tiny_text_multitask()
+    with pytest.raises(kt.DataError, match="TextMultiTaskModel takes a dict"):
+        model.fit(data["sentiment"][0], head_epochs=1, verbose=0)
+    with pytest.raises(kt.DataError, match="Task 'sentiment'.*outside num_classes=2"):
+        model.fit({"sentiment": (data["sentiment"][0], [5] * 24)}, head_epochs=1, verbose=0)
+    with pytest.raises(kt.DataError, match="Task 'topics': received 12 texts but 11 targets"):
+        model.fit({"topics": (data["topics"][0], data["topics"][1][:11])}, head_epochs=1,
+                  verbose=0)
+    with pytest.raises(kt.DataError, match="augmentation"):
+        model.fit(data, head_epochs=1, augmentation=keras.layers.Identity(), verbose=0)
+    with pytest.raises(kt.BackboneError, match="without a preprocessor"):
+        TextMultiTaskModel(model.backbone, TEXT_TASKS)
