@@ -47,7 +47,7 @@ import numpy as np
 import tensorflow as tf
 
 from keras_transfer import heads, training
-from keras_transfer.data import TextSource, as_text_source, make_image_dataset
+from keras_transfer.data import TextSource, as_text_source, check_labels, make_image_dataset
 from keras_transfer.errors import BackboneError, DataError
 from keras_transfer.image import (
     ImagePreprocessing,
@@ -916,12 +916,10 @@ class TextMultiTaskModel(MultiTaskBase):
             if labels is None:
                 raise DataError(f"Task {name!r} received texts without labels; give "
                                 "(texts, labels) or a dataset of (text, label) pairs.")
-            bad = labels[(labels < 0) | (labels >= task.num_classes)]
-            if bad.size:
-                raise DataError(
-                    f"Task {name!r}: received labels outside num_classes="
-                    f"{task.num_classes}: {sorted(set(bad.tolist()))[:10]}. Expected "
-                    f"integers in [0, {task.num_classes - 1}].")
+            try:
+                check_labels(labels, task.kind, task.num_classes)
+            except DataError as error:
+                raise DataError(f"Task {name!r}: {error}") from error
         else:
             if y is None:
                 raise DataError(f"Task {name!r} received texts without targets; give "

@@ -27,7 +27,7 @@ import numpy as np
 import tensorflow as tf
 
 from keras_transfer import training
-from keras_transfer.data import TextSource, as_text_source, read_utf8_lines
+from keras_transfer.data import TextSource, as_text_source, check_labels, read_utf8_lines
 from keras_transfer.errors import BackboneError, DataError, WeightsError
 from keras_transfer.model import TransferModel, strategy_scope
 
@@ -299,13 +299,8 @@ class TextTransferModel(TransferModel):
         source = as_text_source(x, y, class_names=self.class_names)
         if isinstance(source, TextSource):
             labels = source.labels
-            if labels is not None and self.task == "classification":
-                bad = labels[(labels < 0) | (labels >= self.num_classes)]
-                if bad.size:
-                    raise DataError(
-                        f"Received labels outside num_classes={self.num_classes}: "
-                        f"{sorted(set(bad.tolist()))[:10]}. Expected integers in "
-                        f"[0, {self.num_classes - 1}].")
+            if labels is not None:
+                check_labels(labels, self.task, self.num_classes)
             if labels is None:
                 labels = np.full(len(source.texts), -1)
             dataset = tf.data.Dataset.from_tensor_slices((source.texts, labels))
