@@ -159,7 +159,7 @@ def main(argv: list[str] | None = None) -> None:
         }
         difference = float(np.max(np.abs(ways[SAVED_MODEL]() - ways[KERAS_PREDICT]())))
         latencies = measure(ways, args.calls, args.rounds, args.warmup)
-        del serve, loaded
+        serve = loaded = None  # release the SavedModel before its folder goes
 
     p50 = {name: float(np.percentile(ms, 50)) for name, ms in latencies.items()}
     p90 = {name: float(np.percentile(ms, 90)) for name, ms in latencies.items()}
