@@ -22,7 +22,23 @@ from keras_transfer.errors import DataError
 logger = logging.getLogger("keras_transfer")
 
 
-class TransferModel(keras.Model):
+class PhasedModel(keras.Model):
+    """A model whose training phases each compile with a fresh optimizer.
+
+    A saved model therefore keeps no compile state: the last phase's
+    optimizer would not fit the freshly frozen model that loads, and
+    `evaluate` compiles the defaults when needed.
+    """
+
+    def get_compile_config(self):
+        return {}
+
+    def compile_from_config(self, config):
+        if config:
+            self.compile(**keras.saving.deserialize_keras_object(config))
+
+
+class TransferModel(PhasedModel):
     """Backbone + head, trained in two phases. Base of the image and text models.
 
     Args:
@@ -232,16 +248,6 @@ class TransferModel(keras.Model):
                 f"model was built for {self.class_names[:10]}. Rename the class "
                 "folders or build the model with matching class_names."
             )
-
-    def get_compile_config(self):
-        # Every training phase compiles with a fresh optimizer, so a saved
-        # model keeps no compile state (the last phase's optimizer would not
-        # fit the frozen model that loads); evaluate compiles the defaults.
-        return {}
-
-    def compile_from_config(self, config):
-        if config:
-            self.compile(**keras.saving.deserialize_keras_object(config))
 
     def _ensure_compiled(self):
         if not self.compiled:

@@ -54,7 +54,7 @@ from keras_transfer.image import (
     image_serving_endpoints,
     resolve_image_backbone,
 )
-from keras_transfer.model import strategy_scope
+from keras_transfer.model import PhasedModel, strategy_scope
 from keras_transfer.text import TextPooling, resolve_text_backbone
 from keras_transfer.training import steps_per_epoch
 
@@ -169,7 +169,7 @@ def task_schedule(batches: dict, sampling: str = "round_robin", seed=None) -> li
 
 
 # --------------------------------------------------------------------- model
-class MultiTaskBase(keras.Model):
+class MultiTaskBase(PhasedModel):
     """What image and text multi-task models share: tasks, heads, losses, training.
 
     One backbone feeds one head per task. Subclasses say how the backbone is
@@ -311,15 +311,6 @@ class MultiTaskBase(keras.Model):
             total = total + keras.ops.sum(keras.ops.stack(
                 [keras.ops.cast(v, "float32") for v in self.losses]))
         return total
-
-    def get_compile_config(self):
-        # Every training phase compiles with a fresh optimizer, so a saved
-        # model keeps no compile state; evaluate compiles the defaults.
-        return {}
-
-    def compile_from_config(self, config):
-        if config:
-            self.compile(**keras.saving.deserialize_keras_object(config))
 
     def _ensure_compiled(self):
         if not self.compiled:
