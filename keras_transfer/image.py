@@ -60,8 +60,59 @@ class ImagePreprocessing(keras.layers.Layer):
         return {**super().get_config(), "mode": self.mode}
 
 
+class ImageBackboneMixin:
+    """What every image model shares: its backbone, input size, config and metadata.
+
+    Used by `ImageTransferModel` and `MultiTaskModel`.
+    """
+
+    def _resolve_backbone(self, backbone, weights, input_shape, cut_layer, preprocessing,
+                          weights_source):
+        """Builds the backbone, records how, and returns `(network, preprocessing layer)`."""
+        network, self.spec, self.backbone_name, mode, input_shape, source = \
+            resolve_image_backbone(backbone, weights, input_shape, cut_layer, preprocessing,
+                                   weights_source)
+        self.input_shape_ = tuple(input_shape)
+        self.preprocessing = mode
+        self.weights_source = source
+        self._custom_backbone = self.spec is None
+        return network, ImagePreprocessing(mode, name="preprocessing")
+
+    @property
+    def image_size(self) -> tuple[int, int]:
+        """`(height, width)` of the model input."""
+        return self.input_shape_[:2]
+
+    def _backbone_metadata(self) -> dict:
+        return {
+            "backbone": self.backbone_name,
+            "weights": self.weights_source,
+            "input_shape": list(self.input_shape_),
+            "preprocessing": self.preprocessing,
+            "inputs": {
+                "serving_default": "images: uint8 [batch, height, width, 3], raw RGB 0-255, "
+                                   "any size (resized inside)",
+                "serving_bytes": "image_bytes: string [batch], encoded JPEG/PNG/GIF/BMP",
+            },
+        }
+
+    def _backbone_config(self) -> dict:
+        if self._custom_backbone:
+            backbone = keras.saving.serialize_keras_object(self.backbone)
+        else:
+            backbone = self.backbone_name
+        return {
+            "backbone": backbone,
+            # The weights travel with a saved model, not in its config.
+            "weights": None,
+            "weights_source": self.weights_source,
+            "input_shape": list(self.input_shape_),
+            "preprocessing": self.preprocessing,
+        }
+
+
 @keras.saving.register_keras_serializable(package="keras_transfer")
-class ImageTransferModel(TransferModel):
+class ImageTransferModel(ImageBackboneMixin, TransferModel):
     """An image classifier (or regressor) on a pretrained backbone.
 
     Args:
@@ -105,20 +156,9 @@ class ImageTransferModel(TransferModel):
                              hidden_units=hidden_units, dropout=dropout,
                              class_names=class_names,
                              name=name or "image_transfer_model", **kwargs)
-            resolved = resolve_image_backbone(backbone, weights, input_shape, cut_layer,
-                                              preprocessing, weights_source)
-            network, self.spec, self.backbone_name, mode, input_shape, source = resolved
-            self.input_shape_ = tuple(input_shape)
-            self.preprocessing = mode
-            self.weights_source = source
-            self._custom_backbone = self.spec is None
-            self._attach(ImagePreprocessing(mode, name="preprocessing"), network,
-                         self.input_shape_)
-
-    @property
-    def image_size(self) -> tuple[int, int]:
-        """`(height, width)` of the model input."""
-        return self.input_shape_[:2]
+            network, preprocessor = self._resolve_backbone(
+                backbone, weights, input_shape, cut_layer, preprocessing, weights_source)
+            self._attach(preprocessor, network, self.input_shape_)
 
     def make_dataset(self, x, y=None, *, batch_size=32, training=False,
                      augmentation=None, seed=None):
@@ -134,33 +174,10 @@ class ImageTransferModel(TransferModel):
             self.image_size, lambda images: {output_key: self(images, training=False)})
 
     def export_metadata(self):
-        return {
-            "kind": "image",
-            "backbone": self.backbone_name,
-            "weights": self.weights_source,
-            "input_shape": list(self.input_shape_),
-            "preprocessing": self.preprocessing,
-            "inputs": {
-                "serving_default": "images: uint8 [batch, height, width, 3], raw RGB 0-255, any size (resized inside)",
-                "serving_bytes": "image_bytes: string [batch], encoded JPEG/PNG/GIF/BMP",
-            },
-        }
+        return {"kind": "image", **self._backbone_metadata()}
 
     def get_config(self):
-        config = super().get_config()
-        if self._custom_backbone:
-            backbone = keras.saving.serialize_keras_object(self.backbone)
-        else:
-            backbone = self.backbone_name
-        config.update({
-            "backbone": backbone,
-            # The weights travel with a saved model, not in its config.
-            "weights": None,
-            "weights_source": self.weights_source,
-            "input_shape": list(self.input_shape_),
-            "preprocessing": self.preprocessing,
-        })
-        return config
+        return {**super().get_config(), **self._backbone_config()}
 
 
 def resolve_image_backbone(backbone, weights, input_shape, cut_layer=None,

@@ -50,9 +50,9 @@ from keras_transfer import heads, training
 from keras_transfer.data import TextSource, as_text_source, check_labels, make_image_dataset
 from keras_transfer.errors import BackboneError, DataError
 from keras_transfer.image import (
+    ImageBackboneMixin,
     ImagePreprocessing,
     image_serving_endpoints,
-    resolve_image_backbone,
 )
 from keras_transfer.model import PhasedModel, strategy_scope
 from keras_transfer.text import TextPooling, resolve_text_backbone
@@ -644,7 +644,7 @@ class MultiTaskBase(PhasedModel):
         return export_saved_model(self, path, overwrite=overwrite, metrics=flat, verify=verify)
 
 @keras.saving.register_keras_serializable(package="keras_transfer")
-class MultiTaskModel(MultiTaskBase):
+class MultiTaskModel(ImageBackboneMixin, MultiTaskBase):
     """One image backbone, one head per task, trained on all tasks jointly.
 
     The model takes raw 0-255 RGB images and returns `{task name: outputs}`.
@@ -691,23 +691,11 @@ class MultiTaskModel(MultiTaskBase):
         strategy, strategy_context = strategy_scope(strategy)
         with strategy_context:
             super().__init__(tasks, name=name or "multi_task_model", **kwargs)
-            resolved = resolve_image_backbone(backbone, weights, input_shape, cut_layer,
-                                              preprocessing, weights_source)
-            network, self.spec, self.backbone_name, mode, input_shape, source = resolved
-            self.input_shape_ = tuple(input_shape)
-            self.preprocessing = mode
-            self.weights_source = source
-            self._custom_backbone = self.spec is None
-            self.preprocessor = ImagePreprocessing(mode, name="preprocessing")
-            self.backbone = network
+            self.backbone, self.preprocessor = self._resolve_backbone(
+                backbone, weights, input_shape, cut_layer, preprocessing, weights_source)
             self._add_heads()
             self.build((None, *self.input_shape_))
             training.freeze(self.backbone)
-
-    @property
-    def image_size(self) -> tuple[int, int]:
-        """`(height, width)` of the model input."""
-        return self.input_shape_[:2]
 
     # ----------------------------------------------------------------- model
     def build(self, input_shape):
@@ -753,34 +741,17 @@ class MultiTaskModel(MultiTaskBase):
         """What `metadata.json` says about the model and each task."""
         return {
             "kind": "image_multitask",
-            "backbone": self.backbone_name,
-            "weights": self.weights_source,
-            "input_shape": list(self.input_shape_),
-            "preprocessing": self.preprocessing,
+            **self._backbone_metadata(),
             "output": {n: t.output for n, t in self._task_specs.items()},
             "tasks": {n: {**t.get_config(), "output": t.output}
                       for n, t in self._task_specs.items()},
-            "inputs": {
-                "serving_default": "images: uint8 [batch, height, width, 3], raw RGB 0-255, "
-                                   "any size (resized inside)",
-                "serving_bytes": "image_bytes: string [batch], encoded JPEG/PNG/GIF/BMP",
-            },
         }
 
     def get_config(self):
-        if self._custom_backbone:
-            backbone = keras.saving.serialize_keras_object(self.backbone)
-        else:
-            backbone = self.backbone_name
         return {
             "name": self.name,
-            "backbone": backbone,
             "tasks": {n: t.get_config() for n, t in self._task_specs.items()},
-            # The weights travel with a saved model, not in its config.
-            "weights": None,
-            "weights_source": self.weights_source,
-            "input_shape": list(self.input_shape_),
-            "preprocessing": self.preprocessing,
+            **self._backbone_config(),
         }
 
 
