@@ -5,12 +5,12 @@ What it measures
     backbone frozen, the head trained with Adam) done two ways on the same
     images, from the same initial weights:
 
-    * ``feature cache``: ``keras_transfer.features.train_head_on_features``
+    * ``feature cache``: ``model.fit(x, y, phases=[kt.HeadPhase(epochs=E)])``
       with a cold (empty) cache: one pass hashes the inputs, one pass runs
       the backbone and writes the features in shards, then E epochs train the
       head on the features streamed back from disk. Extraction is included in
       the time.
-    * ``keras.io recipe``: ``model.fit(x, y, head_epochs=E)`` with the
+    * ``keras.io recipe``: ``HeadPhase(epochs=E, feature_cache=False)`` with the
       frozen backbone inside the model, so the backbone runs over every image
       every epoch (``feature_cache=False`` is passed where ``fit`` has it).
 
@@ -94,7 +94,8 @@ def main() -> None:
 
     import logging
 
-    from keras_transfer import features
+    import keras_transfer as kt
+    from keras_transfer import feature_cache as features
 
     logging.getLogger("keras_transfer").setLevel(logging.WARNING)
     weights = hed_weights() if args.weights == "hed" and args.backbone == "vgg16" else None
@@ -117,23 +118,22 @@ def main() -> None:
 
     root = tempfile.mkdtemp(prefix="feature_cache_bench_")
     start, cpu = time.perf_counter(), time.process_time()
-    features.train_head_on_features(cached, x_train, y_train, epochs=epochs, batch_size=batch,
-                                    cache_dir=root, seed=0, verbose=0)
+    cached.fit(x_train, y_train, phases=[kt.HeadPhase(epochs=epochs, cache_dir=root)],
+               batch_size=batch, seed=0, verbose=0)
     cache_time, cache_cpu = time.perf_counter() - start, time.process_time() - cpu
 
     # The keras.io recipe: the frozen backbone runs inside fit every epoch.
-    fit_options = dict(head_epochs=epochs, batch_size=batch, seed=0, verbose=0,
-                       feature_cache=False)
     start, cpu = time.perf_counter(), time.process_time()
-    recipe.fit(x_train, y_train, **fit_options)
+    recipe.fit(x_train, y_train, phases=[kt.HeadPhase(epochs=epochs, feature_cache=False)],
+               batch_size=batch, seed=0, verbose=0)
     recipe_time, recipe_cpu = time.perf_counter() - start, time.process_time() - cpu
 
     # Cache on disk already: the lookup pass finds it, only the head trains.
     warm = build(args.backbone, weights, args.size)
     warm.set_weights(initial)
     start = time.perf_counter()
-    features.train_head_on_features(warm, x_train, y_train, epochs=epochs, batch_size=batch,
-                                    cache_dir=root, seed=0, verbose=0)
+    warm.fit(x_train, y_train, phases=[kt.HeadPhase(epochs=epochs, cache_dir=root)],
+             batch_size=batch, seed=0, verbose=0)
     warm_time = time.perf_counter() - start
 
     cache_accuracy = cached.evaluate(x_test, y_test, batch_size=batch)["accuracy"]

@@ -77,7 +77,7 @@ def child(args) -> None:
     import keras
 
     import keras_transfer as kt
-    from keras_transfer import features
+    from keras_transfer import feature_cache as features
 
     model = kt.ImageTransferModel("mobilenet_v2", 10, weights=None, pooling="avg",
                                   input_shape=(args.image_size, args.image_size, 3))
@@ -95,7 +95,8 @@ def child(args) -> None:
             cache = features.FeatureCache(args.path, json.load(file), reused=True)
         head = model.head
         head.compile(optimizer=keras.optimizers.Adam(1e-3),
-                     loss="sparse_categorical_crossentropy", metrics=["accuracy"])
+                     loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+                     metrics=["accuracy"])
         result["baseline"] = memory_mib()["now"]
         head.fit(cache.dataset(args.batch_size, shuffle=True, seed=0), epochs=1, verbose=0)
         result["examples"] = cache.num_examples

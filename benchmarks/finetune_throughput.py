@@ -7,7 +7,7 @@ What it measures
 
     * ``keras_transfer``: ``kt.ImageTransferModel(backbone, num_classes,
       weights=None, input_shape=(S, S, 3), pooling="avg")`` trained with
-      ``model.fit(x, y, head_epochs=0, fine_tune_epochs=E)``, i.e. the
+      ``model.fit(x, y, phases=[kt.FineTunePhase(epochs=E)])``, i.e. the
       library's own fit on numpy arrays (its data pipeline, callbacks,
       unfreezing and recompilation included).
     * ``hand-written``: the Keras transfer-learning guide written out by hand:
@@ -198,12 +198,11 @@ class Measurement:
 
 def run_ours(model: kt.ImageTransferModel, x: np.ndarray, y: np.ndarray,
              epochs: int, batch_size: int) -> Measurement:
-    """One library fine-tuning fit (`head_epochs=0`) on the numpy arrays."""
+    """One library fine-tuning fit (a `FineTunePhase` alone) on the numpy arrays."""
     timer = EpochTimer()
-    model.fit(x, y, head_epochs=0, fine_tune_epochs=epochs, batch_size=batch_size,
-              fine_tune_learning_rate=PEAK_LEARNING_RATE,
-              warmup_fraction=WARMUP_FRACTION, decay=DECAY,
-              callbacks=[timer], verbose=0)
+    phase = kt.FineTunePhase(epochs=epochs, learning_rate=PEAK_LEARNING_RATE,
+                             warmup=WARMUP_FRACTION, decay=DECAY)
+    model.fit(x, y, phases=[phase], batch_size=batch_size, callbacks=[timer], verbose=0)
     return Measurement.from_timer(timer, len(x))
 
 

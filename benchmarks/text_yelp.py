@@ -79,14 +79,13 @@ def run(seed: int, texts, labels, args) -> dict:
     model = kt.TextTransferModel(kt.minilm_path(), 2, sequence_length=args.sequence_length,
                                  class_names=["negative", "positive"])
     start = time.time()
-    model.fit(x_train, y_train, head_epochs=args.head_epochs, head_learning_rate=3e-3,
+    model.fit(x_train, y_train, phases=[kt.HeadPhase(epochs=args.head_epochs, learning_rate=3e-3)],
               batch_size=16, seed=seed, verbose=0)
     result["head_s"] = time.time() - start
     result["frozen"] = model.evaluate(x_test, y_test, batch_size=64)["accuracy"]
     start = time.time()
-    model.fit(x_train, y_train, head_epochs=0, fine_tune_epochs=args.fine_tune_epochs,
-              fine_tune_learning_rate=args.fine_tune_learning_rate, batch_size=16,
-              seed=seed, verbose=0)
+    model.fit(x_train, y_train, batch_size=16, seed=seed, verbose=0, phases=[
+        kt.FineTunePhase(epochs=args.fine_tune_epochs, learning_rate=args.fine_tune_learning_rate)])
     result["fine_tune_s"] = time.time() - start
     result["fine_tuned"] = model.evaluate(x_test, y_test, batch_size=64)["accuracy"]
     return result

@@ -14,7 +14,8 @@ model.export("saved_models/flowers")
 __version__ = "0.1.0"
 
 from keras_transfer.backbones import BackboneSpec, get_backbone_spec, list_backbones
-from keras_transfer.data import default_augmentation, make_image_dataset
+from keras_transfer.causal_lm import adapt_causal_lm
+from keras_transfer.data import default_augmentation, make_image_dataset, task_schedule
 from keras_transfer.distribute import get_strategy
 from keras_transfer.errors import (
     BackboneError,
@@ -25,30 +26,38 @@ from keras_transfer.errors import (
     WeightsError,
 )
 from keras_transfer.export import load_metadata
-from keras_transfer.features import FeatureCache, extract_features, train_head_on_features
-from keras_transfer.heads import build_head
-from keras_transfer.image import ImagePreprocessing, ImageTransferModel
-from keras_transfer.model import TransferModel
-from keras_transfer.multitask import (
+from keras_transfer.feature_cache import FeatureCache, extract_features
+from keras_transfer.forgetting import (
     ForgettingReport,
-    MultiTaskModel,
-    Task,
-    TextMultiTaskModel,
     block_layers,
     forgetting_report,
     linear_cka,
     snapshot_backbone,
-    task_schedule,
 )
+from keras_transfer.heads import Head
+from keras_transfer.image import (
+    ImageBackbone,
+    ImagePreprocessing,
+    ImageTransferModel,
+    MultiTaskModel,
+)
+from keras_transfer.model import TransferModel
 from keras_transfer.plots import plot_forgetting, plot_history
 from keras_transfer.text import (
+    TextBackbone,
+    TextMultiTaskModel,
     TextPooling,
     TextTransferModel,
-    adapt_causal_lm,
     minilm_path,
     text_presets,
 )
-from keras_transfer.training import TransferHistory, WarmupDecay, freeze, unfreeze
+from keras_transfer.training import (
+    FineTunePhase,
+    HeadPhase,
+    TransferHistory,
+    WarmupDecay,
+    unfreeze,
+)
 from keras_transfer.weights import WeightsLoadReport, load_weights_by_name
 
 __all__ = [
@@ -57,16 +66,20 @@ __all__ = [
     "DataError",
     "ExportError",
     "FeatureCache",
+    "FineTunePhase",
     "ForgettingReport",
+    "Head",
+    "HeadPhase",
+    "ImageBackbone",
     "ImagePreprocessing",
     "ImageTransferModel",
     "KerasTransferError",
     "MultiTaskModel",
-    "Task",
-    "TrainingDivergedError",
+    "TextBackbone",
     "TextMultiTaskModel",
     "TextPooling",
     "TextTransferModel",
+    "TrainingDivergedError",
     "TransferHistory",
     "TransferModel",
     "WarmupDecay",
@@ -75,11 +88,9 @@ __all__ = [
     "__version__",
     "adapt_causal_lm",
     "block_layers",
-    "build_head",
     "default_augmentation",
     "extract_features",
     "forgetting_report",
-    "freeze",
     "get_backbone_spec",
     "get_strategy",
     "linear_cka",
@@ -93,6 +104,5 @@ __all__ = [
     "snapshot_backbone",
     "task_schedule",
     "text_presets",
-    "train_head_on_features",
     "unfreeze",
 ]

@@ -57,13 +57,15 @@ def _train(args) -> int:
         input_shape=input_shape, pooling=args.pooling, dropout=args.dropout,
         class_names=class_names)
     validation = args.validation_data
+    phases = [kt.HeadPhase(epochs=args.head_epochs, early_stopping=args.early_stopping)]
+    if args.fine_tune_epochs:
+        phases.append(kt.FineTunePhase(epochs=args.fine_tune_epochs,
+                                       learning_rate=args.fine_tune_learning_rate,
+                                       early_stopping=args.early_stopping))
     history = model.fit(
-        args.data, validation_data=validation, head_epochs=args.head_epochs,
-        fine_tune_epochs=args.fine_tune_epochs, batch_size=args.batch_size,
-        fine_tune_learning_rate=args.fine_tune_learning_rate,
-        early_stopping=args.early_stopping, seed=args.seed,
-        augmentation=kt.default_augmentation(args.seed) if args.augment else None,
-        verbose=2 if args.verbose else 0)
+        args.data, validation_data=validation, phases=phases, batch_size=args.batch_size,
+        seed=args.seed, verbose=2 if args.verbose else 0,
+        augmentation=kt.default_augmentation(args.seed) if args.augment else None)
     metrics = model.evaluate(validation) if validation else {
         k: v[-1] for k, v in history.history.items() if k != "learning_rate"}
     print("Final metrics: " + ", ".join(f"{k}={v:.4f}" for k, v in metrics.items()))

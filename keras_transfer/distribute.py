@@ -63,3 +63,9 @@ def _tpu_strategy():
 def scope(strategy):
     """The strategy's scope, or a no-op context for None."""
     return strategy.scope() if strategy is not None else contextlib.nullcontext()
+
+
+def model_scope(model):
+    """The scope of the strategy `model` was built in (a no-op off TensorFlow)."""
+    strategy = getattr(model, "distribute_strategy", None)
+    return strategy.scope() if strategy is not None else contextlib.nullcontext()

@@ -42,19 +42,16 @@ def _library_versions() -> dict:
 
 def build_metadata(model, metrics=None) -> dict:
     """The content of `metadata.json` for `model`."""
-    metadata = {
+    return {
         "format": "keras_transfer/saved_model/1",
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        "task": model.task,
-        "num_classes": model.num_classes,
-        "class_names": model.class_names,
-        "output": "predictions" if model.task == "regression" else "probabilities",
+        **model.export_metadata(),
         "signatures": sorted(model.serving_endpoints()),
-        "metrics": {k: float(v) for k, v in (metrics or {}).items()},
+        # JSON has no NaN: a metric that is not a number is recorded as null.
+        "metrics": {k: (float(v) if np.isfinite(float(v)) else None)
+                    for k, v in (metrics or {}).items()},
         "versions": _library_versions(),
     }
-    metadata.update(model.export_metadata())
-    return metadata
 
 
 def _is_saved_model(path: str) -> bool:

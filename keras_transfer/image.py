@@ -1,4 +1,4 @@
-"""`ImageTransferModel`: transfer learning on images.
+"""Images: the `ImageBackbone` component and the image transfer models.
 
 Every model takes raw RGB pixels in 0-255 and does the backbone's own
 preprocessing inside (`ImagePreprocessing`), so a SavedModel export serves
@@ -13,8 +13,10 @@ import tensorflow as tf
 
 from keras_transfer import backbones as registry
 from keras_transfer.data import make_image_dataset
-from keras_transfer.errors import BackboneError
-from keras_transfer.model import TransferModel, strategy_scope
+from keras_transfer.distribute import get_strategy, scope
+from keras_transfer.errors import BackboneError, DataError
+from keras_transfer.model import TransferModel, check_tasks, heads_argument
+from keras_transfer.training import unfreeze as unfreeze_network
 
 _IMAGENET_MEAN_RGB = (0.485, 0.456, 0.406)
 _IMAGENET_STD_RGB = (0.229, 0.224, 0.225)
@@ -60,31 +62,131 @@ class ImagePreprocessing(keras.layers.Layer):
         return {**super().get_config(), "mode": self.mode}
 
 
-class ImageBackboneMixin:
-    """What every image model shares: its backbone, input size, config and metadata.
+@keras.saving.register_keras_serializable(package="keras_transfer")
+class ImageBackbone(keras.layers.Layer):
+    """The image side of a transfer model: preprocessing, the pretrained network, data, serving.
 
-    Used by `ImageTransferModel` and `MultiTaskModel`.
+    It takes raw RGB pixels in 0-255, applies the preprocessing the network's
+    weights expect and returns the network's feature map. It also turns image
+    data (arrays, `tf.data`, folders, TFDS) into batches and gives the
+    serving signatures of an export (raw uint8 images of any size, or
+    encoded image bytes).
+
+    Args:
+        backbone: str or keras.Model. A registry name (see
+            `list_backbones()`), or any Keras model that maps images to a
+            feature map, e.g. one you pretrained yourself.
+        weights: `"imagenet"` (downloaded by Keras), `None` (random), or the
+            path of a weights file loaded by layer name. Ignored for a
+            `keras.Model` backbone, which keeps its own weights.
+        input_shape: tuple `(height, width, 3)` or an int side. Defaults to
+            the backbone's default size (or the model's input shape).
+        cut_layer: str, optional. For a `keras.Model` backbone: the layer
+            whose output becomes the feature map (drop everything after it).
+        preprocessing: str, optional. For a `keras.Model` backbone: one of
+            `"caffe"`, `"tf"`, `"torch"`, `"none"` (default `"none"`: the
+            model gets raw 0-255 pixels).
+        weights_source: str, optional. Where the pretrained weights came
+            from, recorded in the export metadata (defaults to `weights`).
+        train_batchnorm: bool. Run the network in training mode when the
+            model trains (BatchNormalization updates its statistics).
+            Set by `FineTunePhase(train_batchnorm=True)`; off otherwise.
+
+    Example:
+        >>> backbone = kt.ImageBackbone("mobilenet_v2", weights=None, input_shape=(96, 96, 3))
+        >>> backbone.feature_shape
+        (3, 3, 1280)
     """
 
-    def _resolve_backbone(self, backbone, weights, input_shape, cut_layer, preprocessing,
-                          weights_source):
-        """Builds the backbone, records how, and returns `(network, preprocessing layer)`."""
+    data_forms = "(images, labels), a tf.data.Dataset of (image, label) or an image folder"
+
+    def __init__(self, backbone="mobilenet_v2", *, weights="imagenet", input_shape=None,
+                 cut_layer=None, preprocessing=None, weights_source=None,
+                 train_batchnorm=False, **kwargs):
+        kwargs.setdefault("name", "backbone")
+        super().__init__(**kwargs)
         network, self.spec, self.backbone_name, mode, input_shape, source = \
             resolve_image_backbone(backbone, weights, input_shape, cut_layer, preprocessing,
                                    weights_source)
+        self.network = network
         self.input_shape_ = tuple(input_shape)
         self.preprocessing = mode
         self.weights_source = source
-        self._custom_backbone = self.spec is None
-        return network, ImagePreprocessing(mode, name="preprocessing")
+        self.train_batchnorm = bool(train_batchnorm)
+        self.preprocessor = ImagePreprocessing(mode, name="preprocessing")
+        self.feature_shape = tuple(network.compute_output_shape((None, *self.input_shape_))[1:])
+        self.built = True
 
     @property
     def image_size(self) -> tuple[int, int]:
         """`(height, width)` of the model input."""
         return self.input_shape_[:2]
 
-    def _backbone_metadata(self) -> dict:
+    def call(self, images, training=None):
+        # The network runs in inference mode unless BatchNormalization
+        # training was asked for: Dropout and BN statistics stay as pretrained.
+        x = self.preprocessor(images)
+        return self.network(x, training=training if self.train_batchnorm else False)
+
+    def compute_output_shape(self, input_shape):
+        return (input_shape[0], *self.feature_shape)
+
+    # -------------------------------------------------------------- training
+    def freeze(self) -> None:
+        """Freezes every weight; the network runs in inference mode."""
+        self.trainable = False
+        self.train_batchnorm = False
+
+    def unfreeze(self, layers="all", train_batchnorm: bool = False) -> int:
+        """Makes the top of the network trainable (see `training.unfreeze`).
+
+        Returns:
+            The number of layers with weights that now train.
+        """
+        self.trainable = True
+        self.train_batchnorm = bool(train_batchnorm)
+        return unfreeze_network(self.network, layers, train_batchnorm)
+
+    def enable_lora(self, rank, target_layer_names=None):
+        raise ValueError(f"Received lora_rank={rank!r} for the image backbone "
+                         f"'{self.backbone_name}'; LoRA fine-tuning is for text backbones. "
+                         "Use FineTunePhase(unfreeze=...) to fine-tune part of the network.")
+
+    # ------------------------------------------------------------------ data
+    def make_dataset(self, x, y=None, *, head, batch_size=32, shuffle=False,
+                     augmentation=None, seed=None):
+        """Labelled batches `(float32 images, labels)` for one head.
+
+        Returns:
+            `(dataset, class names the data gives or None)`.
+        """
+        dataset, source = make_image_dataset(
+            x, y, image_size=self.image_size, kind=head.kind, num_classes=head.num_classes,
+            batch_size=batch_size, shuffle=shuffle, augmentation=augmentation, seed=seed)
+        if not source.has_labels:
+            raise DataError("Received images without labels; give (images, labels) or a "
+                            "dataset of (image, label) pairs.")
+        return dataset, source.class_names
+
+    def predict_dataset(self, x, *, batch_size=32):
+        """Batches of images (no labels) to predict on."""
+        dataset, _ = make_image_dataset(x, None, image_size=self.image_size,
+                                        batch_size=batch_size)
+        return dataset.map(lambda images, _labels: images)
+
+    def network_inputs(self, images):
+        """What the network itself takes: preprocessed images."""
+        return self.preprocessor(images)
+
+    # ---------------------------------------------------------------- export
+    def serving_endpoints(self, predict) -> dict:
+        """Serving signatures (raw images, encoded bytes) around `predict`."""
+        return image_serving_endpoints(self.image_size, predict)
+
+    def metadata(self) -> dict:
+        """What `metadata.json` says about the backbone and the inputs."""
         return {
+            "kind": "image",
             "backbone": self.backbone_name,
             "weights": self.weights_source,
             "input_shape": list(self.input_shape_),
@@ -96,47 +198,57 @@ class ImageBackboneMixin:
             },
         }
 
-    def _backbone_config(self) -> dict:
-        if self._custom_backbone:
-            backbone = keras.saving.serialize_keras_object(self.backbone)
+    def cache_key(self) -> dict:
+        """What the cached features depend on besides the weights (see `feature_cache`)."""
+        return {"backbone": self.backbone_name if self.spec is not None else "custom",
+                "preprocessing": self.preprocessing, "input_size": list(self.input_shape_)}
+
+    def get_config(self):
+        if self.spec is None:
+            backbone = keras.saving.serialize_keras_object(self.network)
         else:
             backbone = self.backbone_name
+        config = super().get_config()
+        config.pop("trainable")  # a loaded model starts frozen; phases unfreeze it
         return {
+            **config,
             "backbone": backbone,
             # The weights travel with a saved model, not in its config.
             "weights": None,
             "weights_source": self.weights_source,
             "input_shape": list(self.input_shape_),
             "preprocessing": self.preprocessing,
+            "train_batchnorm": self.train_batchnorm,
         }
 
 
 @keras.saving.register_keras_serializable(package="keras_transfer")
-class ImageTransferModel(ImageBackboneMixin, TransferModel):
+class ImageTransferModel(TransferModel):
     """An image classifier (or regressor) on a pretrained backbone.
 
+    A `TransferModel` with an `ImageBackbone` and one head (or several,
+    with `heads=`).
+
     Args:
-        backbone: str or keras.Model. A registry name (see
-            `list_backbones()`), or any Keras model that maps images to a
-            feature map, e.g. one you pretrained yourself.
-        num_classes: int. The number of classes to predict.
-        weights: `"imagenet"` (downloaded by Keras), `None` (random), or the
-            path of a weights file loaded by layer name. Ignored for a
-            `keras.Model` backbone, which keeps its own weights.
-        input_shape: tuple `(height, width, 3)` or an int side. Defaults to
-            the backbone's default size (or the model's input shape).
-        cut_layer: str, optional. For a `keras.Model` backbone: the layer
-            whose output becomes the feature map (drop everything after it).
-        preprocessing: str, optional. For a `keras.Model` backbone: one of
-            `"caffe"`, `"tf"`, `"torch"`, `"none"` (default `"none"`: the
-            model gets raw 0-255 pixels).
-        task, pooling, hidden_units, dropout, class_names: see
-            `TransferModel`.
+        backbone: str or keras.Model. See `ImageBackbone`.
+        num_classes: int. The number of classes to predict (outputs for
+            regression).
+        weights, input_shape, cut_layer, preprocessing, weights_source: see
+            `ImageBackbone`.
+        kind: str. `"classification"` (softmax), `"multilabel"` (sigmoid) or
+            `"regression"` (linear).
+        pooling: str. Head pooling: `"flatten"` (the classic Flatten ->
+            Dense), `"avg"` or `"max"`.
+        hidden_units: sequence of int. Hidden Dense layers of the head.
+        dropout: float. Dropout rate in the head.
+        class_names: list of str, optional. Names of the classes, in order.
+        heads: dict `{name: kt.Head}`, optional, instead of `num_classes`
+            and the head arguments: several tasks on one backbone.
+        sampling: str. With several heads, see `TransferModel`.
         strategy: a `tf.distribute.Strategy` or a name (`"auto"`,
             `"mirrored"`, `"cpu"`, `"tpu"`); everything is built and
             compiled in its scope.
-        weights_source: str, optional. Where the pretrained weights came
-            from, recorded in the export metadata (defaults to `weights`).
+        name: str, optional. Model name.
 
     Example:
         >>> model = kt.ImageTransferModel("mobilenet_v2", num_classes=5,
@@ -145,39 +257,55 @@ class ImageTransferModel(ImageBackboneMixin, TransferModel):
         >>> probabilities = model.predict(x_test)
     """
 
-    def __init__(self, backbone="mobilenet_v2", num_classes=2, *, weights="imagenet",
-                 input_shape=None, cut_layer=None, preprocessing=None,
-                 task="classification", pooling="flatten", hidden_units=(),
-                 dropout=0.0, class_names=None, strategy=None,
-                 weights_source=None, name=None, **kwargs):
-        strategy, strategy_context = strategy_scope(strategy)
-        with strategy_context:
-            super().__init__(num_classes, task=task, pooling=pooling,
-                             hidden_units=hidden_units, dropout=dropout,
-                             class_names=class_names,
+    def __init__(self, backbone="mobilenet_v2", num_classes=None, *, weights="imagenet",
+                 input_shape=None, cut_layer=None, preprocessing=None, kind="classification",
+                 pooling="flatten", hidden_units=(), dropout=0.0, class_names=None, heads=None,
+                 sampling="round_robin", strategy=None, weights_source=None, name=None,
+                 **kwargs):
+        heads = heads_argument(num_classes, heads, kind=kind, pooling=pooling,
+                               hidden_units=hidden_units, dropout=dropout,
+                               class_names=class_names)
+        strategy = get_strategy(strategy)
+        with scope(strategy):
+            component = ImageBackbone(backbone, weights=weights, input_shape=input_shape,
+                                      cut_layer=cut_layer, preprocessing=preprocessing,
+                                      weights_source=weights_source)
+            super().__init__(component, heads, sampling=sampling, strategy=strategy,
                              name=name or "image_transfer_model", **kwargs)
-            network, preprocessor = self._resolve_backbone(
-                backbone, weights, input_shape, cut_layer, preprocessing, weights_source)
-            self._attach(preprocessor, network, self.input_shape_)
 
-    def make_dataset(self, x, y=None, *, batch_size=32, training=False,
-                     augmentation=None, seed=None):
-        return make_image_dataset(
-            x, y, image_size=self.image_size, task=self.task,
-            num_classes=self.num_classes, batch_size=batch_size,
-            shuffle=training, augmentation=augmentation if training else None,
-            seed=seed)
 
-    def serving_endpoints(self):
-        output_key = "predictions" if self.task == "regression" else "probabilities"
-        return image_serving_endpoints(
-            self.image_size, lambda images: {output_key: self(images, training=False)})
+@keras.saving.register_keras_serializable(package="keras_transfer")
+class MultiTaskModel(ImageTransferModel):
+    """One image backbone, one head per task, trained on all tasks jointly.
 
-    def export_metadata(self):
-        return {"kind": "image", **self._backbone_metadata()}
+    The model takes raw 0-255 RGB images and returns `{task name: outputs}`.
+    Each task has its own data of its own size; every training batch holds
+    one task's data, interleaved by `sampling`.
 
-    def get_config(self):
-        return {**super().get_config(), **self._backbone_config()}
+    Args:
+        backbone: str or keras.Model. See `ImageBackbone`. A `keras.Model` is
+            used (and trained) as it is: keep a copy with
+            `snapshot_backbone` to compare with later.
+        tasks: dict `{name: kt.Head}`; names are identifiers and become the
+            output keys and metric prefixes.
+        **kwargs: as for `ImageTransferModel` (`weights`, `input_shape`,
+            `cut_layer`, `preprocessing`, `sampling`, `strategy`, ...).
+
+    Example:
+        >>> model = kt.MultiTaskModel("mobilenet_v2", tasks={
+        ...     "digits": kt.Head(num_classes=10),
+        ...     "tags": kt.Head(num_classes=5, kind="multilabel"),
+        ...     "size": kt.Head(num_classes=1, kind="regression", loss_weight=0.5),
+        ... }, weights=None, input_shape=(32, 32, 3))
+        >>> history = model.fit({"digits": (x1, y1), "tags": (x2, y2)},
+        ...                     head_epochs=2, fine_tune_epochs=1)
+        >>> history.history["digits_accuracy"], history.history["tags_loss"]
+        >>> model.predict(x1)["digits"].shape     # (N, 10)
+    """
+
+    def __init__(self, backbone="mobilenet_v2", tasks=None, **kwargs):
+        kwargs.setdefault("name", "multi_task_model")
+        super().__init__(backbone, heads=check_tasks(tasks), **kwargs)
 
 
 def resolve_image_backbone(backbone, weights, input_shape, cut_layer=None,

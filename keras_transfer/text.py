@@ -1,9 +1,9 @@
-"""`TextTransferModel`: transfer learning on text with KerasHub backbones.
+"""Text: the `TextBackbone` component and the text transfer models.
 
 A KerasHub backbone (BERT, RoBERTa, DistilBERT, DeBERTaV3, ALBERT, ... by
 preset name, or a local KerasHub preset or Hugging Face folder) is frozen; its
 token outputs are pooled (mean over the padding mask, the first token, or
-the backbone's own pooled output) and a head is trained on top. Fine-tuning
+the backbone's own pooled output) and heads are trained on top. Fine-tuning
 updates every weight or only low-rank adapters (LoRA).
 
 Tokenisation runs in the `tf.data` pipeline while training, and inside the
@@ -11,9 +11,6 @@ graph of the exported SavedModel, whose `serving_default` takes raw strings
 (KerasHub's own exports leave the tokenizer out: keras-hub#784, #2015). The
 tokenizer ops come from `tensorflow_text`: a serving process imports it
 before loading the export.
-
-Causal language models (GPT-2 and other KerasHub `CausalLM`s) can continue
-training on a user's own corpus with `adapt_causal_lm`.
 """
 
 from __future__ import annotations
@@ -26,10 +23,11 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from keras_transfer import training
-from keras_transfer.data import TextSource, as_text_source, check_labels, read_utf8_lines
+from keras_transfer.data import as_text_source, labels_for_head
+from keras_transfer.distribute import get_strategy, scope
 from keras_transfer.errors import BackboneError, DataError, WeightsError
-from keras_transfer.model import TransferModel, strategy_scope
+from keras_transfer.model import TransferModel, check_tasks, heads_argument
+from keras_transfer.training import unfreeze as unfreeze_network
 
 logger = logging.getLogger("keras_transfer")
 
@@ -41,7 +39,7 @@ _HF_TOKENIZER = ("tokenizer.json", "vocab.txt", "vocab.json", "spm.model",
                  "sentencepiece.bpe.model", "tokenizer.model")
 
 
-def _keras_hub():
+def keras_hub_module():
     try:
         import keras_hub
     except ImportError as error:  # pragma: no cover - a dependency
@@ -51,7 +49,7 @@ def _keras_hub():
 
 def text_presets() -> list[str]:
     """KerasHub presets of text backbones that come with a tokenizer."""
-    keras_hub = _keras_hub()
+    keras_hub = keras_hub_module()
     return sorted(keras_hub.models.TextClassifierPreprocessor.presets)
 
 
@@ -109,7 +107,7 @@ def _check_folder(folder: str) -> None:
                             "which KerasHub needs to convert it.")
 
 
-def _load_preset(loader, preset, **kwargs):
+def load_preset(loader, preset, **kwargs):
     """Calls a KerasHub `from_preset`, turning an offline failure into advice."""
     try:
         return loader.from_preset(preset, **kwargs)
@@ -165,7 +163,7 @@ def resolve_text_backbone(backbone, preprocessor=None, *, sequence_length=128,
         BackboneError: an unknown preset, or a backbone without a
             preprocessor, naming what was received.
     """
-    keras_hub = _keras_hub()
+    keras_hub = keras_hub_module()
     if not isinstance(sequence_length, int) or isinstance(sequence_length, bool) \
             or sequence_length < 2:
         raise ValueError(f"Received sequence_length={sequence_length!r}; expected an int >= 2.")
@@ -176,9 +174,9 @@ def resolve_text_backbone(backbone, preprocessor=None, *, sequence_length=128,
     preset = None
     if isinstance(backbone, str):
         preset = check_text_preset(backbone)
-        network = _load_preset(keras_hub.models.Backbone, preset, load_weights=load_weights)
+        network = load_preset(keras_hub.models.Backbone, preset, load_weights=load_weights)
         if preprocessor is None:
-            preprocessor = _load_preset(keras_hub.models.TextClassifierPreprocessor, preset,
+            preprocessor = load_preset(keras_hub.models.TextClassifierPreprocessor, preset,
                                         sequence_length=sequence_length)
     elif isinstance(backbone, keras_hub.models.Backbone):
         network = backbone
@@ -231,99 +229,102 @@ class TextPooling(keras.layers.Layer):
         return {**super().get_config(), "mode": self.mode}
 
 
+
+
 @keras.saving.register_keras_serializable(package="keras_transfer")
-class TextTransferModel(TransferModel):
-    """A text classifier (or regressor) on a pretrained KerasHub backbone.
+class TextBackbone(keras.layers.Layer):
+    """The text side of a transfer model: tokenizer, KerasHub network, pooling, data, serving.
+
+    The model takes token ids and masks (what `tokenize` makes of strings);
+    the network's token outputs are pooled into one vector per text. The
+    tokenizer runs in the input pipeline while training and inside the graph
+    of an export, which serves raw strings.
 
     Args:
         backbone: str or `keras_hub.models.Backbone`. A KerasHub text preset
-            (e.g. `"bert_base_en_uncased"`, `"roberta_base_en"`), a local
-            KerasHub preset folder, or a Hugging Face folder that KerasHub
-            converts (config.json + model.safetensors + tokenizer files).
-        num_classes: int. The number of classes to predict.
-        sequence_length: int. Tokens per text (longer texts are cut).
-        text_pooling: str. `"mean"`, `"cls"` or `"pooled"`.
+            (e.g. `"bert_base_en_uncased"`), a local KerasHub preset folder,
+            or a Hugging Face folder that KerasHub converts (config.json +
+            model.safetensors + tokenizer files).
         preprocessor: a `keras_hub.models.TextClassifierPreprocessor`;
             needed only with a `Backbone` instance.
+        sequence_length: int. Tokens per text (longer texts are cut).
+        pooling: str. `"mean"` (over real tokens), `"cls"` or `"pooled"`.
         load_weights: bool. Load the preset's pretrained weights.
-        task, hidden_units, dropout, class_names, strategy: as for
-            `ImageTransferModel`.
+        preset: str, optional. The preset the backbone came from (set by
+            `from_config`).
+        lora_rank: int, optional. Rank of LoRA adapters on the attention
+            projections (set by `FineTunePhase(lora_rank=...)`).
+        lora_targets: list of str, optional. Layers the adapters are on.
+        train_batchnorm: bool. Run the network in training mode while the
+            model trains (dropout on). Off unless a phase asks.
 
     Example:
-        >>> model = kt.TextTransferModel(kt.minilm_path(), num_classes=2)
-        >>> model.fit(texts, labels, head_epochs=5, fine_tune_epochs=2)
-        >>> model.export("saved_models/reviews")
+        >>> backbone = kt.TextBackbone(kt.minilm_path(), sequence_length=64)
+        >>> backbone.feature_shape
+        (384,)
     """
 
-    def __init__(self, backbone="bert_tiny_en_uncased", num_classes=2, *,
-                 sequence_length=128, text_pooling="mean", preprocessor=None,
-                 load_weights=True, task="classification", hidden_units=(),
-                 dropout=0.0, class_names=None, strategy=None, preset=None,
-                 name=None, **kwargs):
-        strategy, strategy_context = strategy_scope(strategy)
-        with strategy_context:
-            super().__init__(num_classes, task=task, pooling="flatten",
-                             hidden_units=hidden_units, dropout=dropout,
-                             class_names=class_names,
-                             name=name or "text_transfer_model", **kwargs)
-            network, preprocessor, preset = resolve_text_backbone(
-                backbone, preprocessor, sequence_length=sequence_length,
-                load_weights=load_weights)
-            self.preset = preset
-            self.sequence_length = sequence_length
-            self.text_pooling = text_pooling
-            self.text_preprocessor = preprocessor
-            self.pool = TextPooling(text_pooling, name="text_pooling")
-            self.lora_rank = None
-            self._attach(keras.layers.Identity(name="preprocessing"), network,
-                         (sequence_length,))
+    data_forms = ("(texts, labels), a tf.data.Dataset of (text, label) or a CSV/TSV file "
+                  "with 'text' and 'label' columns")
 
-    def build(self, input_shape):
-        self.head.build((None, self.backbone.hidden_dim))
+    def __init__(self, backbone="bert_tiny_en_uncased", *, preprocessor=None,
+                 sequence_length=128, pooling="mean", load_weights=True, preset=None,
+                 lora_rank=None, lora_targets=None, train_batchnorm=False, **kwargs):
+        kwargs.setdefault("name", "backbone")
+        super().__init__(**kwargs)
+        network, preprocessor, found = resolve_text_backbone(
+            backbone, preprocessor, sequence_length=sequence_length, load_weights=load_weights)
+        self.network = network
+        self.preprocessor = preprocessor
+        self.preset = found or preset
+        self.sequence_length = sequence_length
+        self.pooling = pooling
+        self.pool = TextPooling(pooling, name="text_pooling")
+        self.train_batchnorm = bool(train_batchnorm)
+        self.feature_shape = (int(network.hidden_dim),)
+        self.lora_rank = None
+        self.lora_targets = None
+        if lora_rank is not None:
+            self.enable_lora(lora_rank, lora_targets)
         self.built = True
 
-    def head_inputs(self, inputs, training=None):
-        """The pooled backbone output of a batch of token ids and masks."""
-        outputs = self.backbone(inputs, training=training if self.train_batchnorm else False)
-        return self.pool(outputs, inputs["padding_mask"])
+    def call(self, tokens, training=None):
+        outputs = self.network(tokens, training=training if self.train_batchnorm else False)
+        return self.pool(outputs, tokens["padding_mask"])
+
+    def compute_output_shape(self, input_shape):
+        return (None, *self.feature_shape)
 
     def tokenize(self, texts):
-        """Token ids and masks of a batch of strings, as the backbone takes them."""
-        return self.text_preprocessor(texts)
+        """Token ids and masks of a batch of strings, as the network takes them."""
+        return self.preprocessor(texts)
 
-    # ------------------------------------------------------------------ data
-    def make_dataset(self, x, y=None, *, batch_size=32, training=False,
-                     augmentation=None, seed=None):
-        if augmentation is not None:
-            raise DataError("augmentation is for images; text models take none.")
-        source = as_text_source(x, y, class_names=self.class_names)
-        if isinstance(source, TextSource):
-            labels = source.labels
-            if labels is not None:
-                check_labels(labels, self.task, self.num_classes)
-            if labels is None:
-                labels = np.full(len(source.texts), -1)
-            dataset = tf.data.Dataset.from_tensor_slices((source.texts, labels))
-            size = len(source.texts)
-        else:
-            dataset, source = source, TextSource([], None)
-            if not isinstance(dataset.element_spec, tuple):
-                dataset = dataset.map(lambda t: (t, tf.constant(-1, tf.int64)))
-            if dataset.element_spec[0].shape.rank == 1:
-                dataset = dataset.unbatch()
-            size = int(dataset.cardinality())
-            if size == 0:
-                raise DataError("Received an empty tf.data.Dataset of texts.")
-        if training:
-            dataset = dataset.shuffle(max(min(size, 10_000), 1), seed=seed)
-        dataset = dataset.batch(batch_size).map(
-            lambda texts, labels: (self.tokenize(texts), labels),
-            num_parallel_calls=tf.data.AUTOTUNE)
-        return dataset.prefetch(tf.data.AUTOTUNE), source
+    # -------------------------------------------------------------- training
+    def freeze(self) -> None:
+        """Freezes every weight; dropout stays off."""
+        self.trainable = False
+        self.train_batchnorm = False
 
-    # ------------------------------------------------------------------ LoRA
+    def unfreeze(self, layers="all", train_batchnorm: bool = False) -> int:
+        """Makes the top of the network trainable (see `training.unfreeze`).
+
+        The pooler feeds no loss under mean or cls pooling and stays frozen.
+
+        Returns:
+            The number of layers with weights that now train.
+        """
+        self.trainable = True
+        self.train_batchnorm = bool(train_batchnorm)
+        count = unfreeze_network(self.network, layers, train_batchnorm)
+        if self.pooling != "pooled":
+            for layer in self.network.layers:
+                if layer.name.startswith("pooled_dense") and layer.trainable:
+                    layer.trainable = False
+                    count -= 1
+        return count
+
     def enable_lora(self, rank: int, target_layer_names=None) -> int:
-        """Freezes the backbone and adds rank-`rank` adapters to attention.
+        """Freezes the network and adds rank-`rank` adapters to attention.
 
         Args:
             rank: int. Rank of the low-rank update.
@@ -333,198 +334,198 @@ class TextTransferModel(TransferModel):
         Returns:
             The number of adapter parameters that train.
         """
-        if not isinstance(rank, int) or rank < 1:
+        if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
             raise ValueError(f"Received lora_rank={rank!r}; expected an int >= 1.")
         if self.lora_rank is not None:
             if rank != self.lora_rank:
                 raise ValueError(f"LoRA is already on with rank {self.lora_rank}; "
                                  f"received rank {rank}.")
-            return self._lora_param_count()
-        names = target_layer_names or self.backbone.default_lora_layer_names()
-        present = {layer.name for layer in self.backbone._flatten_layers(include_self=False)}
-        if not present & set(names):
-            candidates = sorted(n for n in present if "dense" in n or "proj" in n)[:12]
-            raise ValueError(
-                f"No layer named {names} in '{self.backbone.name}' to put adapters on. "
-                f"Pass lora_targets= with some of: {candidates}.")
-        self.backbone.enable_lora(rank, target_layer_names=names)
+        else:
+            names = list(target_layer_names or self.network.default_lora_layer_names())
+            # A weight's path ends in <layer name>/<weight name>.
+            present = {w.path.split("/")[-2] for w in self.network.weights if "/" in w.path}
+            if not present & set(names):
+                candidates = sorted(n for n in present if "dense" in n or "proj" in n
+                                    or n in ("query", "key", "value"))[:12]
+                raise ValueError(
+                    f"No layer named {names} in '{self.network.name}' to put adapters on. "
+                    f"Pass lora_targets= with some of: {candidates}.")
+            self.network.enable_lora(rank, target_layer_names=names)
+            self.lora_rank, self.lora_targets = rank, names
+        self.trainable = True
         # KerasHub leaves the adapted layers' biases trainable but saves only
         # the low-rank kernels: freeze the biases so adapters alone reproduce
         # the fine-tuned model.
-        for layer in self.backbone._flatten_layers(include_self=False):
-            if getattr(layer, "lora_enabled", False) and getattr(layer, "bias", None) is not None:
-                layer.bias.trainable = False
-        self.lora_rank = rank
-        return self._lora_param_count()
+        for weight in self.network.trainable_weights:
+            if "lora_kernel" not in weight.path:
+                weight.trainable = False
+        return sum(int(np.prod(w.shape)) for w in self.network.trainable_weights)
 
-    def _lora_param_count(self):
-        return sum(int(np.prod(w.shape)) for w in self.backbone.trainable_weights)
+    # ------------------------------------------------------------------ data
+    def _texts_and_labels(self, x, y, head):
+        """`(tf.data.Dataset of (text, label), class names or None)` of one head's data."""
+        source = as_text_source(x, y)
+        if isinstance(source, tf.data.Dataset):
+            dataset = source
+            if head is not None and not isinstance(dataset.element_spec, tuple):
+                raise DataError("Received texts without labels; give (texts, labels) or a "
+                                "dataset of (text, label) pairs.")
+            if not isinstance(dataset.element_spec, tuple):
+                dataset = dataset.map(lambda t: (t, tf.constant(-1, tf.int64)))
+            if dataset.element_spec[0].shape.rank == 1:
+                dataset = dataset.unbatch()
+            if int(dataset.cardinality()) == 0:
+                raise DataError("Received an empty tf.data.Dataset of texts.")
+            return dataset, None
+        if head is None:
+            labels, class_names = np.full(len(source.texts), -1), None
+        else:
+            if source.labels is None:
+                raise DataError("Received texts without labels; give (texts, labels) or a "
+                                "dataset of (text, label) pairs.")
+            labels, class_names = labels_for_head(source.labels, head, what="texts")
+        return tf.data.Dataset.from_tensor_slices((source.texts, labels)), class_names
 
-    def save_adapters(self, path: str) -> str:
-        """Saves the LoRA adapters and the head, nothing else.
-
-        Args:
-            path: str. A file name ending in `.lora.h5`.
-
-        Returns:
-            The path written (a few MB at most, not the whole backbone).
-        """
-        import h5py
-
-        if self.lora_rank is None:
-            raise ValueError("No adapters to save: fine-tune with lora_rank=... first "
-                             "(or call enable_lora).")
-        if not str(path).endswith(".lora.h5"):
-            raise ValueError(f"Received path={path!r}; adapter files end in '.lora.h5'.")
-        self.backbone.save_lora_weights(path)
-        with h5py.File(path, "a") as f:
-            for i, weight in enumerate(self.head.weights):
-                f[f"head/{i}"] = keras.ops.convert_to_numpy(weight)
-        return path
-
-    def load_adapters(self, path: str) -> None:
-        """Loads adapters and head saved by `save_adapters` into this model."""
-        import h5py
-
-        if not os.path.isfile(path):
-            raise ValueError(f"Received adapter file {path!r}, which does not exist.")
-        with h5py.File(path, "r") as f:
-            rank = int(f["lora/vars/rank"][()])
-            head = [np.asarray(f[f"head/{i}"]) for i in range(len(f["head"]))]
-        self.enable_lora(rank)
-        self.backbone.load_lora_weights(path)
-        if [w.shape for w in head] != [tuple(w.shape) for w in self.head.weights]:
-            raise ValueError(f"The head in {path!r} does not fit this model's head "
-                             "(different num_classes or hidden_units).")
-        self.head.set_weights(head)
-
-    def fit(self, x=None, y=None, *, lora_rank=None, lora_targets=None, **kwargs):
-        """Trains the head, then fine-tunes all weights or LoRA adapters.
-
-        Args:
-            x: list of strings, a CSV/TSV file path, or a `tf.data.Dataset`
-                of `(text, label)`.
-            y: labels (ints, or class names) when `x` is a list.
-            lora_rank: int, optional. Fine-tune through rank-`lora_rank`
-                adapters on the attention projections instead of all weights
-                (default learning rate then 1e-4 unless given).
-            lora_targets: list of str, optional. Layer names for adapters.
-            **kwargs: as for `TransferModel.fit` (`head_epochs`,
-                `fine_tune_epochs`, `fine_tune_learning_rate`, `decay`, ...).
+    def make_dataset(self, x, y=None, *, head, batch_size=32, shuffle=False,
+                     augmentation=None, seed=None):
+        """Labelled batches `(token dict, labels)` for one head.
 
         Returns:
-            A `TransferHistory`.
+            `(dataset, class names the data gives or None)`.
         """
-        if lora_rank is not None and kwargs.get("fine_tune_epochs"):
-            self._pending_lora = (lora_rank, lora_targets)
-            kwargs.setdefault("fine_tune_learning_rate", 1e-4)
-        try:
-            return super().fit(x, y, **kwargs)
-        finally:
-            self._pending_lora = None
+        if augmentation is not None:
+            raise DataError("Received augmentation; it is for images, text models take none.")
+        dataset, class_names = self._texts_and_labels(x, y, head)
+        return self._batches(dataset, batch_size, shuffle, seed), class_names
 
-    def _unfreeze_for_fine_tuning(self, unfreeze, train_batchnorm):
-        pending = getattr(self, "_pending_lora", None)
-        if pending:
-            count = self.enable_lora(*pending)
-            logger.info("LoRA rank %d: %d adapter parameters train.", pending[0], count)
-            return
-        super()._unfreeze_for_fine_tuning(unfreeze, train_batchnorm)
-        if self.text_pooling != "pooled":
-            # The pooler feeds no loss under mean/cls pooling: keep it frozen.
-            for layer in self.backbone._flatten_layers(include_self=False):
-                if layer.name.startswith("pooled_dense"):
-                    layer.trainable = False
+    def predict_dataset(self, x, *, batch_size=32):
+        """Batches of token dicts (no labels) to predict on."""
+        dataset, _ = self._texts_and_labels(x, None, None)
+        return self._batches(dataset, batch_size, False, None).map(lambda tokens, _: tokens)
+
+    def _batches(self, dataset, batch_size, shuffle, seed):
+        if shuffle:
+            dataset = dataset.shuffle(10_000, seed=seed)
+        dataset = dataset.batch(batch_size).map(
+            lambda texts, labels: (self.tokenize(texts), labels),
+            num_parallel_calls=tf.data.AUTOTUNE)
+        return dataset.prefetch(tf.data.AUTOTUNE)
+
+    def network_inputs(self, tokens):
+        """What the network itself takes: the token dict as it is."""
+        return tokens
 
     # ---------------------------------------------------------------- export
-    def serving_endpoints(self):
-        output_key = "predictions" if self.task == "regression" else "probabilities"
+    def serving_endpoints(self, predict) -> dict:
+        """`serving_default`: raw strings in, the tokenizer inside the graph."""
 
         def serve_texts(texts):
-            return {output_key: self(self.tokenize(texts), training=False)}
+            return predict(self.tokenize(texts))
 
-        return {"serving_default": (serve_texts, [tf.TensorSpec((None,), tf.string, name="texts")])}
+        return {"serving_default": (serve_texts,
+                                    [tf.TensorSpec((None,), tf.string, name="texts")])}
 
-    def export_metadata(self):
+    def metadata(self) -> dict:
+        """What `metadata.json` says about the backbone and the inputs."""
         return {
             "kind": "text",
-            "backbone": self.preset or self.backbone.name,
-            "backbone_class": type(self.backbone).__name__,
+            "backbone": self.preset or self.network.name,
+            "backbone_class": type(self.network).__name__,
             "sequence_length": self.sequence_length,
-            "text_pooling": self.text_pooling,
+            "text_pooling": self.pooling,
             "lora_rank": self.lora_rank,
             "inputs": {"serving_default": "texts: string [batch], raw UTF-8 text"},
             "serving_needs": "import tensorflow_text before tf.saved_model.load",
         }
 
+    def cache_key(self) -> dict:
+        """What the cached features depend on besides the weights (see `feature_cache`)."""
+        return {"backbone": self.preset or self.network.name,
+                "sequence_length": self.sequence_length, "pooling": self.pooling}
+
     def get_config(self):
         config = super().get_config()
-        config.pop("pooling")
-        config.update({
-            "backbone": keras.saving.serialize_keras_object(self.backbone),
-            "preprocessor": keras.saving.serialize_keras_object(self.text_preprocessor),
+        config.pop("trainable")  # a loaded model starts frozen; phases unfreeze it
+        return {
+            **config,
+            "backbone": keras.saving.serialize_keras_object(self.network),
+            "preprocessor": keras.saving.serialize_keras_object(self.preprocessor),
             "sequence_length": self.sequence_length,
-            "text_pooling": self.text_pooling,
+            "pooling": self.pooling,
             "preset": self.preset,
-        })
-        return config
+            "lora_rank": self.lora_rank,
+            "lora_targets": self.lora_targets,
+            "train_batchnorm": self.train_batchnorm,
+        }
 
 
-def adapt_causal_lm(causal_lm, texts, *, epochs=1, batch_size=8, sequence_length=None,
-                    lora_rank=4, learning_rate=1e-4, warmup_fraction=0.1,
-                    decay="cosine", callbacks=None, verbose="auto"):
-    """Continues training a pretrained generator on your own text (domain adaptation).
+@keras.saving.register_keras_serializable(package="keras_transfer")
+class TextTransferModel(TransferModel):
+    """A text classifier (or regressor) on a pretrained KerasHub backbone.
+
+    A `TransferModel` with a `TextBackbone` and one head (or several, with
+    `heads=`).
 
     Args:
-        causal_lm: a `keras_hub.models.CausalLM` (e.g. `GPT2CausalLM`), or a
-            preset name or folder to load one from.
-        texts: list of str, or a text file path (one document per line).
-        epochs: int. Passes over the corpus.
-        batch_size: int.
-        sequence_length: int, optional. Tokens per example (defaults to the
-            preprocessor's).
-        lora_rank: int or None. Train rank-`lora_rank` adapters only (None:
-            every weight).
-        learning_rate: float. Peak learning rate after warmup.
-        warmup_fraction: float. Share of steps spent warming up.
-        decay: str. `"cosine"` or `"linear"`.
-        callbacks: list of Keras callbacks.
-        verbose: as for `fit`.
-
-    Returns:
-        `(causal_lm, history)`; generate with `causal_lm.generate(prompt)`.
+        backbone: str or `keras_hub.models.Backbone`. See `TextBackbone`.
+        num_classes: int. The number of classes to predict.
+        sequence_length: int. Tokens per text (longer texts are cut).
+        text_pooling: str. `"mean"`, `"cls"` or `"pooled"`.
+        preprocessor: a `keras_hub.models.TextClassifierPreprocessor`;
+            needed only with a `Backbone` instance.
+        load_weights: bool. Load the preset's pretrained weights.
+        kind, hidden_units, dropout, class_names, heads, sampling, strategy:
+            as for `ImageTransferModel`.
+        name: str, optional. Model name.
 
     Example:
-        >>> lm, history = kt.adapt_causal_lm("gpt2_base_en", my_texts, lora_rank=4)
-        >>> lm.generate("The patient presented with", max_length=40)
+        >>> model = kt.TextTransferModel(kt.minilm_path(), num_classes=2)
+        >>> model.fit(texts, labels, head_epochs=5, fine_tune_epochs=2)
+        >>> model.export("saved_models/reviews")
     """
-    keras_hub = _keras_hub()
-    if isinstance(causal_lm, str):
-        preset = causal_lm
-        if not os.path.isdir(preset) and preset not in keras_hub.models.CausalLM.presets:
-            close = difflib.get_close_matches(preset, list(keras_hub.models.CausalLM.presets), n=3)
-            raise BackboneError(f"Received unknown causal LM preset {preset!r}. Closest: {close}.")
-        causal_lm = _load_preset(keras_hub.models.CausalLM, preset)
-    if isinstance(texts, (str, os.PathLike)):
-        texts = [t for t in read_utf8_lines(os.fspath(texts)) if t.strip()]
-    source = as_text_source(list(texts))
-    if sequence_length is not None:
-        causal_lm.preprocessor.sequence_length = sequence_length
-    dataset = tf.data.Dataset.from_tensor_slices(source.texts).shuffle(
-        len(source.texts)).batch(batch_size)
-    steps = training.steps_per_epoch(dataset)
-    if lora_rank:
-        causal_lm.backbone.enable_lora(lora_rank)
-    schedule = training.WarmupDecay(learning_rate, total_steps=steps * epochs,
-                                    warmup_steps=int(round(warmup_fraction * steps * epochs)),
-                                    decay=decay)
-    causal_lm.compile(
-        optimizer=keras.optimizers.AdamW(schedule, weight_decay=0.01),
-        loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
-        weighted_metrics=[keras.metrics.SparseCategoricalAccuracy(name="accuracy")],
-    )
-    trainable, frozen = training.count_params(causal_lm)
-    logger.info("Causal LM adaptation: %d trainable, %d frozen parameters.", trainable, frozen)
-    history = causal_lm.fit(dataset, epochs=epochs, verbose=verbose, shuffle=False,
-                            callbacks=[training.NaNGuard("adapt"), *(callbacks or [])])
-    return causal_lm, history
+
+    def __init__(self, backbone="bert_tiny_en_uncased", num_classes=None, *,
+                 sequence_length=128, text_pooling="mean", preprocessor=None,
+                 load_weights=True, kind="classification", hidden_units=(), dropout=0.0,
+                 class_names=None, heads=None, sampling="round_robin", strategy=None,
+                 name=None, **kwargs):
+        heads = heads_argument(num_classes, heads, kind=kind, hidden_units=hidden_units,
+                               dropout=dropout, class_names=class_names)
+        strategy = get_strategy(strategy)
+        with scope(strategy):
+            component = TextBackbone(backbone, preprocessor=preprocessor,
+                                     sequence_length=sequence_length, pooling=text_pooling,
+                                     load_weights=load_weights)
+            super().__init__(component, heads, sampling=sampling, strategy=strategy,
+                             name=name or "text_transfer_model", **kwargs)
+
+
+@keras.saving.register_keras_serializable(package="keras_transfer")
+class TextMultiTaskModel(TextTransferModel):
+    """One KerasHub text backbone, one head per task, trained on all tasks jointly.
+
+    The backbone's token outputs are pooled once and each task's head maps
+    the pooled vector to its outputs. The export's `serving_default` takes
+    raw strings and returns `{task: outputs}` (import `tensorflow_text`
+    before loading it).
+
+    Args:
+        backbone: str or `keras_hub.models.Backbone`. See `TextBackbone`.
+        tasks: dict `{name: kt.Head}`; names are identifiers and become the
+            output keys and metric prefixes.
+        **kwargs: as for `TextTransferModel` (`sequence_length`,
+            `text_pooling`, `preprocessor`, `sampling`, `strategy`, ...).
+
+    Example:
+        >>> model = kt.TextMultiTaskModel(kt.minilm_path(), tasks={
+        ...     "sentiment": kt.Head(num_classes=2),
+        ...     "topics": kt.Head(num_classes=5, kind="multilabel"),
+        ... }, sequence_length=64)
+        >>> model.fit({"sentiment": (texts1, labels1), "topics": (texts2, tags2)},
+        ...           head_epochs=3, fine_tune_epochs=1)
+        >>> model.predict(["great food"])["sentiment"].shape   # (1, 2)
+    """
+
+    def __init__(self, backbone="bert_tiny_en_uncased", tasks=None, **kwargs):
+        kwargs.setdefault("name", "text_multi_task_model")
+        super().__init__(backbone, heads=check_tasks(tasks), **kwargs)

@@ -1,19 +1,36 @@
-"""The two training phases, learning-rate schedules and callbacks.
+"""Training phases, learning-rate schedules, callbacks and the loop over phases.
 
-Phase 1 trains the head on a frozen backbone. Phase 2 unfreezes the backbone
-(all of it, its top N layers, or from a named layer on) and fine-tunes with a
-small learning rate that warms up and then decays, so the pretrained features
-are nudged rather than overwritten (catastrophic forgetting).
+A phase is a small dataclass with every option of one stage of transfer
+learning; `run_phases` runs them in order on a `TransferModel`:
+
+- `HeadPhase`: the backbone is frozen (inference mode) and the heads train.
+  When nothing random happens to the inputs, the backbone runs once over
+  the data, its features are cached on disk (`feature_cache`) and the heads
+  train on them; callbacks still see the whole model.
+- `FineTunePhase`: the backbone is unfrozen (all of it, its top N layers,
+  from a named layer on, or LoRA adapters) and trains with a small learning
+  rate that warms up and then decays, so the pretrained features are nudged
+  rather than overwritten (catastrophic forgetting).
 
 `compile()` fixes which weights train, so every change of `trainable` is
-followed by a recompile. BatchNormalization layers stay frozen while
-fine-tuning: a frozen Keras 3 BatchNormalization runs in inference mode even
-when `fit` passes `training=True` down (keras#20285), so its moving
-statistics are kept.
+followed by a recompile with a fresh optimizer. BatchNormalization layers
+stay frozen while fine-tuning: a frozen Keras 3 BatchNormalization runs in
+inference mode even when `fit` passes `training=True` down (keras#20285), so
+its moving statistics are kept.
+
+Example:
+
+```python
+model.fit(x, y, phases=[
+    kt.HeadPhase(epochs=5),
+    kt.FineTunePhase(epochs=10, learning_rate=1e-5, unfreeze=20, warmup=0.1),
+])
+```
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import math
@@ -21,11 +38,13 @@ import math
 import keras
 import numpy as np
 
+from keras_transfer.distribute import model_scope
 from keras_transfer.errors import TrainingDivergedError
 
 logger = logging.getLogger("keras_transfer")
 
 
+# ------------------------------------------------------------ schedules
 @keras.saving.register_keras_serializable(package="keras_transfer")
 class WarmupDecay(keras.optimizers.schedules.LearningRateSchedule):
     """Linear warmup to a peak learning rate, then cosine or linear decay.
@@ -95,16 +114,12 @@ def leaf_layers(model: keras.Model) -> list:
     return out
 
 
-def freeze(backbone: keras.Model) -> None:
-    """Freezes every weight of the backbone."""
-    backbone.trainable = False
-
-
-def unfreeze(backbone: keras.Model, layers="all", train_batchnorm: bool = False) -> int:
-    """Makes the top of the backbone trainable.
+def unfreeze(backbone, layers="all", train_batchnorm: bool = False) -> int:
+    """Makes the top of a pretrained network trainable.
 
     Args:
-        backbone: keras.Model. The pretrained network.
+        backbone: keras.Model, or a backbone component (`ImageBackbone`,
+            `TextBackbone`), whose network is unfrozen.
         layers: `"all"`, an int N (the top N layers that have weights), or a
             layer name (that layer and every layer after it).
         train_batchnorm: bool. Also train BatchNormalization layers (and let
@@ -113,6 +128,8 @@ def unfreeze(backbone: keras.Model, layers="all", train_batchnorm: bool = False)
     Returns:
         The number of layers with weights that are now trainable.
     """
+    if hasattr(backbone, "network"):
+        return backbone.unfreeze(layers, train_batchnorm)
     weighted = [layer for layer in leaf_layers(backbone) if layer.weights]
     if layers == "all" or layers is None:
         start = 0
@@ -147,40 +164,454 @@ def unfreeze(backbone: keras.Model, layers="all", train_batchnorm: bool = False)
     return count
 
 
-class NaNGuard(keras.callbacks.Callback):
-    """Stops training at the first non-finite loss and says where.
 
+# ----------------------------------------------------------------- phases
+@dataclasses.dataclass(frozen=True)
+class HeadPhase:
+    """Train the heads on the frozen backbone.
+
+    Args:
+        epochs: int. Passes over the training data.
+        learning_rate: float. Adam learning rate.
+        early_stopping: int, optional. Patience in epochs: stop when the
+            validation loss (or the loss) stops falling, restore the best
+            weights.
+        feature_cache: `"auto"`, `True` or `False`. Run the frozen backbone
+            once, cache its features on disk and train the heads on them.
+            `"auto"`: cache when nothing random happens to the inputs (or
+            with `augmented_copies`); with random augmentation the backbone
+            runs every epoch, as the log says. `True` makes that last case an
+            error; `False` never caches.
+        augmented_copies: int. With augmentation: cache this many augmented
+            copies of the data; epoch i trains on copy i % K.
+        cache_dir: str, optional. Root of the feature cache (default
+            `$KERAS_TRANSFER_CACHE`, else `~/.cache/keras_transfer/features`).
+        name: str. The phase's name in logs and the history.
+
+    Example:
+        >>> kt.HeadPhase(epochs=10, learning_rate=3e-4, early_stopping=3)
+    """
+
+    epochs: int = 5
+    learning_rate: float = 1e-3
+    early_stopping: int | None = None
+    feature_cache: bool | str = "auto"
+    augmented_copies: int = 0
+    cache_dir: str | None = None
+    name: str = "head"
+
+    def __post_init__(self):
+        _check_int(self.epochs, "epochs", minimum=1)
+        _check_rate(self.learning_rate)
+        _check_patience(self.early_stopping)
+        if self.feature_cache not in (True, False, "auto"):
+            raise ValueError(f"Received feature_cache={self.feature_cache!r}; expected True, "
+                             "False or 'auto'.")
+        _check_int(self.augmented_copies, "augmented_copies", minimum=0)
+
+    def uses_cache(self, augmentation) -> bool:
+        """Whether the heads train on cached features, given fit's augmentation."""
+        if self.feature_cache is False:
+            return False
+        random = augmentation is not None and not self.augmented_copies
+        if random and self.feature_cache is True:
+            raise ValueError(
+                "Received feature_cache=True with random augmentation and "
+                "augmented_copies=0: features of freshly augmented inputs change every "
+                "epoch and cannot be cached. Pass augmented_copies=K to cache K augmented "
+                "copies, or feature_cache='auto' to recompute them every epoch.")
+        return not random
+
+    def run(self, model, data, callbacks, initial_epoch, verbose):
+        """Trains the heads; returns `(PhaseRecord, keras History)`."""
+        from keras_transfer.feature_cache import CacheUnwritableError
+
+        model.backbone.freeze()
+        cached = None
+        if self.uses_cache(data.augmentation):
+            try:
+                cached = data.cached_batches(self, verbose)
+            except CacheUnwritableError as error:
+                if self.feature_cache is True:
+                    raise
+                logger.warning("%s The head phase runs the frozen backbone every epoch "
+                               "instead.", error)
+                if verbose:
+                    print(f"Warning: {error} The head phase runs the frozen backbone every "
+                          "epoch instead.")
+        if cached is not None:
+            train, validation = cached
+            context = model.features_as_inputs()
+        else:
+            if data.augmentation is not None:
+                say("Feature cache: not used for the head phase: augmentation is random and "
+                    "augmented_copies=0, so the frozen backbone recomputes the features of "
+                    "freshly augmented inputs every epoch. Pass HeadPhase(augmented_copies=K) "
+                    "to cache K augmented copies instead.", verbose)
+            (train, _), validation = data.batches(), data.validation_batches()
+            context = contextlib.nullcontext()
+        with context:
+            return fit_phase(model, self.name, train, validation, self.epochs,
+                             lambda: keras.optimizers.Adam(self.learning_rate), callbacks,
+                             self.early_stopping, initial_epoch, verbose, self.learning_rate)
+
+
+@dataclasses.dataclass(frozen=True)
+class FineTunePhase:
+    """Unfreeze the backbone and train on with a small, warmed-up, decaying rate.
+
+    Args:
+        epochs: int. Passes over the training data.
+        learning_rate: float. Peak Adam learning rate, reached after warmup
+            (default 1e-5: the pretrained weights are nudged, not rewritten;
+            1e-4 with `lora_rank`).
+        unfreeze: `"all"`, an int N (the top N layers with weights) or a
+            layer name (from that layer on).
+        train_batchnorm: bool. Let BatchNormalization layers train and
+            update their statistics (and dropout inside the backbone run).
+        warmup: float. Share of the phase's steps spent warming up from 0.
+        decay: str. `"cosine"` or `"linear"` decay after warmup.
+        early_stopping: int, optional. Patience in epochs (see `HeadPhase`).
+        lora_rank: int, optional. Train rank-`lora_rank` adapters on the
+            attention projections instead of the weights (text backbones).
+        lora_targets: list of str, optional. Layer names for adapters.
+        name: str. The phase's name in logs and the history.
+
+    Example:
+        >>> kt.FineTunePhase(epochs=10, learning_rate=2e-5, unfreeze=20)
+        >>> kt.FineTunePhase(epochs=3, lora_rank=4)
+    """
+
+    epochs: int = 5
+    learning_rate: float | None = None
+    unfreeze: object = "all"
+    train_batchnorm: bool = False
+    warmup: float = 0.1
+    decay: str = "cosine"
+    early_stopping: int | None = None
+    lora_rank: int | None = None
+    lora_targets: tuple | None = None
+    name: str = "fine_tune"
+
+    def __post_init__(self):
+        _check_int(self.epochs, "epochs", minimum=1)
+        if self.learning_rate is not None:
+            _check_rate(self.learning_rate)
+        _check_patience(self.early_stopping)
+        if not isinstance(self.warmup, (int, float)) or not 0.0 <= self.warmup <= 1.0:
+            raise ValueError(f"Received warmup={self.warmup!r}; expected a share in [0, 1].")
+        if self.decay not in ("cosine", "linear"):
+            raise ValueError(f"Received decay={self.decay!r}; expected 'cosine' or 'linear'.")
+        if self.lora_rank is not None:
+            _check_int(self.lora_rank, "lora_rank", minimum=1)
+
+    @property
+    def peak_learning_rate(self) -> float:
+        if self.learning_rate is not None:
+            return self.learning_rate
+        return 1e-4 if self.lora_rank else 1e-5
+
+    def run(self, model, data, callbacks, initial_epoch, verbose):
+        """Unfreezes and fine-tunes; returns `(PhaseRecord, keras History)`."""
+        if self.lora_rank:
+            count = model.backbone.enable_lora(self.lora_rank, self.lora_targets)
+            logger.info("LoRA rank %d: %d adapter parameters train.", self.lora_rank, count)
+        else:
+            model.backbone.unfreeze(self.unfreeze, self.train_batchnorm)
+        (train, steps), validation = data.batches(), data.validation_batches()
+        total = steps * self.epochs
+        peak = self.peak_learning_rate
+        schedule = WarmupDecay(peak, total_steps=total,
+                               warmup_steps=int(round(self.warmup * total)), decay=self.decay)
+        return fit_phase(model, self.name, train, validation, self.epochs,
+                         lambda: keras.optimizers.Adam(schedule), callbacks,
+                         self.early_stopping, initial_epoch, verbose, peak)
+
+
+def resolve_phases(phases=None, head_epochs=None, fine_tune_epochs=None, epochs=None) -> list:
+    """The phases `fit` runs, from `phases=` or the epoch shorthands.
+
+    Returns:
+        A non-empty list of phase objects.
+    """
+    shorthands = {"head_epochs": head_epochs, "fine_tune_epochs": fine_tune_epochs,
+                  "epochs": epochs}
+    given = {k: v for k, v in shorthands.items() if v is not None}
+    if phases is not None:
+        if given:
+            raise ValueError(f"Received phases= and {sorted(given)}; the phases hold the "
+                             "epochs: give one or the other.")
+        phases = list(phases) if isinstance(phases, (list, tuple)) else [phases]
+        bad = [p for p in phases if not isinstance(p, (HeadPhase, FineTunePhase))]
+        if bad or not phases:
+            raise ValueError(f"Received phases={phases!r}; expected a non-empty list of "
+                             "kt.HeadPhase(...) and kt.FineTunePhase(...).")
+        return phases
+    if epochs is not None:
+        if head_epochs is not None or fine_tune_epochs is not None:
+            raise ValueError(
+                f"Received epochs={epochs!r} together with "
+                f"{sorted(k for k in given if k != 'epochs')}: epochs=N is the Keras-style "
+                "shorthand for the head phase alone. Use head_epochs= and "
+                "fine_tune_epochs= to run both phases.")
+        head_epochs = epochs
+    for name, value in (("head_epochs", head_epochs), ("fine_tune_epochs", fine_tune_epochs)):
+        if value is not None:
+            _check_int(value, name, minimum=0)
+    if head_epochs is None and fine_tune_epochs is None:
+        head_epochs = HeadPhase().epochs
+    phases = []
+    if head_epochs:
+        phases.append(HeadPhase(epochs=head_epochs))
+    if fine_tune_epochs:
+        phases.append(FineTunePhase(epochs=fine_tune_epochs))
+    if not phases:
+        raise ValueError("Received head_epochs=0 and fine_tune_epochs=0: nothing to train.")
+    return phases
+
+
+def _check_int(value, name, minimum):
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
+        raise ValueError(f"Received {name}={value!r}; expected an int >= {minimum}.")
+
+
+def _check_rate(value):
+    if isinstance(value, bool) or not isinstance(value, (int, float)) \
+            or not math.isfinite(value) or value <= 0:
+        raise ValueError(f"Received learning_rate={value!r}; expected a positive number.")
+
+
+def _check_patience(value):
+    if value is not None:
+        _check_int(value, "early_stopping", minimum=1)
+
+
+# ----------------------------------------------------------- the data
+@dataclasses.dataclass
+class FitData:
+    """What `fit` was given, turned into batches once and shared by the phases.
+
+    Attributes:
+        model: the `TransferModel`.
+        train: `{head: (x, y)}`.
+        validation: `{head: (x, y)}` or None.
+        batch_size, augmentation, class_weight, shuffle, seed: as for `fit`.
+    """
+
+    model: object
+    train: dict
+    validation: dict | None
+    batch_size: int = 32
+    augmentation: object = None
+    class_weight: object = None
+    shuffle: bool = True
+    seed: int | None = None
+
+    def __post_init__(self):
+        if isinstance(self.batch_size, bool) or not isinstance(self.batch_size, int) \
+                or self.batch_size < 1:
+            raise ValueError(f"Received batch_size={self.batch_size!r}; expected a positive int.")
+        self._batches = None
+        self._validation = None
+        # Check every head's data (labels, class names) before anything trains.
+        self.batches()
+        self.validation_batches()
+
+    def batches(self):
+        """`(training batches, steps per epoch)`, shuffled and augmented."""
+        if self._batches is None:
+            model = self.model
+            datasets = {n: model.head_dataset(n, x, y, batch_size=self.batch_size,
+                                              training=self.shuffle,
+                                              augmentation=self.augmentation, seed=self.seed)
+                        for n, (x, y) in self.train.items()}
+            self._batches = model.join(datasets, training=True, seed=self.seed,
+                                       class_weight=self.class_weight)
+        return self._batches
+
+    def validation_batches(self):
+        """Validation batches, or None."""
+        if self.validation is not None and self._validation is None:
+            model = self.model
+            datasets = {n: model.head_dataset(n, x, y, batch_size=self.batch_size)
+                        for n, (x, y) in self.validation.items()}
+            self._validation, _ = model.join(datasets)
+        return self._validation
+
+    def cached_batches(self, phase: HeadPhase, verbose):
+        """Training and validation batches of cached backbone features."""
+        from keras_transfer.feature_cache import extract_features
+
+        model = self.model
+
+        def features(data, training):
+            datasets = {}
+            for name, (x, y) in data.items():
+                cache = extract_features(
+                    model, x, y, head=name, batch_size=self.batch_size,
+                    cache_dir=phase.cache_dir,
+                    augmentation=self.augmentation if training else None,
+                    augmented_copies=phase.augmented_copies if training else 0,
+                    verbose=verbose)
+                datasets[name] = cache.dataset(self.batch_size, shuffle=training and self.shuffle,
+                                               seed=self.seed)
+                if training:
+                    copies = (f"{cache.copies} cached augmented copies; epoch i trains on "
+                              f"copy i % {cache.copies}" if cache.copies > 1 else
+                              "cached features, no augmentation")
+                    say(f"Feature cache: training the head{'' if model.single else ' ' + name!r}"
+                        f" on {copies} ({cache.path}); the backbone does not run.", verbose)
+            return datasets
+
+        train, _ = model.join(features(self.train, True), training=True, seed=self.seed,
+                              class_weight=self.class_weight)
+        validation = None
+        if self.validation is not None:
+            validation, _ = model.join(features(self.validation, False))
+        return train, validation
+
+
+# ------------------------------------------------------------- the loop
+def run_phases(model, data: FitData, phases, callbacks=(), verbose="auto") -> "TransferHistory":
+    """Runs `phases` in order on `model`; returns the combined history."""
+    history = TransferHistory()
+    callbacks = list(callbacks)
+    if not model.single:
+        fed = list(data.train)
+        validated = list(data.validation or {})
+        left_out = [n for n in model.head_names if n not in fed]
+        if left_out:
+            logger.info("Heads without training data (not trained): %s", left_out)
+        callbacks.insert(0, DropUnfedHeads(model.head_names, fed, validated))
+    for phase in phases:
+        record, phase_history = phase.run(model, data, callbacks, len(history.epoch), verbose)
+        history.extend(record, phase_history)
+    return history
+
+
+def fit_phase(model, name, train, validation, epochs, make_optimizer, callbacks=(),
+              early_stopping=None, initial_epoch=0, verbose="auto", peak_learning_rate=None):
+    """Compiles `model` with a fresh optimizer in its strategy's scope and fits one phase.
+
+    Args:
+        model: a `TransferModel` with its `trainable` flags already set.
+        name: str. Phase name for logs (`"head"`, `"fine_tune"`).
+        train: batches of `(inputs, targets[, weights])`.
+        validation: batches, or None.
+        epochs: int. Epochs of this phase.
+        make_optimizer: callable returning the phase's new optimizer.
+        callbacks: extra Keras callbacks.
+        early_stopping: int or None. Patience, in epochs; restores the best
+            weights when it stops.
+        initial_epoch: int. Epochs already run, so numbering continues.
+        verbose: as for `fit`.
+        peak_learning_rate: float. The phase's highest rate, for the record.
+
+    Returns:
+        `(PhaseRecord, keras.callbacks.History)`.
+    """
+    with model_scope(model):
+        model.compile(optimizer=make_optimizer())
+    trainable, frozen = count_params(model)
+    record = PhaseRecord(name, initial_epoch, 0, trainable, frozen, peak_learning_rate)
+    message = (f"Phase '{name}': {trainable:,} trainable and {frozen:,} frozen "
+               f"parameters, peak learning rate {peak_learning_rate:g}, {epochs} epochs.")
+    say(message, verbose)
+    phase_callbacks = [DivergenceGuard(name), LearningRateLogger(), *callbacks]
+    stopper = None
+    if early_stopping:
+        stopper = keras.callbacks.EarlyStopping(
+            monitor="val_loss" if validation is not None else "loss",
+            patience=int(early_stopping), restore_best_weights=True)
+        phase_callbacks.append(stopper)
+    history = keras.Model.fit(
+        model, train, validation_data=validation, epochs=initial_epoch + epochs,
+        initial_epoch=initial_epoch, callbacks=phase_callbacks, verbose=verbose,
+        shuffle=False)  # the pipeline shuffles
+    record.stopped_early = bool(stopper and stopper.stopped_epoch)
+    return record, history
+
+
+def say(message: str, verbose) -> None:
+    """Logs `message`, and prints it when `verbose`."""
+    logger.info(message)
+    if verbose:
+        print(message)
+
+
+def head_of_key(key: str, head_names) -> str | None:
+    """The head a metric key belongs to: the longest head-name prefix."""
+    key = key.removeprefix("val_")
+    owners = [n for n in head_names if key.startswith(n + "_")]
+    return max(owners, key=len) if owners else None
+
+
+def scale_loss_for_replicas(loss):
+    """Divides a summed loss by the replicas in sync, as Keras losses do.
+
+    Gradients are summed over replicas; Keras's `train_step` scales the
+    tracked loss back (`unscale_loss_for_distribution`).
+    """
+    if keras.backend.backend() == "tensorflow":
+        import tensorflow as tf
+
+        replicas = tf.distribute.get_strategy().num_replicas_in_sync
+        if replicas > 1:
+            return loss / float(replicas)
+    return loss
+
+
+
+# ------------------------------------------------------------ callbacks
+class DivergenceGuard(keras.callbacks.Callback):
+    """Stops training when the loss becomes NaN or infinite, or explodes, and says where.
+
+    The loss explodes when it exceeds `factor` times the first batch's loss
+    of the phase (at least 1e-2), as a learning rate far too high makes it.
     The weights of the phase's start are put back before the error is
     raised, so a diverged run loses no earlier training.
 
     Args:
         phase: str. Name of the phase, for the message.
+        factor: float. How many times the first loss counts as diverged.
     """
 
-    def __init__(self, phase: str):
+    def __init__(self, phase: str, factor: float = 1e4):
         super().__init__()
         self.phase = phase
+        self.factor = factor
         self._epoch = 0
         self._saved = None
+        self._first = None
 
     def on_train_begin(self, logs=None):
         self._saved = [np.array(w) for w in self.model.get_weights()]
+        self._first = None
 
     def on_epoch_begin(self, epoch, logs=None):
         self._epoch = epoch
 
     def on_train_batch_end(self, batch, logs=None):
         loss = (logs or {}).get("loss")
-        if loss is not None and not math.isfinite(float(loss)):
-            self.model.stop_training = True
-            self.model.set_weights(self._saved)
-            raise TrainingDivergedError(
-                f"The loss became {float(loss)} at step {batch + 1} of epoch "
-                f"{self._epoch + 1} in the '{self.phase}' phase. The weights "
-                "from the start of that phase were restored. Lower the "
-                "learning rate, check the inputs for NaN or infinite values, "
-                "and check the labels."
-            )
+        if loss is None:
+            return
+        loss = float(loss)
+        if self._first is None and math.isfinite(loss):
+            self._first = max(abs(loss), 1e-2)
+        if math.isfinite(loss) and (self._first is None or loss <= self.factor * self._first):
+            return
+        self.model.stop_training = True
+        self.model.set_weights(self._saved)
+        what = (f"became {loss}" if not math.isfinite(loss) else
+                f"exploded to {loss:.3g} ({loss / self._first:.2g} times its first value)")
+        raise TrainingDivergedError(
+            f"The loss {what} at step {batch + 1} of epoch {self._epoch + 1} in the "
+            f"'{self.phase}' phase. The weights from the start of that phase were "
+            "restored. Lower the learning rate, check the inputs for NaN or infinite "
+            "values, and check the labels.")
+
+
+NaNGuard = DivergenceGuard  # the name the causal LM adaptation uses
 
 
 class LearningRateLogger(keras.callbacks.Callback):
@@ -236,141 +667,25 @@ class TransferHistory(keras.callbacks.History):
         return [p.name for p in self.phases for _ in range(p.epochs_run)]
 
 
-def run_phase(model, name, train, validation, epochs, optimizer, loss, metrics,
-              callbacks=(), early_stopping=None, initial_epoch=0, verbose="auto",
-              peak_learning_rate=None):
-    """Compiles `model` in its strategy's scope and fits one phase.
+class DropUnfedHeads(keras.callbacks.Callback):
+    """Removes the metrics of heads that had no data from each epoch's logs.
 
-    Args:
-        model: keras.Model with its `trainable` flags already set.
-        name: str. Phase name for logs (`"head"` or `"fine_tune"`).
-        train: tf.data.Dataset of `(inputs, targets)` batches.
-        validation: tf.data.Dataset or None.
-        epochs: int. Epochs of this phase.
-        optimizer: keras.optimizers.Optimizer (fresh for each phase).
-        loss, metrics: as for `compile`.
-        callbacks: extra Keras callbacks.
-        early_stopping: int or None. Patience, in epochs; restores the best
-            weights when it stops.
-        initial_epoch: int. Epochs already run, so numbering continues.
-        verbose: as for `fit`.
-        peak_learning_rate: float. The phase's highest rate, for the record.
-
-    Returns:
-        `(PhaseRecord, keras.callbacks.History)`.
+    A head without training (or validation) data would otherwise show zeros.
     """
-    with model.distribute_strategy.scope():
-        model.compile(optimizer=optimizer, loss=loss, metrics=metrics)
-    trainable, frozen = count_params(model)
-    peak = peak_learning_rate
-    if peak is None:
-        peak = float(keras.ops.convert_to_numpy(optimizer.learning_rate))
-    record = PhaseRecord(name, initial_epoch, 0, trainable, frozen, peak)
-    message = (f"Phase '{name}': {trainable:,} trainable and {frozen:,} frozen "
-               f"parameters, peak learning rate {peak:g}, {epochs} epochs.")
-    logger.info(message)
-    if verbose:
-        print(message)
-    phase_callbacks = [NaNGuard(name), LearningRateLogger(), *callbacks]
-    stopper = None
-    if early_stopping:
-        stopper = keras.callbacks.EarlyStopping(
-            monitor="val_loss" if validation is not None else "loss",
-            patience=int(early_stopping), restore_best_weights=True)
-        phase_callbacks.append(stopper)
-    history = keras.Model.fit(
-        model, train, validation_data=validation, epochs=initial_epoch + epochs,
-        initial_epoch=initial_epoch, callbacks=phase_callbacks, verbose=verbose,
-        shuffle=False)  # the pipeline shuffles
-    record.stopped_early = bool(stopper and stopper.stopped_epoch)
-    return record, history
 
+    def __init__(self, head_names, trained, validated):
+        super().__init__()
+        self.head_names = list(head_names)
+        self.trained = set(trained)
+        self.validated = set(validated)
 
-def check_phase_arguments(head_epochs, fine_tune_epochs, epochs=None,
-                          warmup_fraction=0.1) -> tuple[int, int]:
-    """Validates the epochs of both phases; `epochs` is the Keras-style alias.
-
-    Returns:
-        `(head_epochs, fine_tune_epochs)`.
-    """
-    if epochs is not None:
-        head_epochs, fine_tune_epochs = epochs, 0
-    for name, value in (("head_epochs", head_epochs), ("fine_tune_epochs", fine_tune_epochs)):
-        if not isinstance(value, int) or isinstance(value, bool) or value < 0:
-            raise ValueError(f"Received {name}={value!r}; expected an int >= 0.")
-    if head_epochs + fine_tune_epochs == 0:
-        raise ValueError("Received head_epochs=0 and fine_tune_epochs=0: nothing to train.")
-    if not 0.0 <= warmup_fraction <= 1.0:
-        raise ValueError(f"Received warmup_fraction={warmup_fraction}; expected [0, 1].")
-    return head_epochs, fine_tune_epochs
-
-
-def train_two_phases(model, train, validation, *, steps, head_epochs, fine_tune_epochs,
-                     head_learning_rate, fine_tune_learning_rate, warmup_fraction, decay,
-                     loss, make_metrics, prepare_fine_tuning, callbacks=(),
-                     early_stopping=None, verbose="auto", train_head=None) -> TransferHistory:
-    """Trains the head on the frozen backbone, then fine-tunes.
-
-    Args:
-        model: a model with `backbone` and `train_batchnorm` attributes.
-        train, validation: batched `tf.data.Dataset`s (validation may be None).
-        steps: int. Batches per epoch, for the schedule.
-        head_epochs, fine_tune_epochs: int. Epochs of each phase.
-        head_learning_rate: float. Adam rate of phase 1.
-        fine_tune_learning_rate: float. Peak rate of phase 2.
-        warmup_fraction: float. Share of phase 2 spent warming up.
-        decay: str. `"cosine"` or `"linear"`.
-        loss: the loss (or dict of losses) to compile with.
-        make_metrics: callable returning fresh metrics for one phase.
-        prepare_fine_tuning: callable that makes phase 2's weights trainable.
-        callbacks: Keras callbacks for both phases.
-        early_stopping: int, optional. Patience in epochs.
-        verbose: as for `fit`.
-        train_head: callable, optional. Runs phase 1 in another way (e.g.
-            `features.train_head_on_features` on cached features) and
-            returns `(PhaseRecord, keras History)`.
-
-    Returns:
-        The combined `TransferHistory`.
-    """
-    history = TransferHistory()
-    # Optimizers and metrics own variables: create them in the strategy scope.
-    with model.distribute_strategy.scope():
-        if head_epochs:
-            freeze(model.backbone)
-            model.train_batchnorm = False
-            if train_head is not None:
-                record, phase_history = train_head()
-            else:
-                record, phase_history = run_phase(
-                    model, "head", train, validation, head_epochs,
-                    keras.optimizers.Adam(head_learning_rate), loss, make_metrics(),
-                    callbacks, early_stopping, initial_epoch=0, verbose=verbose,
-                    peak_learning_rate=head_learning_rate)
-            history.extend(record, phase_history)
-        if fine_tune_epochs:
-            prepare_fine_tuning()
-            total = steps * fine_tune_epochs
-            schedule = WarmupDecay(fine_tune_learning_rate, total_steps=total,
-                                   warmup_steps=int(round(warmup_fraction * total)),
-                                   decay=decay)
-            record, phase_history = run_phase(
-                model, "fine_tune", train, validation, fine_tune_epochs,
-                keras.optimizers.Adam(schedule), loss, make_metrics(), callbacks,
-                early_stopping, initial_epoch=len(history.epoch), verbose=verbose,
-                peak_learning_rate=fine_tune_learning_rate)
-            history.extend(record, phase_history)
-    return history
-
-
-def steps_per_epoch(dataset) -> int:
-    """Batches in one pass of a finite dataset (counted if unknown)."""
-    import tensorflow as tf
-
-    n = int(dataset.cardinality())
-    if n == tf.data.INFINITE_CARDINALITY:
-        raise ValueError("Received an infinite dataset; repeat() is not needed, "
-                         "each epoch is one pass over the data.")
-    if n < 0:
-        n = sum(1 for _ in dataset)
-    return n
+    def on_epoch_end(self, epoch, logs=None):
+        if logs is None:
+            return
+        for key in list(logs):
+            owner = head_of_key(key, self.head_names)
+            if owner is None:
+                continue
+            fed = self.validated if key.startswith("val_") else self.trained
+            if owner not in fed:
+                del logs[key]

@@ -84,9 +84,9 @@ def test_weights_from_a_local_file_by_layer_name(tmp_path):
     path = str(tmp_path / "mine.weights.h5")
     source.save_weights(path)
     model = kt.ImageTransferModel("mobilenet_v2", 2, weights=path, input_shape=(48, 48, 3))
-    for a, b in zip(source.get_weights(), model.backbone.get_weights()):
+    for a, b in zip(source.get_weights(), model.backbone.network.get_weights()):
         np.testing.assert_array_equal(a, b)
-    assert model.weights_source == path
+    assert model.backbone.weights_source == path
 
 
 def test_weights_file_of_another_network_is_refused(tmp_path):

@@ -15,7 +15,7 @@ import pytest
 import tensorflow as tf
 
 import keras_transfer as kt
-from keras_transfer import features
+from keras_transfer import feature_cache as features
 from keras_transfer.errors import DataError
 
 ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), ".."))
@@ -35,8 +35,8 @@ def backbone_runs(monkeypatch):
     calls = []
     original = features._feature_function
 
-    def counting(model, augmentation=None):
-        function = original(model, augmentation)
+    def counting(model, spec, augmentation=None):
+        function = original(model, spec, augmentation)
 
         def run(inputs):
             calls.append(int(tf.shape(tf.nest.flatten(inputs)[0])[0]))
@@ -77,10 +77,10 @@ def test_features_are_the_backbone_outputs_streamed_back_from_shards(backbone_ru
     x, y = images(23)
     model = tiny_model()
     cache = features.extract_features(model, x, y, batch_size=8, shard_size=5)
-    assert not cache.reused and backbone_runs == [8, 8, 7]
+    assert not cache.reused and backbone_runs == [23]  # the backbone runs on batches of 64
     assert cache.num_examples == 23 and cache.feature_shape == (3, 3, 6) and cache.copies == 1
     assert len(cache.manifest["shards"]) == 5  # 5 + 5 + 5 + 5 + 3
-    expected = model.backbone(model.preprocessor(x.astype("float32")), training=False).numpy()
+    expected = model.backbone(x.astype("float32"), training=False).numpy()
     stored, labels = cache.load()
     np.testing.assert_allclose(stored, expected, atol=1e-6)
     np.testing.assert_array_equal(labels, y)
@@ -99,6 +99,8 @@ def test_features_are_the_backbone_outputs_streamed_back_from_shards(backbone_ru
     assert manifest["complete"] and set(manifest["key"]) >= {"model", "data", "num_examples"}
     assert set(manifest["key"]["model"]) >= {"architecture", "weights", "preprocessing",
                                              "input_size"}
+    assert all(len(part["sha256"]) == 64 for shard in manifest["shards"]
+               for part in (shard["features"], shard["labels"]))
 
 
 def test_second_call_reuses_the_cache_without_running_the_backbone(backbone_runs):
@@ -128,12 +130,12 @@ def _changed(kind, model, x, y):
         y = y.copy()
         y[0] = (y[0] + 1) % 3
     elif kind == "weights":
-        kernel = model.backbone.layers[1].kernel
+        kernel = model.backbone.network.layers[1].kernel
         kernel.assign(kernel + 1e-3)
     elif kind == "input size":
-        model = tiny_model(model.backbone, size=20)
+        model = tiny_model(model.backbone.network, size=20)
     elif kind == "preprocessing":
-        model = tiny_model(model.backbone, preprocessing="none")
+        model = tiny_model(model.backbone.network, preprocessing="none")
     elif kind == "architecture":
         model = tiny_model(keras.Sequential([keras.Input((None, None, 3)),
                                              keras.layers.Conv2D(6, 5, strides=4)]))
@@ -173,7 +175,7 @@ KILLED_SCRIPT = textwrap.dedent("""
     import keras
     import numpy as np
     import keras_transfer as kt
-    from keras_transfer import features
+    from keras_transfer import feature_cache as features
 
     backbone_file, root = sys.argv[1], sys.argv[2]
     rng = np.random.default_rng(0)
@@ -182,8 +184,8 @@ KILLED_SCRIPT = textwrap.dedent("""
                                   input_shape=(16, 16, 3), preprocessing="tf", pooling="avg")
     original = features._feature_function
 
-    def slow(model, augmentation=None):
-        function = original(model, augmentation)
+    def slow(model, spec, augmentation=None):
+        function = original(model, spec, augmentation)
 
         def run(inputs):
             time.sleep(0.5)
@@ -191,6 +193,7 @@ KILLED_SCRIPT = textwrap.dedent("""
         return run
 
     features._feature_function = slow
+    features.MIN_EXTRACTION_BATCH = 1  # one backbone call per 2 images: a slow extraction
     features.extract_features(model, x, y, batch_size=2, shard_size=2, cache_dir=root)
     print("finished")
 """)
@@ -228,7 +231,7 @@ def test_killed_extraction_leaves_no_usable_cache_and_is_rebuilt(tmp_path, backb
     assert not cache.reused and sum(backbone_runs) == 24
     assert entries(root) == [os.path.basename(cache.path)]  # the unfinished one is gone
     cache.verify()
-    expected = model.backbone(model.preprocessor(x.astype("float32")), training=False).numpy()
+    expected = model.backbone(x.astype("float32"), training=False).numpy()
     np.testing.assert_allclose(cache.load()[0], expected, atol=1e-6)
     assert features.extract_features(model, x, y, cache_dir=root).reused
 
@@ -238,8 +241,8 @@ def test_an_error_mid_extraction_leaves_nothing_behind(monkeypatch, cache_root):
     model = tiny_model()
     original = features._feature_function
 
-    def failing(model, augmentation=None):
-        function = original(model, augmentation)
+    def failing(model, spec, augmentation=None):
+        function = original(model, spec, augmentation)
         seen = []
 
         def run(inputs):
@@ -251,6 +254,7 @@ def test_an_error_mid_extraction_leaves_nothing_behind(monkeypatch, cache_root):
         return run
 
     monkeypatch.setattr(features, "_feature_function", failing)
+    monkeypatch.setattr(features, "MIN_EXTRACTION_BATCH", 1)
     with pytest.raises(RuntimeError, match="disk full"):
         features.extract_features(model, x, y, batch_size=4, shard_size=4)
     assert entries(cache_root) == []
@@ -300,10 +304,14 @@ def test_head_trained_on_features_matches_the_frozen_backbone_recipe(backbone_ru
     backbone_before = [np.array(w) for w in cached.backbone.weights]
     head_before = [np.array(w) for w in cached.head.weights]
 
-    record, history = features.train_head_on_features(
-        cached, x, y, epochs=3, batch_size=8, shuffle=False, verbose=0)
+    history = cached.fit(x, y, phases=[kt.HeadPhase(epochs=3)], batch_size=8, shuffle=False,
+                         verbose=0)
     assert sum(backbone_runs) == 32  # once, not once per epoch
-    recipe_history = recipe.fit(x, y, head_epochs=3, batch_size=8, shuffle=False, verbose=0)
+    backbone_runs.clear()
+    # The keras.io recipe: the frozen backbone runs inside fit every epoch.
+    recipe_history = recipe.fit(x, y, phases=[kt.HeadPhase(epochs=3, feature_cache=False)],
+                                batch_size=8, shuffle=False, verbose=0)
+    assert backbone_runs == []  # no extraction: the backbone ran inside fit
 
     for a, b in zip(backbone_before, cached.backbone.weights):
         np.testing.assert_array_equal(a, np.array(b))
@@ -313,9 +321,26 @@ def test_head_trained_on_features_matches_the_frozen_backbone_recipe(backbone_ru
     np.testing.assert_allclose(history.history["loss"], recipe_history.history["loss"], rtol=1e-4)
     # The full model predicts with the trained head.
     np.testing.assert_allclose(cached.predict(x), recipe.predict(x), atol=1e-5)
-    usual = recipe_history.phases[0]
+    record, usual = history.phases[0], recipe_history.phases[0]
     assert (record.name, record.trainable_params, record.frozen_params) == (
         "head", usual.trainable_params, usual.frozen_params)
+
+
+def test_callbacks_see_the_whole_model_while_the_head_trains_on_features(tmp_path):
+    x, y = images(16)
+    model = tiny_model()
+    seen = []
+
+    class Spy(keras.callbacks.Callback):
+        def on_epoch_end(self, epoch, logs=None):
+            seen.append(self.model)
+
+    checkpoint = str(tmp_path / "best.keras")
+    model.fit(x, y, head_epochs=2, batch_size=8, verbose=0,
+              callbacks=[Spy(), keras.callbacks.ModelCheckpoint(checkpoint)])
+    assert seen == [model, model]
+    restored = keras.saving.load_model(checkpoint)
+    np.testing.assert_allclose(restored.predict(x), model.predict(x), atol=1e-6)
 
 
 def test_validation_data_gets_its_own_cache_and_history_extends(backbone_runs):
@@ -325,16 +350,13 @@ def test_validation_data_gets_its_own_cache_and_history_extends(backbone_runs):
                                   pooling="avg")
     x32 = np.repeat(np.repeat(x, 2, axis=1), 2, axis=2)
     vx32 = np.repeat(np.repeat(vx, 2, axis=1), 2, axis=2)
-    record, keras_history = features.train_head_on_features(
-        model, x32, y, validation_data=(vx32, vy), epochs=2, batch_size=8, verbose=0)
+    history = model.fit(x32, y, validation_data=(vx32, vy), head_epochs=2, batch_size=8,
+                        verbose=0)
     assert sum(backbone_runs) == 36
-    history = kt.TransferHistory()
-    history.extend(record, keras_history)
     assert history.phase_of_epoch() == ["head", "head"]
     assert {"loss", "accuracy", "val_loss", "val_accuracy", "learning_rate"} <= set(history.history)
     backbone_runs.clear()
-    features.train_head_on_features(model, x32, y, validation_data=(vx32, vy), epochs=1,
-                                    batch_size=8, verbose=0)
+    model.fit(x32, y, validation_data=(vx32, vy), head_epochs=1, batch_size=8, verbose=0)
     assert backbone_runs == []  # both caches reused
     assert model.predict(vx32).shape == (12, 3)
 
@@ -342,7 +364,7 @@ def test_validation_data_gets_its_own_cache_and_history_extends(backbone_runs):
 def test_export_after_training_on_features(tmp_path):
     x, y = images(16)
     model = tiny_model()
-    features.train_head_on_features(model, x, y, epochs=1, batch_size=8, verbose=0)
+    model.fit(x, y, head_epochs=1, batch_size=8, verbose=0)
     path = model.export(str(tmp_path / "export"))
     served = tf.saved_model.load(path).signatures["serving_default"](images=tf.constant(x))
     np.testing.assert_allclose(served["probabilities"].numpy(), model.predict(x), atol=1e-5)
@@ -352,13 +374,12 @@ def test_augmentation_recomputes_every_epoch_by_default_and_says_so(backbone_run
     x, y = images()
     model = tiny_model()
     with caplog.at_level(logging.INFO, logger="keras_transfer"):
-        record, history = features.train_head_on_features(
-            model, x, y, epochs=2, batch_size=8, augmentation=keras.layers.RandomFlip(),
-            verbose=1)
+        history = model.fit(x, y, head_epochs=2, batch_size=8,
+                            augmentation=keras.layers.RandomFlip(), verbose=1)
     assert backbone_runs == []  # no cache: the backbone runs inside fit
     assert "recomputes the features of freshly augmented inputs every epoch" in caplog.text
     assert "recomputes the features" in capsys.readouterr().out
-    assert len(history.epoch) == 2 and record.name == "head"
+    assert len(history.epoch) == 2 and history.phases[0].name == "head"
     assert entries(os.environ[features.CACHE_ENV_VAR]) == []
 
 
@@ -367,9 +388,8 @@ def test_augmented_copies_are_cached_and_cycled_per_epoch(backbone_runs, caplog)
     model = tiny_model()
     flip = keras.layers.RandomFlip(seed=3)
     with caplog.at_level(logging.INFO, logger="keras_transfer"):
-        record, history = features.train_head_on_features(
-            model, x, y, epochs=3, batch_size=8, augmentation=flip, augmented_copies=2,
-            verbose=0)
+        history = model.fit(x, y, phases=[kt.HeadPhase(epochs=3, augmented_copies=2)],
+                            batch_size=8, augmentation=flip, verbose=0)
     assert "2 cached augmented copies; epoch i trains on copy i % 2" in caplog.text
     assert sum(backbone_runs) == 2 * len(x) and len(history.epoch) == 3
     cache = features.extract_features(model, x, y, batch_size=8, augmentation=flip,
@@ -387,6 +407,39 @@ def test_augmented_copies_are_cached_and_cycled_per_epoch(backbone_runs, caplog)
     assert not features.extract_features(model, x, y, batch_size=8).reused
 
 
+def test_a_shard_changed_in_place_is_caught_by_its_checksum(backbone_runs, caplog):
+    x, y = images()
+    model = tiny_model()
+    cache = features.extract_features(model, x, y, shard_size=10)
+    shard = os.path.join(cache.path, cache.manifest["shards"][1]["features"]["file"])
+    size = os.path.getsize(shard)
+    with open(shard, "r+b") as file:  # the same size, other bytes
+        file.seek(size - 8)
+        file.write(b"\x7f" * 8)
+    assert os.path.getsize(shard) == size
+    backbone_runs.clear()
+    with caplog.at_level(logging.WARNING, logger="keras_transfer"):
+        again = features.extract_features(model, x, y, shard_size=10)
+    assert not again.reused and sum(backbone_runs) == len(x)
+    assert "does not match its checksum" in caplog.text
+    expected = model.backbone(x.astype("float32"), training=False).numpy()
+    np.testing.assert_allclose(again.load()[0], expected, atol=1e-6)
+
+
+def test_an_unwritable_cache_folder_falls_back_to_the_backbone_in_fit(tmp_path, caplog):
+    x, y = images(16)
+    blocked = tmp_path / "blocked"
+    blocked.write_text("a file where the cache folder should be")
+    model = tiny_model()
+    with caplog.at_level(logging.WARNING, logger="keras_transfer"):
+        history = model.fit(x, y, phases=[kt.HeadPhase(epochs=1, cache_dir=str(blocked / "c"))],
+                            batch_size=8, verbose=0)
+    assert "Cannot write the feature cache" in caplog.text and len(history.epoch) == 1
+    with pytest.raises(DataError, match="Cannot write the feature cache"):
+        model.fit(x, y, batch_size=8, verbose=0, phases=[
+            kt.HeadPhase(epochs=1, cache_dir=str(blocked / "c"), feature_cache=True)])
+
+
 # ------------------------------------------------------------- errors
 def test_bad_arguments_say_what_was_received():
     x, y = images(8)
@@ -400,26 +453,26 @@ def test_bad_arguments_say_what_was_received():
     with pytest.raises(TypeError, match="Received a Sequential"):
         features.extract_features(keras.Sequential([keras.layers.Dense(2)]), x, y)
     with pytest.raises(DataError, match="without labels"):
-        features.train_head_on_features(model, x, epochs=1, verbose=0)
+        model.fit(x, head_epochs=1, verbose=0)
     with pytest.raises(ValueError, match="epochs=0"):
-        features.train_head_on_features(model, x, y, epochs=0)
+        kt.HeadPhase(epochs=0)
     with pytest.raises(ValueError, match="feature_cache='yes'"):
-        features.use_feature_cache("yes")
+        kt.HeadPhase(feature_cache="yes")
     flip = keras.layers.RandomFlip()
     with pytest.raises(ValueError, match="feature_cache=True with random augmentation"):
-        features.use_feature_cache(True, flip, 0)
-    assert features.use_feature_cache(True, flip, 2) and features.use_feature_cache(True)
-    assert features.use_feature_cache("auto", flip, 0) and features.use_feature_cache("auto")
-    assert not features.use_feature_cache(False)
+        kt.HeadPhase(feature_cache=True).uses_cache(flip)
+    assert kt.HeadPhase(feature_cache=True, augmented_copies=2).uses_cache(flip)
+    assert kt.HeadPhase(feature_cache=True).uses_cache(None)
+    assert not kt.HeadPhase().uses_cache(flip) and kt.HeadPhase().uses_cache(None)
+    assert not kt.HeadPhase(feature_cache=False).uses_cache(None)
 
 
-@pytest.mark.parametrize("task", ["multilabel", "regression"])
-def test_other_tasks_train_on_their_label_shapes(task):
+@pytest.mark.parametrize("kind", ["multilabel", "regression"])
+def test_other_kinds_train_on_their_label_shapes(kind):
     x, _ = images(16)
     targets = np.random.default_rng(0).integers(0, 2, (16, 3)).astype("float32")
-    model = tiny_model(task=task)
-    record, history = features.train_head_on_features(model, x, targets, epochs=2,
-                                                      batch_size=8, verbose=0)
+    model = tiny_model(kind=kind)
+    history = model.fit(x, targets, head_epochs=2, batch_size=8, verbose=0)
     cache = features.extract_features(model, x, targets, batch_size=8)
     assert cache.reused and cache.manifest["label_shape"] == [3]
     np.testing.assert_array_equal(cache.load()[1], targets)

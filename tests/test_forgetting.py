@@ -12,10 +12,8 @@ import numpy as np
 import pytest
 
 import keras_transfer as kt
-from keras_transfer import heads
-from keras_transfer.multitask import (
-    MultiTaskModel,
-    Task,
+from keras_transfer import Head, MultiTaskModel
+from keras_transfer.forgetting import (
     block_layers,
     forgetting_report,
     linear_cka,
@@ -62,11 +60,12 @@ def pretrained(digits):
     """A backbone and head trained on task A; returns `(backbone, head)`."""
     keras.utils.set_random_seed(0)
     backbone = tiny_backbone()
-    head = heads.build_head(5, "classification", "avg", name="a_head")
+    head = Head(5, pooling="avg").build(name="a_head")
     model = keras.Sequential([keras.Input((32, 32, 3)), keras.layers.Rescaling(1 / 127.5, -1),
                               backbone, head])
     model.compile(optimizer=keras.optimizers.Adam(3e-3),
-                  loss="sparse_categorical_crossentropy", metrics=["accuracy"])
+                  loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+                  metrics=["accuracy"])
     model.fit(*digits["a_train"], epochs=8, batch_size=32, verbose=0)
     assert model.evaluate(*digits["a_test"], verbose=0)[1] > 0.8
     return backbone, head
@@ -75,16 +74,17 @@ def pretrained(digits):
 def fine_tune_on_b(pretrained, digits, learning_rate, parallel=False, fine_tune_epochs=2):
     backbone, head = pretrained
     keras.utils.set_random_seed(1)
-    tasks = {"b": Task(5)}
+    tasks = {"b": Head(5, pooling="avg")}
     data = {"b": digits["b_train"]}
     if parallel:
-        tasks = {"a": Task(5), **tasks}
+        tasks = {"a": Head(5, pooling="avg"), **tasks}
         data["a"] = digits["a_train"]
     model = MultiTaskModel(snapshot_backbone(backbone), tasks, preprocessing="tf")
     if parallel:  # task A goes on from its trained head
-        model.task_heads["a"].set_weights(head.get_weights())
-    model.fit(data, head_epochs=1, fine_tune_epochs=fine_tune_epochs,
-              fine_tune_learning_rate=learning_rate, batch_size=32, seed=0, verbose=0)
+        model.heads["a"].set_weights(head.get_weights())
+    model.fit(data, phases=[kt.HeadPhase(epochs=1),
+                            kt.FineTunePhase(epochs=fine_tune_epochs, learning_rate=learning_rate)],
+              batch_size=32, seed=0, verbose=0)
     return model
 
 
@@ -229,8 +229,8 @@ def test_identical_text_models_show_no_forgetting():
     model, texts, labels = tiny_text_model()
     model.fit(texts, labels, head_epochs=1, batch_size=8, verbose=0)
     original = snapshot_backbone(model)
-    assert type(original) is type(model.backbone) and not original.trainable
-    assert original.hidden_dim == model.backbone.hidden_dim
+    assert type(original) is type(model.backbone.network) and not original.trainable
+    assert original.hidden_dim == model.backbone.network.hidden_dim
     report = forgetting_report(original, model, texts[:12],
                                earlier_task=(model.head, texts, labels))
     assert [row["layer"] for row in report.blocks] == ["transformer_layer_0",
@@ -242,11 +242,11 @@ def test_identical_text_models_show_no_forgetting():
     assert report.weight_change == 0.0 and report.retained_accuracy == 1.0
     assert report.probe_size == 12 and "12 probe texts" in str(report)
     # Bare KerasHub backbones take their tokenizer as `preprocessing`.
-    bare = forgetting_report(original, model.backbone, texts, max_blocks=1,
-                             preprocessing=model.text_preprocessor)
+    bare = forgetting_report(original, model.backbone.network, texts, max_blocks=1,
+                             preprocessing=model.backbone.preprocessor)
     assert bare.mean_cka == pytest.approx(1.0, abs=1e-6) and bare.probe_size == len(texts)
     with pytest.raises(ValueError, match="no tokenizer"):
-        forgetting_report(original, model.backbone, texts)
+        forgetting_report(original, model.backbone.network, texts)
     with pytest.raises(kt.DataError, match="non-strings at positions \\[0, 1, 2\\]"):
         forgetting_report(original, model, np.zeros((3, 8)))
     with pytest.raises(kt.DataError, match="expected a non-empty list of strings"):
@@ -256,7 +256,7 @@ def test_identical_text_models_show_no_forgetting():
 
 
 def test_masked_mean_ignores_padding():
-    from keras_transfer.multitask import _masked_mean
+    from keras_transfer.forgetting import _masked_mean
 
     values = np.array([[[1.0, 1.0], [3.0, 3.0], [100.0, -100.0]]])
     np.testing.assert_allclose(_masked_mean(values, [[1, 1, 0]]), [[2.0, 2.0]])
@@ -267,8 +267,8 @@ def test_high_learning_rate_text_fine_tune_drifts():
     for rate in (1e-2, 1e-6):
         model, texts, labels = tiny_text_model()
         original = snapshot_backbone(model)
-        model.fit(texts, labels, head_epochs=0, fine_tune_epochs=1, batch_size=8,
-                  fine_tune_learning_rate=rate, warmup_fraction=0.0, verbose=0)
+        model.fit(texts, labels, batch_size=8, verbose=0,
+                  phases=[kt.FineTunePhase(epochs=1, learning_rate=rate, warmup=0.0)])
         reports[rate] = forgetting_report(original, model, texts)
     high, low = reports[1e-2], reports[1e-6]
     assert high.weight_change > 1e-5

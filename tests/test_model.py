@@ -15,7 +15,7 @@ def small_model(**kwargs):
 
 
 def batchnorm_stats(model):
-    return [np.array(w) for layer in model.backbone.layers
+    return [np.array(w) for layer in model.backbone.network.layers
             if isinstance(layer, keras.layers.BatchNormalization)
             for w in (layer.moving_mean, layer.moving_variance)]
 
@@ -23,10 +23,10 @@ def batchnorm_stats(model):
 def test_head_training_leaves_the_backbone_unchanged(tiny_images):
     x, y = tiny_images
     model = small_model()
-    before = [np.array(w) for w in model.backbone.weights]
+    before = [np.array(w) for w in model.backbone.network.weights]
     head_before = [np.array(w) for w in model.head.weights]
     model.fit(x, y, head_epochs=2, batch_size=16, verbose=0)
-    for a, b in zip(before, model.backbone.weights):
+    for a, b in zip(before, model.backbone.network.weights):
         np.testing.assert_array_equal(a, np.array(b))
     assert any(not np.array_equal(a, np.array(b)) for a, b in zip(head_before, model.head.weights))
 
@@ -35,19 +35,20 @@ def test_fine_tuning_keeps_batchnorm_statistics_by_default(tiny_images):
     x, y = tiny_images
     model = small_model()
     stats = batchnorm_stats(model)
-    conv_before = np.array(model.backbone.get_layer("Conv1").kernel)
-    model.fit(x, y, head_epochs=1, fine_tune_epochs=2, fine_tune_learning_rate=1e-3,
+    conv_before = np.array(model.backbone.network.get_layer("Conv1").kernel)
+    model.fit(x, y, phases=[kt.HeadPhase(epochs=1),
+                            kt.FineTunePhase(epochs=2, learning_rate=1e-3)],
               batch_size=16, verbose=0)
     for a, b in zip(stats, batchnorm_stats(model)):
         np.testing.assert_array_equal(a, b)
-    assert not np.array_equal(conv_before, np.array(model.backbone.get_layer("Conv1").kernel))
+    assert not np.array_equal(conv_before, np.array(model.backbone.network.get_layer("Conv1").kernel))
 
 
 def test_train_batchnorm_lets_statistics_move(tiny_images):
     x, y = tiny_images
     model = small_model()
     stats = batchnorm_stats(model)
-    model.fit(x, y, head_epochs=0, fine_tune_epochs=1, train_batchnorm=True,
+    model.fit(x, y, phases=[kt.FineTunePhase(epochs=1, train_batchnorm=True)],
               batch_size=16, verbose=0)
     assert any(not np.allclose(a, b) for a, b in zip(stats, batchnorm_stats(model)))
 
@@ -55,14 +56,14 @@ def test_train_batchnorm_lets_statistics_move(tiny_images):
 def test_phases_report_parameters_and_learning_rates(tiny_images):
     x, y = tiny_images
     model = small_model()
-    history = model.fit(x, y, head_epochs=2, fine_tune_epochs=3, batch_size=10,
-                        warmup_fraction=0.25, verbose=0)
+    history = model.fit(x, y, phases=[kt.HeadPhase(epochs=2), kt.FineTunePhase(epochs=3, warmup=0.25)],
+                        batch_size=10, verbose=0)
     head, fine = history.phases
     assert (head.name, head.epochs_run, fine.name, fine.epochs_run) == ("head", 2, "fine_tune", 3)
     assert head.trainable_params == 1280 * 3 + 3
     total = head.trainable_params + head.frozen_params
     assert fine.trainable_params + fine.frozen_params == total
-    bn_params = sum(int(np.prod(w.shape)) for layer in model.backbone.layers
+    bn_params = sum(int(np.prod(w.shape)) for layer in model.backbone.network.layers
                     if isinstance(layer, keras.layers.BatchNormalization) for w in layer.weights)
     assert fine.frozen_params == bn_params
     assert fine.peak_learning_rate == pytest.approx(1e-5)
@@ -89,10 +90,11 @@ def test_warmup_decay_schedule_shape():
 def test_unfreeze_top_layers_or_from_a_named_layer(policy, expected):
     model = small_model()
     count = kt.unfreeze(model.backbone, policy)
-    trainable = [layer.name for layer in model.backbone.layers if layer.trainable and layer.weights]
+    network = model.backbone.network
+    trainable = [layer.name for layer in network.layers if layer.trainable and layer.weights]
     if expected:
         assert count <= expected
-        assert all(not isinstance(model.backbone.get_layer(n), keras.layers.BatchNormalization)
+        assert all(not isinstance(network.get_layer(n), keras.layers.BatchNormalization)
                    for n in trainable)
         assert trainable[-1] == "Conv_1"
     else:
@@ -129,7 +131,7 @@ def test_custom_keras_model_backbone_with_cut_point(tiny_images, tmp_path):
     outputs = keras.layers.Dense(10, name="old_top")(h)
     pretrained = keras.Model(inputs, outputs, name="mine")
     model = kt.ImageTransferModel(pretrained, 3, cut_layer="features", preprocessing="tf")
-    assert model.backbone.output_shape == (None, 30, 30, 8)
+    assert model.backbone.network.output_shape == (None, 30, 30, 8)
     model.fit(x, y, head_epochs=1, fine_tune_epochs=1, batch_size=16, verbose=0)
     path = str(tmp_path / "custom.keras")
     model.save(path)
@@ -139,21 +141,26 @@ def test_custom_keras_model_backbone_with_cut_point(tiny_images, tmp_path):
         kt.ImageTransferModel(pretrained, 3, cut_layer="nope")
 
 
-@pytest.mark.parametrize("task, targets, outputs", [
+@pytest.mark.parametrize("kind, targets, outputs", [
     ("multilabel", lambda n: np.random.default_rng(0).integers(0, 2, (n, 3)), "sigmoid"),
     ("regression", lambda n: np.random.default_rng(0).normal(size=(n, 3)), "linear"),
 ])
-def test_multilabel_and_regression_heads(tiny_images, task, targets, outputs):
+def test_multilabel_and_regression_heads(tiny_images, kind, targets, outputs):
     x, _ = tiny_images
-    model = small_model(task=task)
+    model = small_model(kind=kind)
     history = model.fit(x, targets(len(x)), head_epochs=1, batch_size=16, verbose=0)
-    assert model.head.layers[-1].activation.__name__ == outputs
-    metric = "binary_accuracy" if task == "multilabel" else "mae"
+    assert model.head.layers[-1].activation.__name__ == "linear"  # logits
+    assert model.head_specs["head"].kind == kind
+    metric = "binary_accuracy" if kind == "multilabel" else "mae"
     assert metric in history.history
     predictions = model.predict(x)
     assert predictions.shape == (40, 3)
-    if task == "multilabel":
+    if kind == "multilabel":
         assert ((predictions >= 0) & (predictions <= 1)).all()
+    # The head outputs logits; predict applies the head's activation.
+    logits = np.asarray(model(x[:4].astype("float32")))
+    activation = {"sigmoid": lambda z: 1 / (1 + np.exp(-z)), "linear": lambda z: z}[outputs]
+    np.testing.assert_allclose(predictions[:4], activation(logits), atol=1e-5)
 
 
 def test_flatten_head_is_the_default():
@@ -164,8 +171,8 @@ def test_flatten_head_is_the_default():
 def test_early_stopping_restores_best_weights(tiny_images):
     x, y = tiny_images
     model = small_model()
-    history = model.fit(x, y, validation_data=(x[:8], y[:8]), head_epochs=30,
-                        head_learning_rate=0.5, early_stopping=1, batch_size=16, verbose=0)
+    history = model.fit(x, y, validation_data=(x[:8], y[:8]), batch_size=16, verbose=0,
+                        phases=[kt.HeadPhase(epochs=30, learning_rate=0.5, early_stopping=1)])
     assert history.phases[0].stopped_early
     assert history.phases[0].epochs_run < 30
     best = min(history.history["val_loss"])

@@ -1,4 +1,4 @@
-"""The multi-task model: joint training, per-task metrics, export, configs and bad input."""
+"""Several heads on one backbone: joint training, per-head metrics, export, configs and bad input."""
 
 import json
 
@@ -8,18 +8,13 @@ import pytest
 import tensorflow as tf
 
 import keras_transfer as kt
-from keras_transfer.multitask import (
-    MultiTaskModel,
-    Task,
-    TextMultiTaskModel,
-    task_schedule,
-)
+from keras_transfer import Head, MultiTaskModel, TextMultiTaskModel, task_schedule
 from keras_transfer.plots import plot_history
 
 TASKS = {
-    "digits": Task(num_classes=3, class_names=["zero", "one", "two"]),
-    "tags": Task(num_classes=4, kind="multilabel"),
-    "size": Task(num_classes=1, kind="regression", loss_weight=0.5),
+    "digits": Head(num_classes=3, class_names=["zero", "one", "two"], pooling="avg"),
+    "tags": Head(num_classes=4, kind="multilabel", pooling="avg"),
+    "size": Head(num_classes=1, kind="regression", loss_weight=0.5, pooling="avg"),
 }
 
 
@@ -50,11 +45,11 @@ def trained():
     """A MobileNetV2 multi-task model after both phases, with what it started from."""
     keras.utils.set_random_seed(0)
     model = mobilenet_model()
-    before = {"bn": batchnorm_stats(model.backbone)}
+    before = {"bn": batchnorm_stats(model.backbone.network)}
     train, validation = task_data(0), task_data(1, sizes=(16, 8, 8))
     validation.pop("size")  # a task without validation data
-    history = model.fit(train, validation_data=validation, head_epochs=2, fine_tune_epochs=2,
-                        batch_size=8, warmup_fraction=0.25, seed=0, verbose=0)
+    history = model.fit(train, validation_data=validation, batch_size=8, seed=0, verbose=0,
+                        phases=[kt.HeadPhase(epochs=2), kt.FineTunePhase(epochs=2, warmup=0.25)])
     return model, history, train, validation, before
 
 
@@ -68,10 +63,10 @@ def test_history_has_per_task_keys_for_both_phases(trained):
     assert all(len(values) == 4 for values in history.history.values())
     assert history.phase_of_epoch() == ["head"] * 2 + ["fine_tune"] * 2
     head, fine = history.phases
-    head_params = sum(int(np.prod(w.shape)) for h in model.task_heads.values() for w in h.weights)
+    head_params = sum(int(np.prod(w.shape)) for h in model.heads.values() for w in h.weights)
     assert head.trainable_params == head_params == 1280 * (3 + 4 + 1) + 8
     assert fine.peak_learning_rate == pytest.approx(1e-5)
-    bn_params = sum(int(np.prod(w.shape)) for layer in model.backbone.layers
+    bn_params = sum(int(np.prod(w.shape)) for layer in model.backbone.network.layers
                     if isinstance(layer, keras.layers.BatchNormalization) for w in layer.weights)
     assert fine.frozen_params == bn_params
     rates = history.history["learning_rate"]
@@ -86,7 +81,7 @@ def batchnorm_stats(backbone):
 
 def test_fine_tuning_keeps_mobilenet_batchnorm_statistics(trained):
     model, _, _, _, before = trained
-    after = batchnorm_stats(model.backbone)
+    after = batchnorm_stats(model.backbone.network)
     assert len(after) == len(before["bn"]) == 2 * 52
     for a, b in zip(before["bn"], after):
         np.testing.assert_array_equal(a, b)
@@ -99,14 +94,16 @@ def test_fine_tuning_moves_the_backbone_and_batchnorm_only_when_asked(train_batc
     x = keras.layers.Conv2D(8, 3, strides=2, name="conv")(inputs)
     x = keras.layers.BatchNormalization(name="bn")(x)
     model = MultiTaskModel(keras.Model(inputs, x), TASKS, preprocessing="tf")
-    stats, kernel = batchnorm_stats(model.backbone), np.array(model.backbone.get_layer("conv").kernel)
+    network = model.backbone.network
+    stats, kernel = batchnorm_stats(network), np.array(network.get_layer("conv").kernel)
     data = task_data()
     model.fit(data, head_epochs=1, batch_size=8, verbose=0)
-    np.testing.assert_array_equal(kernel, np.array(model.backbone.get_layer("conv").kernel))
-    model.fit(data, head_epochs=0, fine_tune_epochs=1, fine_tune_learning_rate=1e-3,
-              train_batchnorm=train_batchnorm, batch_size=8, verbose=0)
-    assert np.abs(kernel - np.array(model.backbone.get_layer("conv").kernel)).max() > 1e-5
-    moved = any(not np.allclose(a, b) for a, b in zip(stats, batchnorm_stats(model.backbone)))
+    np.testing.assert_array_equal(kernel, np.array(network.get_layer("conv").kernel))
+    model.fit(data, phases=[kt.FineTunePhase(epochs=1, learning_rate=1e-3,
+                                             train_batchnorm=train_batchnorm)],
+              batch_size=8, verbose=0)
+    assert np.abs(kernel - np.array(network.get_layer("conv").kernel)).max() > 1e-5
+    moved = any(not np.allclose(a, b) for a, b in zip(stats, batchnorm_stats(network)))
     assert moved == train_batchnorm
 
 
@@ -158,11 +155,11 @@ def test_export_has_one_output_per_task(trained, tmp_path):
     from_bytes = loaded.signatures["serving_bytes"](image_bytes=encoded)
     assert np.abs(from_bytes["tags"].numpy() - expected["tags"]).max() <= 1e-5
     metadata = json.loads((tmp_path / "export" / "metadata.json").read_text())
-    assert metadata["task"] == "multitask" and metadata["kind"] == "image_multitask"
+    assert metadata["task"] == "multitask" and metadata["kind"] == "image"
     assert metadata["output"] == {"digits": "probabilities", "tags": "probabilities",
                                   "size": "predictions"}
     assert metadata["class_names"]["digits"] == ["zero", "one", "two"]
-    assert metadata["tasks"]["size"]["loss_weight"] == 0.5
+    assert metadata["heads"]["size"]["loss_weight"] == 0.5
     assert metadata["metrics"] == {"digits_accuracy": 0.5}
 
 
@@ -176,7 +173,7 @@ def test_config_and_keras_file_round_trip(trained, tmp_path):
     model.save(path)
     loaded = keras.saving.load_model(path)
     assert isinstance(loaded, MultiTaskModel)
-    assert loaded.tasks == model.tasks
+    assert loaded.head_specs == model.head_specs
     x = train["size"][0]
     for name, value in loaded.predict(x).items():
         np.testing.assert_allclose(value, model.predict(x)[name], atol=1e-6)
@@ -199,12 +196,11 @@ def test_sampling_schedules_and_pipelines():
     assert task_schedule({"a": 3, "b": 1}) == ["a", "b"] * 3
     order = task_schedule({"a": 5, "b": 3, "c": 2}, "proportional", seed=0)
     assert sorted(order) == ["a"] * 5 + ["b"] * 3 + ["c"] * 2 and order != sorted(order)
-    model = MultiTaskModel(tiny_backbone(), TASKS)
     data = task_data()  # 5, 3 and 2 batches of 8
     for sampling, steps, per_task in (("round_robin", 15, [5, 5, 5]),
                                       ("proportional", 10, [5, 3, 2])):
-        dataset, count = model.make_dataset(data, batch_size=8, training=True,
-                                            sampling=sampling, seed=0)
+        model = MultiTaskModel(tiny_backbone(), TASKS, sampling=sampling)
+        dataset, count = model.make_dataset(data, batch_size=8, training=True, seed=0)
         assert count == steps == int(dataset.cardinality())
         owners = []
         for _images, targets, masks in dataset:
@@ -219,22 +215,22 @@ def test_sampling_schedules_and_pipelines():
 
 def test_loss_weight_zero_and_tasks_without_data_leave_their_heads_alone():
     keras.utils.set_random_seed(0)
-    tasks = dict(TASKS, tags=Task(4, kind="multilabel", loss_weight=0.0))
-    model = MultiTaskModel(tiny_backbone(), tasks)
-    before = {n: [np.array(w) for w in h.weights] for n, h in model.task_heads.items()}
+    tasks = dict(TASKS, tags=Head(4, kind="multilabel", loss_weight=0.0))
+    model = MultiTaskModel(tiny_backbone(), tasks, sampling="proportional")
+    before = {n: [np.array(w) for w in h.weights] for n, h in model.heads.items()}
     data = task_data()
     data.pop("size")
-    history = model.fit(data, head_epochs=1, batch_size=8, sampling="proportional", verbose=0)
+    history = model.fit(data, head_epochs=1, batch_size=8, verbose=0)
     assert "size_loss" not in history.history and "tags_loss" in history.history
     for name in ("tags", "size"):
-        for a, b in zip(before[name], model.task_heads[name].weights):
+        for a, b in zip(before[name], model.heads[name].weights):
             np.testing.assert_array_equal(a, np.array(b))
-    assert not np.array_equal(before["digits"][0], np.array(model.task_heads["digits"].weights[0]))
+    assert not np.array_equal(before["digits"][0], np.array(model.heads["digits"].weights[0]))
 
 
 def test_custom_backbone_in_a_strategy_and_folder_data(image_folder):
     strategy = tf.distribute.MirroredStrategy(["/cpu:0"])
-    tasks = {"animals": Task(3), "size": Task(1, kind="regression")}
+    tasks = {"animals": Head(3, pooling="avg"), "size": Head(1, kind="regression", pooling="avg")}
     with strategy.scope():  # a backbone that trains in a strategy is built in its scope
         backbone = tiny_backbone()
     model = MultiTaskModel(backbone, tasks, preprocessing="tf", strategy=strategy)
@@ -245,33 +241,33 @@ def test_custom_backbone_in_a_strategy_and_folder_data(image_folder):
                         fine_tune_epochs=1, batch_size=4, verbose=0)
     assert len(history.epoch) == 2
     assert model.class_names["animals"] == ["cat", "dog", "fox"]
-    for variable in (model.task_heads["animals"].weights[0], model.optimizer.iterations):
+    for variable in (model.heads["animals"].weights[0], model.optimizer.iterations):
         assert strategy.extended.variable_created_in_scope(variable.value)
 
 
 def test_bad_tasks_and_data():
     with pytest.raises(ValueError, match="non-empty dict"):
         MultiTaskModel(tiny_backbone(), {})
-    with pytest.raises(ValueError, match="task name 'my task'"):
-        MultiTaskModel(tiny_backbone(), {"my task": Task(2)})
-    with pytest.raises(ValueError, match="expected a kt.Task"):
+    with pytest.raises(ValueError, match="head name 'my task'"):
+        MultiTaskModel(tiny_backbone(), {"my task": Head(2)})
+    with pytest.raises(ValueError, match="expected a kt.Head"):
         MultiTaskModel(tiny_backbone(), {"a": 3})
-    with pytest.raises(ValueError, match="num_classes=1 for task 'classification'"):
-        Task(num_classes=1)
+    with pytest.raises(ValueError, match="num_classes=1 for kind 'classification'"):
+        Head(num_classes=1)
     with pytest.raises(ValueError, match="loss_weight=-1"):
-        Task(2, loss_weight=-1)
+        Head(2, loss_weight=-1)
     model = MultiTaskModel(tiny_backbone(), TASKS)
     data = task_data()
-    with pytest.raises(kt.DataError, match=r"task\(s\) \['digit'\].*did you mean 'digits'"):
+    with pytest.raises(kt.DataError, match=r"head\(s\) \['digit'\].*did you mean 'digits'"):
         model.fit({"digit": data["digits"]}, head_epochs=1, verbose=0)
-    with pytest.raises(kt.DataError, match="Task 'tags': Received 24 images but 23 labels"):
+    with pytest.raises(kt.DataError, match="Head 'tags': Received 24 images but 23 labels"):
         model.fit({"tags": (data["tags"][0], data["tags"][1][:23])}, head_epochs=1, verbose=0)
     with pytest.raises(kt.DataError, match="takes a dict"):
         model.fit(data["digits"][0], head_epochs=1, verbose=0)
     with pytest.raises(kt.DataError, match="Received y"):
         model.fit(data, data["digits"][1], head_epochs=1, verbose=0)
     with pytest.raises(ValueError, match="sampling='random'"):
-        model.fit(data, head_epochs=1, sampling="random", verbose=0)
+        MultiTaskModel(tiny_backbone(), TASKS, sampling="random")
     with pytest.raises(kt.DataError, match=r"regression targets of shape \(16, 2\)"):
         model.fit({"size": (data["size"][0], np.zeros((16, 2)))}, head_epochs=1, verbose=0)
     with pytest.raises(kt.DataError, match="outside num_classes=3"):
@@ -279,17 +275,17 @@ def test_bad_tasks_and_data():
                   verbose=0)
     with pytest.raises(kt.DataError, match="images without labels"):
         model.evaluate({"digits": data["digits"][0]})
-    with pytest.raises(ValueError, match="Task\\(loss_weight"):
+    with pytest.raises(ValueError, match="Head\\(loss_weight"):
         model.compile(loss_weights={"digits": 2.0})
-    with pytest.raises(ValueError, match="unknown task\\(s\\) \\['other'\\]"):
+    with pytest.raises(ValueError, match="unknown head\\(s\\) \\['other'\\]"):
         model.compile(metrics={"other": ["accuracy"]})
 
 
 # ---------------------------------------------------------------------- text
 TEXT_TASKS = {
-    "sentiment": Task(num_classes=2, class_names=["neg", "pos"]),
-    "topics": Task(num_classes=3, kind="multilabel", hidden_units=(4,)),
-    "score": Task(num_classes=1, kind="regression", loss_weight=0.5),
+    "sentiment": Head(num_classes=2, class_names=["neg", "pos"]),
+    "topics": Head(num_classes=3, kind="multilabel", hidden_units=(4,)),
+    "score": Head(num_classes=1, kind="regression", loss_weight=0.5),
 }
 
 
@@ -314,9 +310,9 @@ def tiny_text_multitask():
 def text_trained():
     keras.utils.set_random_seed(0)
     model, data = tiny_text_multitask()
-    frozen = [np.array(w) for w in model.backbone.weights]
+    frozen = [np.array(w) for w in model.backbone.network.weights]
     history = model.fit(data, validation_data={"sentiment": data["sentiment"]},
-                        head_epochs=1, fine_tune_epochs=1, fine_tune_learning_rate=1e-3,
+                        phases=[kt.HeadPhase(epochs=1), kt.FineTunePhase(epochs=1, learning_rate=1e-3)],
                         batch_size=4, seed=0, verbose=0)
     return model, history, data, frozen
 
@@ -331,7 +327,7 @@ def test_text_multitask_history_predict_and_evaluate(text_trained):
     head = history.phases[0]
     assert head.trainable_params == 8 * 2 + 2 + (8 * 4 + 4 + 4 * 3 + 3) + 8 + 1
     assert any(not np.array_equal(a, np.array(b))
-               for a, b in zip(frozen, model.backbone.weights))
+               for a, b in zip(frozen, model.backbone.network.weights))
     texts = data["sentiment"][0][:5]
     outputs = model.predict(texts)
     assert {k: v.shape for k, v in outputs.items()} == {"sentiment": (5, 2), "topics": (5, 3),
@@ -357,7 +353,7 @@ def test_text_multitask_export_serves_raw_strings(text_trained, tmp_path):
     for name, value in outputs.items():
         assert np.abs(value.numpy() - expected[name]).max() <= 1e-5
     metadata = kt.load_metadata(path)
-    assert metadata["kind"] == "text_multitask" and metadata["task"] == "multitask"
+    assert metadata["kind"] == "text" and metadata["task"] == "multitask"
     assert metadata["output"] == {"sentiment": "probabilities", "topics": "probabilities",
                                   "score": "predictions"}
     assert metadata["class_names"]["sentiment"] == ["neg", "pos"]
@@ -369,16 +365,18 @@ def test_text_multitask_config_and_keras_file_round_trip(text_trained, tmp_path)
     clone = TextMultiTaskModel.from_config(config)
     # KerasHub leaves the tokenizer object itself in a preprocessor's config,
     # and a fine-tuned backbone's config says trainable (a new model is frozen).
-    config["backbone"]["config"]["trainable"] = False
-    without_tokenizer = [{k: v for k, v in c.items() if k != "preprocessor"}
-                         for c in (config, clone.get_config())]
+    config["backbone"]["config"]["backbone"]["config"]["trainable"] = False
+    without_tokenizer = []
+    for c in (config, clone.get_config()):
+        c["backbone"]["config"].pop("preprocessor")
+        without_tokenizer.append(c)
     assert without_tokenizer[0] == without_tokenizer[1]
-    assert clone.text_preprocessor.sequence_length == 8
+    assert clone.backbone.preprocessor.sequence_length == 8
     assert clone.count_params() == model.count_params()
     path = str(tmp_path / "text_multi.keras")
     model.save(path)
     loaded = keras.saving.load_model(path)
-    assert isinstance(loaded, TextMultiTaskModel) and loaded.tasks == model.tasks
+    assert isinstance(loaded, TextMultiTaskModel) and loaded.head_specs == model.head_specs
     texts = data["topics"][0]
     expected = model.predict(texts)
     for name, value in loaded.predict(texts).items():
@@ -387,14 +385,15 @@ def test_text_multitask_config_and_keras_file_round_trip(text_trained, tmp_path)
 
 def test_text_multitask_bad_input():
     model, data = tiny_text_multitask()
-    with pytest.raises(kt.DataError, match="TextMultiTaskModel takes a dict"):
+    with pytest.raises(kt.DataError, match="takes a dict \\{head name: data\\}, where data is "
+                       "\\(texts, labels\\)"):
         model.fit(data["sentiment"][0], head_epochs=1, verbose=0)
-    with pytest.raises(kt.DataError, match="Task 'sentiment'.*outside num_classes=2"):
+    with pytest.raises(kt.DataError, match="Head 'sentiment'.*outside num_classes=2"):
         model.fit({"sentiment": (data["sentiment"][0], [5] * 24)}, head_epochs=1, verbose=0)
-    with pytest.raises(kt.DataError, match="Task 'topics': received 12 texts but 11 targets"):
+    with pytest.raises(kt.DataError, match="Head 'topics': Received 12 texts but 11 labels"):
         model.fit({"topics": (data["topics"][0], data["topics"][1][:11])}, head_epochs=1,
                   verbose=0)
     with pytest.raises(kt.DataError, match="augmentation"):
         model.fit(data, head_epochs=1, augmentation=keras.layers.Identity(), verbose=0)
     with pytest.raises(kt.BackboneError, match="without a preprocessor"):
-        TextMultiTaskModel(model.backbone, TEXT_TASKS)
+        TextMultiTaskModel(model.backbone.network, TEXT_TASKS)

