@@ -1,0 +1,285 @@
+"""The PyTorch checkpoint reader, on files this test writes byte by byte (no torch).
+
+The pickles are written opcode by opcode, as `torch.save` writes them: tensors are
+calls of `torch._utils._rebuild_tensor_v2` on storages named by persistent ids.
+"""
+
+import collections
+import dataclasses
+import struct
+import sys
+import zipfile
+
+import numpy as np
+import pytest
+
+from keras_transfer.errors import WeightsError
+from keras_transfer.torch_checkpoint import (
+    MAGIC_NUMBER,
+    PROTOCOL_VERSION,
+    load_torch_checkpoint,
+    load_torch_state_dict,
+)
+
+# --- a minimal protocol-2 pickle writer -------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class Global:
+    module: str
+    name: str
+
+
+@dataclasses.dataclass(frozen=True)
+class Call:
+    function: Global
+    args: tuple
+
+
+@dataclasses.dataclass(frozen=True)
+class PersistentId:
+    pid: tuple
+
+
+@dataclasses.dataclass(frozen=True)
+class Tensor:
+    key: str
+    offset: int
+    shape: tuple
+    stride: tuple
+
+
+STORAGE_TYPES = {np.dtype(np.float32): "FloatStorage", np.dtype(np.float16): "HalfStorage",
+                 np.dtype(np.float64): "DoubleStorage", np.dtype(np.int64): "LongStorage",
+                 np.dtype(np.uint8): "ByteStorage", np.dtype(np.bool_): "BoolStorage"}
+
+
+def opcodes(obj, storages, legacy) -> bytes:
+    """The pickle opcodes that build `obj` (protocol 2)."""
+    def enc(value):
+        return opcodes(value, storages, legacy)
+
+    if isinstance(obj, Tensor):
+        data = storages[obj.key]
+        pid = ("storage", Global("torch", STORAGE_TYPES[data.dtype]), obj.key, "cpu", data.size)
+        if legacy:
+            pid += (None,)
+        return enc(Call(Global("torch._utils", "_rebuild_tensor_v2"),
+                        (PersistentId(pid), obj.offset, obj.shape, obj.stride, False,
+                         collections.OrderedDict())))
+    if isinstance(obj, Global):
+        return b"c" + f"{obj.module}\n{obj.name}\n".encode()
+    if isinstance(obj, Call):
+        return enc(obj.function) + enc(obj.args) + b"R"
+    if isinstance(obj, PersistentId):
+        return enc(obj.pid) + b"Q"
+    if obj is None:
+        return b"N"
+    if isinstance(obj, bool):
+        return b"\x88" if obj else b"\x89"
+    if isinstance(obj, int):
+        if 0 <= obj < 2**31:
+            return b"J" + struct.pack("<i", obj)
+        raw = obj.to_bytes((obj.bit_length() + 8) // 8, "little", signed=True)
+        return b"\x8a" + bytes([len(raw)]) + raw
+    if isinstance(obj, float):
+        return b"G" + struct.pack(">d", obj)
+    if isinstance(obj, str):
+        raw = obj.encode()
+        return b"X" + struct.pack("<I", len(raw)) + raw
+    if isinstance(obj, tuple):
+        return b"(" + b"".join(map(enc, obj)) + b"t"
+    if isinstance(obj, list):
+        return b"](" + b"".join(map(enc, obj)) + b"e"
+    if isinstance(obj, collections.OrderedDict):
+        items = b"".join(enc(k) + enc(v) for k, v in obj.items())
+        return enc(Call(Global("collections", "OrderedDict"), ())) + b"(" + items + b"u"
+    if isinstance(obj, dict):
+        return b"}(" + b"".join(enc(k) + enc(v) for k, v in obj.items()) + b"u"
+    raise TypeError(obj)
+
+
+def dumps(obj, storages=None, legacy=False) -> bytes:
+    return b"\x80\x02" + opcodes(obj, storages or {}, legacy) + b"."
+
+
+def write_legacy(path, obj, storages):
+    """The layout of torch.save(..., _use_new_zipfile_serialization=False)."""
+    sys_info = {"protocol_version": PROTOCOL_VERSION, "little_endian": True,
+                "type_sizes": {"short": 2, "int": 4, "long": 4}}
+    keys = sorted(storages)
+    with open(path, "wb") as f:
+        for part in (MAGIC_NUMBER, PROTOCOL_VERSION, sys_info):
+            f.write(dumps(part))
+        f.write(dumps(obj, storages, legacy=True))
+        f.write(dumps(keys))
+        for key in keys:
+            f.write(struct.pack("<q", storages[key].size) + storages[key].tobytes())
+
+
+def write_zip(path, obj, storages):
+    """The layout of torch.save in torch >= 1.6 (records stored, not compressed)."""
+    with zipfile.ZipFile(path, "w", zipfile.ZIP_STORED) as z:
+        z.writestr("archive/data.pkl", dumps(obj, storages))
+        z.writestr("archive/byteorder", "little")
+        for key, data in storages.items():
+            z.writestr(f"archive/data/{key}", data.tobytes())
+        z.writestr("archive/version", "3\n")
+
+
+WRITERS = {"legacy": write_legacy, "zip": write_zip}
+
+
+# --- a checkpoint with views, shared storages, offsets and several dtypes -----------
+
+BASE = np.arange(30, dtype=np.float32) * 0.5 - 3.0  # storage "0", seen as (5, 6)
+STORAGES = {
+    "0": BASE,
+    "1": np.array([1.5, -2.25, 65504.0], np.float16),
+    "2": np.array([7], np.int64),
+    "3": np.arange(6, dtype=np.uint8),
+    "4": np.array([True, False, True, True]),
+    "5": np.array([[1e300, -1e-300]], np.float64).ravel(),
+}
+STATE = collections.OrderedDict([
+    ("conv.weight", Tensor("0", 0, (5, 6), (6, 1))),
+    ("conv.weight_t", Tensor("0", 0, (6, 5), (1, 6))),        # shared, non-contiguous
+    ("conv.tail", Tensor("0", 12, (3, 6), (6, 1))),           # shared, offset
+    ("conv.strided", Tensor("0", 1, (3, 3), (12, 2))),        # offset and strides
+    ("conv.broadcast", Tensor("0", 4, (2, 3), (0, 1))),       # stride 0
+    ("bn.half", Tensor("1", 0, (3,), (1,))),
+    ("bn.num_batches_tracked", Tensor("2", 0, (), ())),       # scalar
+    ("bytes", Tensor("3", 2, (2, 2), (1, 2))),
+    ("mask", Tensor("4", 0, (4,), (1,))),
+    ("double", Tensor("5", 0, (2,), (1,))),
+])
+GRID = BASE.reshape(5, 6)
+EXPECTED = {
+    "conv.weight": GRID,
+    "conv.weight_t": GRID.T,
+    "conv.tail": GRID[2:],
+    "conv.strided": np.array([[BASE[1 + 12 * i + 2 * j] for j in range(3)] for i in range(3)]),
+    "conv.broadcast": np.stack([BASE[4:7], BASE[4:7]]),
+    "bn.half": STORAGES["1"],
+    "bn.num_batches_tracked": np.array(7, np.int64),
+    "bytes": np.array([[2, 4], [3, 5]], np.uint8),
+    "mask": STORAGES["4"],
+    "double": STORAGES["5"],
+}
+
+
+@pytest.mark.parametrize("layout", ["legacy", "zip"])
+def test_reads_known_arrays_of_both_formats(tmp_path, layout):
+    path = tmp_path / "state.pth"
+    WRITERS[layout](path, STATE, STORAGES)
+    state = load_torch_state_dict(path)
+    assert list(state) == list(EXPECTED)
+    for name, want in EXPECTED.items():
+        got = state[name]
+        assert got.dtype == want.dtype, name
+        assert got.shape == want.shape, name
+        np.testing.assert_array_equal(got, want, err_msg=name)
+
+
+@pytest.mark.parametrize("layout", ["legacy", "zip"])
+def test_tensors_on_a_shared_storage_are_independent_arrays(tmp_path, layout):
+    path = tmp_path / "state.pth"
+    WRITERS[layout](path, STATE, STORAGES)
+    state = load_torch_state_dict(path)
+    state["conv.weight"][0, 0] = 100.0
+    assert state["conv.weight_t"][0, 0] == BASE[0]
+    assert state["conv.tail"][0, 0] == BASE[12]
+
+
+@pytest.mark.parametrize("layout", ["legacy", "zip"])
+def test_nested_state_dict_keys_and_other_entries(tmp_path, layout):
+    path = tmp_path / "checkpoint.pth"
+    checkpoint = {"epoch": 12, "model": {"state_dict": STATE}, "best": 0.75,
+                  "history": [1, 2]}
+    WRITERS[layout](path, checkpoint, STORAGES)
+    raw = load_torch_checkpoint(path)
+    assert raw["epoch"] == 12 and raw["best"] == 0.75 and raw["history"] == [1, 2]
+    assert isinstance(raw["model"]["state_dict"], collections.OrderedDict)
+    assert list(load_torch_state_dict(path)) == list(EXPECTED)
+    # An explicit key gives that entry, flattened with dots.
+    flat = load_torch_state_dict(path, key="model")
+    assert list(flat) == [f"state_dict.{name}" for name in EXPECTED]
+    with pytest.raises(WeightsError, match="key='optimizer'.*'epoch'"):
+        load_torch_state_dict(path, key="optimizer")
+
+
+def _evil_state(marker):
+    # A tensor that is in fact `os.system("touch marker")`.
+    return {"weight": Call(Global("os", "system"), (f"touch {marker}",))}
+
+
+@pytest.mark.parametrize("layout", ["legacy", "zip"])
+def test_a_forbidden_global_is_refused_and_never_runs(tmp_path, layout):
+    marker = tmp_path / "pwned"
+    path = tmp_path / "evil.pth"
+    WRITERS[layout](path, _evil_state(marker), {})
+    with pytest.raises(WeightsError, match=r"'os\.system'"):
+        load_torch_state_dict(path)
+    assert not marker.exists()
+    # Control: the same bytes through a plain unpickler do run the command.
+    if layout == "zip":
+        import pickle
+
+        with zipfile.ZipFile(path) as z:
+            pickle.loads(z.read("archive/data.pkl"))
+        assert marker.exists()
+
+
+def test_a_forbidden_module_is_never_imported(tmp_path, monkeypatch):
+    marker = tmp_path / "imported"
+    module = tmp_path / "kt_side_effect_module.py"
+    module.write_text(f"open({str(marker)!r}, 'w').close()\nvalue = 1\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    path = tmp_path / "evil.pth"
+    write_zip(path, {"weight": Global("kt_side_effect_module", "value")}, {})
+    with pytest.raises(WeightsError, match="kt_side_effect_module.value"):
+        load_torch_checkpoint(path)
+    assert not marker.exists() and "kt_side_effect_module" not in sys.modules
+
+
+@pytest.mark.parametrize("layout", ["legacy", "zip"])
+@pytest.mark.parametrize("keep", [0.3, 0.9, -7])
+def test_a_truncated_file_is_refused_clearly(tmp_path, layout, keep):
+    path = tmp_path / "state.pth"
+    WRITERS[layout](path, STATE, STORAGES)
+    data = path.read_bytes()
+    path.write_bytes(data[:int(len(data) * keep)] if keep > 0 else data[:keep])
+    with pytest.raises(WeightsError, match="truncated"):
+        load_torch_state_dict(path)
+
+
+def test_the_legacy_storage_size_must_match_its_tensors(tmp_path):
+    path = tmp_path / "state.pth"
+    write_legacy(path, STATE, STORAGES)
+    data = bytearray(path.read_bytes())
+    # The size header of the first storage ("0", 30 floats) is just after the key list.
+    header = data.index(struct.pack("<q", BASE.size) + BASE.tobytes()[:8])
+    data[header:header + 8] = struct.pack("<q", BASE.size + 1)
+    path.write_bytes(bytes(data))
+    with pytest.raises(WeightsError, match="storage '0'"):
+        load_torch_state_dict(path)
+
+
+def test_a_view_outside_its_storage_is_refused(tmp_path):
+    # as_strided on such a view would read memory after the buffer.
+    path = tmp_path / "state.pth"
+    write_zip(path, {"w": Tensor("0", 20, (3, 6), (6, 1))}, {"0": BASE})
+    with pytest.raises(WeightsError, match="reaches element 37.*holds 30"):
+        load_torch_state_dict(path)
+
+
+def test_not_a_checkpoint(tmp_path):
+    path = tmp_path / "weights.pth"
+    path.write_bytes(b"\x89HDF\r\n\x1a\n" + bytes(64))
+    with pytest.raises(WeightsError, match="not a PyTorch checkpoint"):
+        load_torch_checkpoint(path)
+    with pytest.raises(WeightsError, match="not a file"):
+        load_torch_checkpoint(tmp_path / "missing.pth")
+    path.write_bytes(dumps({"a": 1}))  # a pickle, but not torch.save's
+    with pytest.raises(WeightsError, match="magic number"):
+        load_torch_checkpoint(path)
