@@ -1,5 +1,5 @@
 # The two commands of the README. Each creates .venv and installs what it
-# needs when missing (stamps are redone when setup.cfg changes).
+# needs when missing (stamps are redone when setup.cfg or this Makefile changes).
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin

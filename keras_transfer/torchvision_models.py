@@ -200,6 +200,11 @@ def _load_mobilenet_v2_weights(model, weights, include_top):
     else:
         path = mobilenet_v2_imagenet_checkpoint() if str(weights) == "imagenet" else weights
         source = os.fspath(path)
+        if not os.path.isfile(source):
+            raise WeightsError(
+                f"Received weights={weights!r} for torchvision's MobileNetV2, which is neither "
+                "'imagenet', None, nor an existing file. Pass the path of a PyTorch "
+                "checkpoint of torchvision's MobileNetV2 (.pth) or of a Keras .weights.h5 file.")
         if source.endswith(".h5"):
             from keras_transfer.weights import load_weights_by_name
 
