@@ -28,6 +28,7 @@ from keras_transfer.export import load_metadata
 from keras_transfer.features import FeatureCache, extract_features, train_head_on_features
 from keras_transfer.heads import build_head
 from keras_transfer.image import ImagePreprocessing, ImageTransferModel
+from keras_transfer.imagenet import imagenet_class_names, imagenet_top_k
 from keras_transfer.model import TransferModel
 from keras_transfer.multitask import (
     ForgettingReport,
@@ -47,6 +48,13 @@ from keras_transfer.text import (
     adapt_causal_lm,
     minilm_path,
     text_presets,
+)
+from keras_transfer.torch_checkpoint import load_torch_checkpoint, load_torch_state_dict
+from keras_transfer.torchvision_models import (
+    load_torch_weights,
+    mobilenet_v2_imagenet_checkpoint,
+    torchvision_eval_crop,
+    torchvision_mobilenet_v2,
 )
 from keras_transfer.training import TransferHistory, WarmupDecay, freeze, unfreeze
 from keras_transfer.weights import WeightsLoadReport, load_weights_by_name
@@ -82,17 +90,25 @@ __all__ = [
     "freeze",
     "get_backbone_spec",
     "get_strategy",
+    "imagenet_class_names",
+    "imagenet_top_k",
     "linear_cka",
     "list_backbones",
     "load_metadata",
+    "load_torch_checkpoint",
+    "load_torch_state_dict",
+    "load_torch_weights",
     "load_weights_by_name",
     "make_image_dataset",
     "minilm_path",
+    "mobilenet_v2_imagenet_checkpoint",
     "plot_forgetting",
     "plot_history",
     "snapshot_backbone",
     "task_schedule",
     "text_presets",
+    "torchvision_eval_crop",
+    "torchvision_mobilenet_v2",
     "train_head_on_features",
     "unfreeze",
 ]
