@@ -95,7 +95,11 @@ _TORCH_DTYPES = {
 }
 
 
-@dataclasses.dataclass(frozen=True)
+# The stand-ins below are frozen and slotted: a pickle's BUILD opcode could
+# otherwise rewrite their attributes (a stride, an offset) after they were checked.
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
 class _StorageType:
     """Stands for `torch.FloatStorage` etc. while unpickling."""
 
@@ -103,7 +107,7 @@ class _StorageType:
     dtype: np.dtype
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True, slots=True)
 class _Dtype:
     """Stands for `torch.float32` etc. while unpickling."""
 
@@ -111,7 +115,7 @@ class _Dtype:
     dtype: np.dtype
 
 
-@dataclasses.dataclass(eq=False)
+@dataclasses.dataclass(frozen=True, slots=True, eq=False)
 class _Storage:
     """A storage named by the pickle; its bytes are read afterwards.
 
@@ -124,19 +128,17 @@ class _Storage:
     numel: int
     base: _Storage | None = None
     offset: int = 0
-    data: np.ndarray | None = None  # 1-D, `dtype`, once read
 
     @property
     def nbytes(self) -> int:
         return self.numel * self.dtype.itemsize
 
-    def array(self) -> np.ndarray:
-        if self.base is None:
-            return self.data
-        return self.base.array()[self.offset:self.offset + self.numel]
+    @property
+    def root(self) -> _Storage:
+        return self if self.base is None else self.base.root
 
 
-@dataclasses.dataclass(eq=False)
+@dataclasses.dataclass(frozen=True, slots=True, eq=False)
 class _TensorRef:
     """A tensor made by a rebuild function: a view of a storage."""
 
@@ -161,8 +163,8 @@ def _check_tensor_args(storage, storage_offset, size, stride):
 
 
 # Safe stand-ins for torch's rebuild functions: they only record the view.
-def _rebuild_tensor(storage, storage_offset, size, stride):
-    return _TensorRef(*_check_tensor_args(storage, storage_offset, size, stride))
+def _rebuild_tensor(storage, storage_offset, size, stride, dtype=None):
+    return _TensorRef(*_check_tensor_args(storage, storage_offset, size, stride), dtype)
 
 
 def _rebuild_tensor_v2(storage, storage_offset, size, stride, requires_grad=False,
@@ -174,9 +176,7 @@ def _rebuild_tensor_v3(storage, storage_offset, size, stride, requires_grad, bac
                        dtype, metadata=None):
     if not isinstance(dtype, _Dtype):
         raise WeightsError(f"Received a tensor of dtype {dtype!r}: the checkpoint is malformed.")
-    ref = _rebuild_tensor(storage, storage_offset, size, stride)
-    ref.dtype = dtype.dtype
-    return ref
+    return _rebuild_tensor(storage, storage_offset, size, stride, dtype.dtype)
 
 
 def _rebuild_parameter(data, requires_grad=False, backward_hooks=None, state=None):
@@ -258,6 +258,7 @@ class _Reader:
         self.zip_format = zip_format
         self.storages: dict[str, _Storage] = {}
         self.views: dict[str, _Storage] = {}
+        self.data: dict[str, np.ndarray] = {}  # root storage key -> its elements, 1-D
 
     def persistent_load(self, pid):
         if not isinstance(pid, tuple) or not pid or pid[0] not in ("storage", b"storage"):
@@ -297,12 +298,17 @@ class _Reader:
         """Replaces every tensor in `obj` (nested dicts, lists, tuples) by an array."""
         refs: list[_TensorRef] = []
         _collect(obj, refs, set())
-        users = collections.Counter(id(_root(ref.storage)) for ref in refs)
-        arrays = {id(ref): self._array(ref, users[id(_root(ref.storage))] == 1) for ref in refs}
+        users = collections.Counter(ref.storage.root.key for ref in refs)
+        arrays = {id(ref): self._array(ref, users[ref.storage.root.key] == 1) for ref in refs}
         return _replace(obj, arrays)
 
+    def _storage_array(self, storage: _Storage) -> np.ndarray:
+        if storage.base is None:
+            return self.data[storage.key]
+        return self._storage_array(storage.base)[storage.offset:storage.offset + storage.numel]
+
     def _array(self, ref: _TensorRef, alone: bool) -> np.ndarray:
-        data = ref.storage.array()
+        data = self._storage_array(ref.storage)
         if ref.dtype is not None and ref.dtype != data.dtype:
             if data.nbytes % ref.dtype.itemsize:
                 raise WeightsError(
@@ -319,35 +325,32 @@ class _Reader:
                 f"{ref.offset} reaches element {last} of storage {ref.storage.key!r}, which "
                 f"holds {data.size}. The checkpoint is malformed.")
         if ref.stride == _contiguous_strides(ref.shape):
-            flat = data[ref.offset:ref.offset + count]
+            array = data[ref.offset:ref.offset + count].reshape(ref.shape)
             # A tensor alone on its whole storage keeps the storage's memory.
-            return flat.reshape(ref.shape) if alone and count == data.size else flat.reshape(
-                ref.shape).copy()
+            return array if alone and count == data.size else array.copy()
         strided = np.lib.stride_tricks.as_strided(
             data[ref.offset:], shape=ref.shape,
             strides=[s * data.itemsize for s in ref.stride], writeable=False)
         return strided.copy()
 
-    def read_storage(self, storage: _Storage, file, nbytes: int, byteorder: str):
+    def read_storage(self, storage: _Storage, file, nbytes: int, byteorder: str,
+                     available: int):
+        """Reads `nbytes` from `file`; `available` bounds them before any allocation."""
         if nbytes != storage.nbytes:
             raise WeightsError(
                 f"{self.path!r}: storage {storage.key!r} holds {nbytes} bytes, but the "
                 f"checkpoint's tensors describe {storage.nbytes} ({storage.numel} x "
                 f"{storage.dtype}). The file is corrupt.")
-        buffer = bytearray(nbytes)
-        got = file.readinto(buffer) if nbytes else 0
+        buffer = bytearray(nbytes) if nbytes <= available else None
+        got = file.readinto(buffer) if buffer else min(nbytes, available)
         if got != nbytes:
             raise WeightsError(
                 f"{self.path!r} is truncated: storage {storage.key!r} needs {nbytes} bytes "
                 f"and the file holds only {got} of them. Download or copy it again.")
         dtype = storage.dtype.newbyteorder("<" if byteorder == "little" else ">")
         data = np.frombuffer(buffer, dtype)
-        storage.data = data if dtype.isnative or dtype.itemsize == 1 else data.astype(
+        self.data[storage.key] = data if dtype.isnative or dtype.itemsize == 1 else data.astype(
             storage.dtype)
-
-
-def _root(storage: _Storage) -> _Storage:
-    return storage if storage.base is None else _root(storage.base)
 
 
 def _contiguous_strides(shape) -> tuple:
@@ -414,8 +417,12 @@ def _load_zip(path: str):
             if record not in names:
                 raise WeightsError(f"{path!r} lacks the record {record!r} of a storage its "
                                    "tensors use: the archive is incomplete.")
+            info = archive.getinfo(record)
+            # torch stores records uncompressed: one cannot be larger than the file.
+            available = (os.path.getsize(path) if info.compress_type == zipfile.ZIP_STORED
+                         else info.file_size)
             with archive.open(record) as file:
-                reader.read_storage(storage, file, archive.getinfo(record).file_size, byteorder)
+                reader.read_storage(storage, file, info.file_size, byteorder, available)
         return reader.to_arrays(obj)
 
 
@@ -446,7 +453,9 @@ def _load_legacy(path: str):
                     f"{path!r} is truncated: it ends before storage {str(key)!r}. "
                     "Download or copy it again.")
             numel = int.from_bytes(header, byteorder, signed=True)
-            reader.read_storage(storage, file, numel * storage.dtype.itemsize, byteorder)
+            available = os.fstat(file.fileno()).st_size - file.tell()
+            reader.read_storage(storage, file, numel * storage.dtype.itemsize, byteorder,
+                                available)
     return reader.to_arrays(obj)
 
 

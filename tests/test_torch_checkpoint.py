@@ -7,7 +7,7 @@ import zipfile
 
 import numpy as np
 import pytest
-from torch_pickles import Call, Global, Tensor, dumps, write_legacy, write_zip
+from torch_pickles import Build, Call, Global, Tensor, dumps, write_legacy, write_zip
 
 from keras_transfer.errors import WeightsError
 from keras_transfer.torch_checkpoint import load_torch_checkpoint, load_torch_state_dict
@@ -124,6 +124,29 @@ def test_a_forbidden_module_is_never_imported(tmp_path, monkeypatch):
     with pytest.raises(WeightsError, match="kt_side_effect_module.value"):
         load_torch_checkpoint(path)
     assert not marker.exists() and "kt_side_effect_module" not in sys.modules
+
+
+@pytest.mark.parametrize("state", [{"stride": (-6, 1)}, (None, {"offset": 10**9})])
+def test_a_tensor_cannot_be_rewritten_after_its_checks(tmp_path, state):
+    # BUILD on a checked tensor could otherwise give it a stride that reads
+    # memory outside its storage.
+    path = tmp_path / "state.pth"
+    write_zip(path, {"w": Build(Tensor("0", 0, (5, 6), (6, 1)), state)}, {"0": BASE})
+    with pytest.raises(WeightsError, match="Could not read"):
+        load_torch_state_dict(path)
+
+
+def test_a_storage_larger_than_the_file_is_refused_before_allocating(tmp_path):
+    class Claimed:  # a storage header claiming 4 TiB of float32, then 120 bytes
+        dtype, size = np.dtype(np.float32), 1 << 40
+
+        def tobytes(self):
+            return BASE.tobytes()
+
+    path = tmp_path / "state.pth"
+    write_legacy(path, {"w": Tensor("0", 0, (1 << 40,), (1,))}, {"0": Claimed()})
+    with pytest.raises(WeightsError, match="truncated.*needs 4398046511104 bytes.*only 120"):
+        load_torch_state_dict(path)
 
 
 @pytest.mark.parametrize("layout", ["legacy", "zip"])

@@ -32,6 +32,14 @@ class PersistentId:
 
 
 @dataclasses.dataclass(frozen=True)
+class Build:
+    """The BUILD opcode: `obj.__setstate__(state)`, or its `__dict__` updated."""
+
+    obj: object
+    state: object
+
+
+@dataclasses.dataclass(frozen=True)
 class Tensor:
     key: str
     offset: int
@@ -61,6 +69,8 @@ def opcodes(obj, storages, legacy) -> bytes:
         return b"c" + f"{obj.module}\n{obj.name}\n".encode()
     if isinstance(obj, Call):
         return enc(obj.function) + enc(obj.args) + b"R"
+    if isinstance(obj, Build):
+        return enc(obj.obj) + enc(obj.state) + b"b"
     if isinstance(obj, PersistentId):
         return enc(obj.pid) + b"Q"
     if obj is None:
