@@ -245,3 +245,23 @@ def test_imagenet_backbone_in_a_transfer_model_gives_real_features():
     features = np.asarray(model.backbone(ImagePreprocessing("torch")(photo[None])))
     assert features.shape == (1, 3, 3, 1280)
     assert np.isfinite(features).all() and features.std() > 0.1
+
+
+@needs_package
+@pytest.mark.large
+def test_a_transfer_model_on_it_saves_and_reloads_with_its_imagenet_weights(tmp_path):
+    # The saved model carries the ImageNet weights; its config rebuilds the graph
+    # from the registry name without the package being read again.
+    skimage_data = pytest.importorskip("skimage.data")
+    photos = np.stack([tvm.torchvision_eval_crop(photo(), resize=110, crop=96)
+                       for photo in (skimage_data.chelsea, skimage_data.coffee)])
+    model = kt.ImageTransferModel("mobilenet_v2_torchvision", 2, weights="imagenet",
+                                  input_shape=(96, 96, 3), pooling="avg")
+    assert model.export_metadata()["preprocessing"] == "torch"
+    path = str(tmp_path / "model.keras")
+    model.save(path)
+    loaded = keras.saving.load_model(path)
+    np.testing.assert_allclose(loaded.predict(photos, verbose=0),
+                               model.predict(photos, verbose=0), atol=1e-6)
+    np.testing.assert_array_equal(np.asarray(loaded.backbone.get_layer("Conv1").kernel),
+                                  np.asarray(model.backbone.get_layer("Conv1").kernel))
