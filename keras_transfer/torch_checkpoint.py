@@ -149,7 +149,8 @@ class _TensorRef:
     dtype: np.dtype | None = None  # only `_rebuild_tensor_v3` gives one
 
 
-def _check_tensor_args(storage, storage_offset, size, stride):
+def _tensor_ref(storage, storage_offset, size, stride, dtype=None) -> _TensorRef:
+    """Checks what a pickle passed to a rebuild function, then records the view."""
     if not isinstance(storage, _Storage):
         raise WeightsError(f"Received a tensor whose storage is {type(storage).__name__}, "
                            "not a storage: the checkpoint is malformed.")
@@ -159,24 +160,24 @@ def _check_tensor_args(storage, storage_offset, size, stride):
         raise WeightsError(f"Received a tensor with offset {storage_offset!r}, size {size!r} "
                            f"and stride {stride!r}: expected non-negative integers, one "
                            "stride per dimension. The checkpoint is malformed.")
-    return storage, storage_offset, size, stride
+    return _TensorRef(storage, storage_offset, size, stride, dtype)
 
 
 # Safe stand-ins for torch's rebuild functions: they only record the view.
-def _rebuild_tensor(storage, storage_offset, size, stride, dtype=None):
-    return _TensorRef(*_check_tensor_args(storage, storage_offset, size, stride), dtype)
+def _rebuild_tensor(storage, storage_offset, size, stride):
+    return _tensor_ref(storage, storage_offset, size, stride)
 
 
 def _rebuild_tensor_v2(storage, storage_offset, size, stride, requires_grad=False,
                        backward_hooks=None, metadata=None):
-    return _rebuild_tensor(storage, storage_offset, size, stride)
+    return _tensor_ref(storage, storage_offset, size, stride)
 
 
 def _rebuild_tensor_v3(storage, storage_offset, size, stride, requires_grad, backward_hooks,
                        dtype, metadata=None):
     if not isinstance(dtype, _Dtype):
         raise WeightsError(f"Received a tensor of dtype {dtype!r}: the checkpoint is malformed.")
-    return _rebuild_tensor(storage, storage_offset, size, stride, dtype.dtype)
+    return _tensor_ref(storage, storage_offset, size, stride, dtype.dtype)
 
 
 def _rebuild_parameter(data, requires_grad=False, backward_hooks=None, state=None):
