@@ -117,6 +117,7 @@ def test_structure_pads_symmetrically_with_torch_batchnorm():
     assert trainable == 3_504_872
     # keras.applications' names, so block boundaries are found by name.
     assert model.get_layer("block_16_project_BN") and model.get_layer("block_2_add")
+    assert kt.block_layers(model)[:2] == ["block_1_project_BN", "block_3_project_BN"]
     assert model.layers[-1].name == "predictions"
     map_names = set(tvm.mobilenet_v2_layer_map(include_top=True))
     assert map_names == {layer.name for layer in model.layers if layer.weights}
