@@ -221,7 +221,6 @@ def test_imagenet_names_and_top_k():
 
 
 @needs_package
-@pytest.mark.large
 def test_imagenet_predictions_on_two_photographs():
     skimage_data = pytest.importorskip("skimage.data")
     model = tvm.torchvision_mobilenet_v2(include_top=True, weights="imagenet",
