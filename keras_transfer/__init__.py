@@ -41,6 +41,7 @@ from keras_transfer.image import (
     ImageTransferModel,
     MultiTaskModel,
 )
+from keras_transfer.imagenet import imagenet_class_names, imagenet_top_k
 from keras_transfer.model import TransferModel
 from keras_transfer.plots import plot_forgetting, plot_history
 from keras_transfer.text import (
@@ -50,6 +51,13 @@ from keras_transfer.text import (
     TextTransferModel,
     minilm_path,
     text_presets,
+)
+from keras_transfer.torch_checkpoint import load_torch_checkpoint, load_torch_state_dict
+from keras_transfer.torchvision_models import (
+    load_torch_weights,
+    mobilenet_v2_imagenet_checkpoint,
+    torchvision_eval_crop,
+    torchvision_mobilenet_v2,
 )
 from keras_transfer.training import (
     FineTunePhase,
@@ -93,16 +101,24 @@ __all__ = [
     "forgetting_report",
     "get_backbone_spec",
     "get_strategy",
+    "imagenet_class_names",
+    "imagenet_top_k",
     "linear_cka",
     "list_backbones",
     "load_metadata",
+    "load_torch_checkpoint",
+    "load_torch_state_dict",
+    "load_torch_weights",
     "load_weights_by_name",
     "make_image_dataset",
     "minilm_path",
+    "mobilenet_v2_imagenet_checkpoint",
     "plot_forgetting",
     "plot_history",
     "snapshot_backbone",
     "task_schedule",
     "text_presets",
+    "torchvision_eval_crop",
+    "torchvision_mobilenet_v2",
     "unfreeze",
 ]

