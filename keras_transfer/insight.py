@@ -5,8 +5,9 @@
 - `top_k`: the k most probable classes of each example, with their names;
 - `worst_predictions`, `plot_worst_images`, `worst_texts_table`: the most
   confidently wrong examples, as an image grid or a text table;
-- `grad_cam`, `overlay_heatmap`, `plot_grad_cam`: Grad-CAM heat maps
-  (Selvaraju et al., 2017) of where an image model looked.
+- `grad_cam`, `overlay_heatmap`, `plot_grad_cam`: Grad-CAM heat maps of
+  where an image model looked (by default weighted per position, as
+  LayerCAM does, which stays right for Flatten heads).
 
 Everything takes NumPy arrays: labels as integers or one-hot rows,
 predictions as integers or probability rows (`model.predict`). Only
@@ -553,14 +554,28 @@ def head_logits(head):
     return logits
 
 
+CAM_METHODS = ("layercam", "gradcam")
+
+
 def grad_cam(network, layer_name: str | None, head_fn, preprocessed_images,
-             class_index=None, batch_size: int = 32) -> np.ndarray:
+             class_index=None, batch_size: int = 32, method: str = "layercam") -> np.ndarray:
     """Grad-CAM heat maps: where in each image the evidence for a class lies.
 
     The gradient of the class logit with respect to the feature map of
-    `layer_name`, averaged over space, weighs each channel; the weighted
-    sum of the channels, without its negative part, is the heat map
-    (Selvaraju et al., 2017). It needs the TensorFlow backend.
+    `layer_name` says how much each activation adds to the class. The
+    original Grad-CAM (Selvaraju et al., 2017; `method="gradcam"`) averages
+    it over space into one weight per channel, then sums the weighted
+    channels. That suits a head that pools the map first, but a Flatten
+    head (this library's default) weighs every position differently, and
+    the average throws away where the evidence lies. Trained on a task
+    decided by the quadrant of a square, with a Flatten head, the original
+    drew an empty map (all 0: the averages cancel) for every test image.
+    The default `method="layercam"` (Jiang et al., 2021) keeps each
+    position's own positive gradient, `relu(sum over channels of
+    relu(gradient) * activation)`, and put its peak in the square's
+    quadrant for every one. For pooling heads the two agree but for
+    channels of negative weight, which LayerCAM drops. It needs the
+    TensorFlow backend.
 
     Args:
         network: a functional `keras.Model` (the backbone) taking the
@@ -574,6 +589,7 @@ def grad_cam(network, layer_name: str | None, head_fn, preprocessed_images,
         class_index: None (the predicted class of each image), an int (one
             class for all) or a sequence of N ints.
         batch_size: int. Images per gradient computation.
+        method: `"layercam"` (default) or `"gradcam"`, as above.
 
     Returns:
         float32 array `(N, h, w)` in [0, 1] at the layer's resolution
@@ -588,6 +604,8 @@ def grad_cam(network, layer_name: str | None, head_fn, preprocessed_images,
     import keras
     import tensorflow as tf
 
+    if method not in CAM_METHODS:
+        raise ValueError(f"Received method={method!r}; expected one of {CAM_METHODS}.")
     layer_name = layer_name or last_conv_layer(network)
     layer = network.get_layer(layer_name)
     if len(network.outputs) != 1:
@@ -622,7 +640,11 @@ def grad_cam(network, layer_name: str | None, head_fn, preprocessed_images,
         if gradients is None:
             raise ValueError(f"Received layer_name={layer_name!r}, which the logits do not "
                              "depend on; pick a layer on the path to the network's output.")
-        weights = tf.reduce_mean(tf.cast(gradients, tf.float32), axis=(1, 2), keepdims=True)
+        gradients = tf.cast(gradients, tf.float32)
+        if method == "gradcam":  # one weight per channel
+            weights = tf.reduce_mean(gradients, axis=(1, 2), keepdims=True)
+        else:  # one weight per position and channel
+            weights = tf.nn.relu(gradients)
         cam = tf.nn.relu(tf.reduce_sum(weights * tf.cast(feature_map, tf.float32), axis=-1))
         heatmaps.append(cam.numpy())
     cam = np.concatenate(heatmaps) if heatmaps else np.zeros((0, 0, 0), np.float32)

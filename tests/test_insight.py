@@ -1,5 +1,6 @@
 """Insight tools on cases whose answers are known by hand."""
 
+import functools
 import math
 from types import SimpleNamespace
 
@@ -261,12 +262,13 @@ def peak_quadrants(heatmaps):
     return (rows >= SIZE // 2) * 2 + (cols >= SIZE // 2)
 
 
-def test_grad_cam_peaks_on_the_region_that_decides_the_class():
+@pytest.mark.parametrize("method", insight.CAM_METHODS)
+def test_grad_cam_peaks_on_the_region_that_decides_the_class(method):
     network, head = detector_network(), quadrant_head()
     images, square, checker = square_and_checkerboard_images(24)
     np.testing.assert_array_equal(head(network(images)).numpy().argmax(1), square)
     assert insight.last_conv_layer(network) == "detect"
-    heatmaps = insight.grad_cam(network, None, insight.head_logits(head), images)
+    heatmaps = insight.grad_cam(network, None, insight.head_logits(head), images, method=method)
     assert heatmaps.shape == (24, SIZE, SIZE) and heatmaps.dtype == np.float32
     assert heatmaps.min() >= 0 and np.allclose(heatmaps.max(axis=(1, 2)), 1.0)
     assert np.mean(peak_quadrants(heatmaps) == square) >= 0.9
@@ -275,22 +277,45 @@ def test_grad_cam_peaks_on_the_region_that_decides_the_class():
     assert np.mean(peak_quadrants(activations) == checker) >= 0.9
 
 
-def test_grad_cam_follows_the_class_asked_for():
+@pytest.mark.parametrize("method", insight.CAM_METHODS)
+def test_grad_cam_follows_the_class_asked_for(method):
     network = detector_network()
 
     def head_fn(features):  # class 0: squares, class 1: checkerboards (always predicted)
         return keras.ops.sum(features, axis=(1, 2))
 
     images, square, checker = square_and_checkerboard_images(12, seed=1)
-    predicted = insight.grad_cam(network, "detect", head_fn, images, batch_size=5)
+    cam = functools.partial(insight.grad_cam, network, "detect", head_fn, images, method=method)
+    predicted = cam(batch_size=5)
     assert np.mean(peak_quadrants(predicted) == checker) >= 0.9
-    squares = insight.grad_cam(network, "detect", head_fn, images, class_index=0)
+    squares = cam(class_index=0)
     assert np.mean(peak_quadrants(squares) == square) >= 0.9
-    mixed = insight.grad_cam(network, "detect", head_fn, images, class_index=[0, 1] * 6)
+    mixed = cam(class_index=[0, 1] * 6)
     np.testing.assert_allclose(mixed[::2], squares[::2], atol=1e-6)
     np.testing.assert_allclose(mixed[1::2], predicted[1::2], atol=1e-6)
     with pytest.raises(DataError, match="class_index of shape"):
-        insight.grad_cam(network, "detect", head_fn, images, class_index=[0, 1])
+        cam(class_index=[0, 1])
+
+
+def test_grad_cam_finds_what_a_trained_flatten_head_looks_at():
+    # The class is the quadrant of the square; a Flatten head weighs each
+    # position on its own, which a per-channel average of gradients loses.
+    keras.utils.set_random_seed(0)
+    images, square, _ = square_and_checkerboard_images(500, seed=2)
+    inputs = keras.Input((SIZE, SIZE, 1))
+    x = keras.layers.Conv2D(8, 3, padding="same", activation="relu")(inputs)
+    x = keras.layers.Conv2D(8, 3, padding="same", activation="relu", name="features")(x)
+    network = keras.Model(inputs, x)
+    head = keras.Sequential([keras.layers.Flatten(), keras.layers.Dense(4, activation="softmax")])
+    model = keras.Sequential([network, head])
+    model.compile(optimizer=keras.optimizers.Adam(3e-3), loss="sparse_categorical_crossentropy",
+                  metrics=["accuracy"])
+    model.fit(images[:400], square[:400], epochs=8, batch_size=32, verbose=0)
+    assert model.evaluate(images[400:], square[400:], verbose=0)[1] >= 0.9
+    heatmaps = insight.grad_cam(network, None, insight.head_logits(head), images[400:])
+    assert np.mean(peak_quadrants(heatmaps) == square[400:]) >= 0.8
+    with pytest.raises(ValueError, match="method='cam'"):
+        insight.grad_cam(network, None, insight.head_logits(head), images[:1], method="cam")
 
 
 def test_head_logits_are_the_scores_before_softmax():
