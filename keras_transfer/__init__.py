@@ -42,6 +42,21 @@ from keras_transfer.image import (
     MultiTaskModel,
 )
 from keras_transfer.imagenet import imagenet_class_names, imagenet_top_k
+from keras_transfer.insight import (
+    ClassificationReport,
+    classification_report,
+    confusion_matrix,
+    grad_cam,
+    head_logits,
+    last_conv_layer,
+    overlay_heatmap,
+    plot_confusion_matrix,
+    plot_grad_cam,
+    plot_worst_images,
+    top_k,
+    worst_predictions,
+    worst_texts_table,
+)
 from keras_transfer.model import TransferModel
 from keras_transfer.plots import plot_forgetting, plot_history
 from keras_transfer.text import (
@@ -71,6 +86,7 @@ from keras_transfer.weights import WeightsLoadReport, load_weights_by_name
 __all__ = [
     "BackboneError",
     "BackboneSpec",
+    "ClassificationReport",
     "DataError",
     "ExportError",
     "FeatureCache",
@@ -96,13 +112,18 @@ __all__ = [
     "__version__",
     "adapt_causal_lm",
     "block_layers",
+    "classification_report",
+    "confusion_matrix",
     "default_augmentation",
     "extract_features",
     "forgetting_report",
     "get_backbone_spec",
     "get_strategy",
+    "grad_cam",
+    "head_logits",
     "imagenet_class_names",
     "imagenet_top_k",
+    "last_conv_layer",
     "linear_cka",
     "list_backbones",
     "load_metadata",
@@ -113,12 +134,19 @@ __all__ = [
     "make_image_dataset",
     "minilm_path",
     "mobilenet_v2_imagenet_checkpoint",
+    "overlay_heatmap",
+    "plot_confusion_matrix",
     "plot_forgetting",
+    "plot_grad_cam",
     "plot_history",
+    "plot_worst_images",
     "snapshot_backbone",
     "task_schedule",
     "text_presets",
+    "top_k",
     "torchvision_eval_crop",
     "torchvision_mobilenet_v2",
     "unfreeze",
+    "worst_predictions",
+    "worst_texts_table",
 ]

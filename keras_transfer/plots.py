@@ -38,18 +38,25 @@ def _history_dict(history) -> tuple[dict, list]:
     return values, phases
 
 
+_RATE_KEYS = ("learning_rate", "lr")
+
+
 def plot_history(history, metrics=None, path=None, title=None):
     """Draws training and validation curves of both phases.
 
-    One panel per metric (training solid, validation dashed); the
-    fine-tuning phase is shaded and its start marked, so a jump or a drop
-    at the switch is easy to see.
+    One panel per metric (training solid, validation dashed), each running
+    across all phases. Every phase after the first is shaded, its start
+    marked by a vertical line and its name written at the top, so a jump or
+    a drop at the switch is easy to see. Values are printed in full (no
+    hidden offset such as "+2.302" on a flat loss). The learning rate is
+    drawn on a log scale over its positive values; epochs without a rate or
+    at a rate of 0 (the start of a warmup) leave a gap.
 
     Args:
         history: a `TransferHistory` (from `fit`), a `keras.callbacks.History`
             or a dict `{metric: [value per epoch]}`.
         metrics: list of str, optional. Metrics to draw (without `val_`);
-            default: all of them, the learning rate last.
+            default: all of them, the loss first, the learning rate last.
         path: str, optional. Where to save the figure (PNG, SVG, PDF...).
         title: str, optional. Figure title.
 
@@ -64,7 +71,7 @@ def plot_history(history, metrics=None, path=None, title=None):
     names = [k for k in values if not k.startswith("val_")]
     names += [k[4:] for k in values if k.startswith("val_") and k[4:] not in names]
     if metrics is None:
-        metrics = sorted(names, key=lambda k: (k == "learning_rate", k != "loss"))
+        metrics = sorted(names, key=lambda k: (k in _RATE_KEYS, k != "loss"))
     else:
         unknown = [m for m in metrics if m not in names]
         if unknown:
@@ -80,25 +87,44 @@ def plot_history(history, metrics=None, path=None, title=None):
             axis.set_visible(False)
             continue
         name = metrics[index]
+        rate = name in _RATE_KEYS
         for key, style, label in ((name, "-", "train"), (f"val_{name}", "--", "validation")):
             if key in values:
                 series = [float(v) for v in values[key]]
+                if rate:  # a log axis has no place for 0: leave a gap
+                    series = [v if v > 0 else math.nan for v in series]
                 axis.plot(range(1, len(series) + 1), series, style, marker="o",
                           markersize=3, label=label)
-        for phase, first, count in phases:
-            if phase != "head" and count:
-                axis.axvspan(first + 0.5, first + count + 0.5, color="tab:orange",
-                             alpha=0.08, label=phase.replace("_", "-"))
-                axis.axvline(first + 0.5, color="tab:orange", linewidth=1)
+        _mark_phases(axis, phases)
         axis.set_title(name)
         axis.set_xlabel("epoch")
-        if name == "learning_rate":
-            axis.set_yscale("symlog", linthresh=1e-7)
+        if rate and any(v > 0 for v in values.get(name, [])):
+            axis.set_yscale("log", nonpositive="mask")
+        else:
+            axis.ticklabel_format(axis="y", useOffset=False)
         axis.grid(alpha=0.3)
-        axis.legend(fontsize="small")
+        if not rate:  # the rate has one curve: its title names it
+            axis.legend(fontsize="small")
     if title:
         figure.suptitle(title)
     return _save(figure, path)
+
+
+def _mark_phases(axis, phases) -> None:
+    """Shades every phase after the first, marks its start and names it on top."""
+    ticks, labels = [], []
+    for number, (phase, first, count) in enumerate(phases):
+        if not count:
+            continue
+        if number:
+            axis.axvspan(first + 0.5, first + count + 0.5, color="tab:orange", alpha=0.08)
+            axis.axvline(first + 0.5, color="tab:orange", linewidth=1)
+        ticks.append(first + 0.5 + count / 2)
+        labels.append(phase.replace("_", "-"))
+    if ticks:  # names above the panel, where no curve can hide them
+        top = axis.secondary_xaxis("top")
+        top.set_xticks(ticks, labels=labels)
+        top.tick_params(length=0, labelsize="small", labelcolor="dimgray")
 
 
 def plot_forgetting(report, path=None, title=None):
