@@ -22,8 +22,7 @@ probabilities = model.predict(x_test)
 print(kt.classification_report(y_test, probabilities, model.class_names))
 kt.plot_confusion_matrix(kt.confusion_matrix(y_test, probabilities), model.class_names)
 kt.plot_worst_images(x_test, probabilities, y_test, model.class_names, path="worst.png")
-heatmaps = kt.grad_cam(model.backbone, None, kt.head_logits(model.head),
-                       model.preprocessor(x_test[:8]))
+heatmaps = kt.model_grad_cam(model, x_test[:8])
 kt.plot_grad_cam(x_test[:8], heatmaps)
 ```
 """
@@ -502,7 +501,7 @@ def last_conv_layer(network) -> str:
         str, the layer name.
 
     Example:
-        >>> kt.last_conv_layer(model.backbone)
+        >>> kt.last_conv_layer(model.backbone.network)
         'out_relu'
     """
     for layer in reversed(network.layers):
@@ -534,7 +533,7 @@ def head_logits(head):
         A callable `features -> logits`.
 
     Example:
-        >>> heatmaps = kt.grad_cam(model.backbone, None, kt.head_logits(model.head), x)
+        >>> heatmaps = kt.grad_cam(network, None, kt.head_logits(softmax_head), x)
     """
     import keras
 
@@ -584,7 +583,8 @@ def grad_cam(network, layer_name: str | None, head_fn, preprocessed_images,
             (batch, height, width, channels) output; None: the last one
             (`last_conv_layer`).
         head_fn: callable mapping the network's output to class LOGITS
-            `(batch, classes)`, e.g. `head_logits(model.head)`.
+            `(batch, classes)`: a transfer model's head (heads output
+            logits), or `head_logits(head)` for a head ending in softmax.
         preprocessed_images: `(N, H, W, C)` array, as the network takes it.
         class_index: None (the predicted class of each image), an int (one
             class for all) or a sequence of N ints.
@@ -597,8 +597,8 @@ def grad_cam(network, layer_name: str | None, head_fn, preprocessed_images,
         `overlay_heatmap` upsamples it to the image.
 
     Example:
-        >>> x = model.preprocessor(images)
-        >>> heatmaps = kt.grad_cam(model.backbone, None, kt.head_logits(model.head), x)
+        >>> x = model.backbone.preprocessor(images)
+        >>> heatmaps = kt.grad_cam(model.backbone.network, None, model.head, x)
         >>> kt.plot_grad_cam(images, heatmaps)
     """
     import keras
@@ -650,6 +650,39 @@ def grad_cam(network, layer_name: str | None, head_fn, preprocessed_images,
     cam = np.concatenate(heatmaps) if heatmaps else np.zeros((0, 0, 0), np.float32)
     peak = cam.max(axis=(1, 2), keepdims=True) if len(cam) else 1.0
     return _divide(cam, peak).astype(np.float32)
+
+
+def model_grad_cam(model, images, *, head: str | None = None, layer_name: str | None = None,
+                   class_index=None, batch_size: int = 32,
+                   method: str = "layercam") -> np.ndarray:
+    """Grad-CAM heat maps of an image transfer model on raw images (see `grad_cam`).
+
+    Args:
+        model: an image `TransferModel` (e.g. `ImageTransferModel`).
+        images: raw images `(N, H, W, 3)` in 0-255 at the model's input size.
+        head: str, optional. Which head's classes (needed with several heads).
+        layer_name: str, optional. A backbone layer with a 4-D output;
+            default the last one (`last_conv_layer`).
+        class_index, batch_size, method: as for `grad_cam`.
+
+    Returns:
+        float32 array `(N, h, w)` in [0, 1].
+
+    Example:
+        >>> heatmaps = kt.model_grad_cam(model, x_test[:8])
+        >>> kt.plot_grad_cam(x_test[:8], heatmaps, path="grad_cam.png")
+    """
+    if not hasattr(getattr(model, "backbone", None), "image_size"):
+        raise ValueError(f"Received {type(model).__name__}; model_grad_cam needs an image "
+                         "transfer model (kt.ImageTransferModel or kt.MultiTaskModel).")
+    names = model.head_names
+    if head is None and len(names) > 1:
+        raise ValueError(f"Received no head=; this model has heads {names}: say whose "
+                         "classes to explain.")
+    head_layer = model.heads[head or names[0]]
+    preprocessed = model.backbone.preprocessor(np.asarray(images, np.float32))
+    return grad_cam(model.backbone.network, layer_name, head_layer, preprocessed,
+                    class_index=class_index, batch_size=batch_size, method=method)
 
 
 def overlay_heatmap(image, heatmap, alpha: float = 0.4, colormap: str = "jet") -> np.ndarray:

@@ -392,3 +392,18 @@ def test_plot_history_has_no_offset_and_a_positive_log_rate_axis(tmp_path):
     flat.history["learning_rate"] = [0.0] * 6
     assert plot_history(flat, ["learning_rate"]).axes[0].get_yscale() == "linear"
     assert len(plot_history(flat.history).axes) == 3  # a bare dict has no phases
+
+
+def test_model_grad_cam_explains_a_transfer_model_on_raw_images():
+    import keras_transfer as kt
+
+    inputs = keras.Input((16, 16, 3))
+    features = keras.layers.Conv2D(4, 3, padding="same", activation="relu", name="conv")(inputs)
+    model = kt.ImageTransferModel(keras.Model(inputs, features), 2, preprocessing="tf")
+    images = np.random.default_rng(0).integers(0, 256, (3, 16, 16, 3)).astype("float32")
+    heatmaps = kt.model_grad_cam(model, images)
+    assert heatmaps.shape == (3, 16, 16) and 0 <= heatmaps.min() and heatmaps.max() <= 1
+    direct = insight.grad_cam(model.backbone.network, "conv", model.head, images / 127.5 - 1)
+    np.testing.assert_allclose(heatmaps, direct, atol=1e-5)
+    with pytest.raises(ValueError, match="image transfer model"):
+        kt.model_grad_cam(keras.Sequential([keras.layers.Dense(2)]), images)

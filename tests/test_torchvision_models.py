@@ -263,5 +263,5 @@ def test_a_transfer_model_on_it_saves_and_reloads_with_its_imagenet_weights(tmp_
     loaded = keras.saving.load_model(path)
     np.testing.assert_allclose(loaded.predict(photos, verbose=0),
                                model.predict(photos, verbose=0), atol=1e-6)
-    np.testing.assert_array_equal(np.asarray(loaded.backbone.get_layer("Conv1").kernel),
-                                  np.asarray(model.backbone.get_layer("Conv1").kernel))
+    np.testing.assert_array_equal(np.asarray(loaded.backbone.network.get_layer("Conv1").kernel),
+                                  np.asarray(model.backbone.network.get_layer("Conv1").kernel))
