@@ -773,13 +773,7 @@ def _plain_dataset(model, x, y, head, batch_size):
     if not hasattr(model, "head_dataset"):
         raise TypeError(f"Received a {type(model).__name__}; feature extraction needs a "
                         "keras_transfer TransferModel (e.g. kt.ImageTransferModel).")
-    names = model.head_names
-    if head is None and len(names) > 1:
-        raise ValueError(f"Received no head=; this model has heads {names}: say whose "
-                         "labels these are.")
-    head = head or names[0]
-    if head not in names:
-        raise ValueError(f"Received head={head!r}; this model's heads are {names}.")
+    head = model.resolve_head(head, "whose labels these are")
     labels_inside = isinstance(x, (str, os.PathLike, tf.data.Dataset))
     if y is None and not labels_inside:
         dataset = model.backbone.predict_dataset(x, batch_size=batch_size)

@@ -13,7 +13,6 @@ import tensorflow as tf
 
 from keras_transfer import backbones as registry
 from keras_transfer.data import make_image_dataset
-from keras_transfer.distribute import get_strategy, scope
 from keras_transfer.errors import BackboneError, DataError
 from keras_transfer.model import TransferModel, check_tasks, heads_argument
 from keras_transfer.training import unfreeze as unfreeze_network
@@ -265,13 +264,12 @@ class ImageTransferModel(TransferModel):
         heads = heads_argument(num_classes, heads, kind=kind, pooling=pooling,
                                hidden_units=hidden_units, dropout=dropout,
                                class_names=class_names)
-        strategy = get_strategy(strategy)
-        with scope(strategy):
-            component = ImageBackbone(backbone, weights=weights, input_shape=input_shape,
-                                      cut_layer=cut_layer, preprocessing=preprocessing,
-                                      weights_source=weights_source)
-            super().__init__(component, heads, sampling=sampling, strategy=strategy,
-                             name=name or "image_transfer_model", **kwargs)
+        super().__init__(
+            lambda: ImageBackbone(backbone, weights=weights, input_shape=input_shape,
+                                  cut_layer=cut_layer, preprocessing=preprocessing,
+                                  weights_source=weights_source),
+            heads, sampling=sampling, strategy=strategy, name=name or "image_transfer_model",
+            **kwargs)
 
 
 @keras.saving.register_keras_serializable(package="keras_transfer")

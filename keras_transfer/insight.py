@@ -675,11 +675,7 @@ def model_grad_cam(model, images, *, head: str | None = None, layer_name: str | 
     if not hasattr(getattr(model, "backbone", None), "image_size"):
         raise ValueError(f"Received {type(model).__name__}; model_grad_cam needs an image "
                          "transfer model (kt.ImageTransferModel or kt.MultiTaskModel).")
-    names = model.head_names
-    if head is None and len(names) > 1:
-        raise ValueError(f"Received no head=; this model has heads {names}: say whose "
-                         "classes to explain.")
-    head_layer = model.heads[head or names[0]]
+    head_layer = model.heads[model.resolve_head(head, "whose classes to explain")]
     preprocessed = model.backbone.preprocessor(np.asarray(images, np.float32))
     return grad_cam(model.backbone.network, layer_name, head_layer, preprocessed,
                     class_index=class_index, batch_size=batch_size, method=method)

@@ -46,8 +46,9 @@ class TransferModel(keras.Model):
     """A backbone component with one or several heads, trained in phases.
 
     Args:
-        backbone: an `ImageBackbone` or `TextBackbone` (built inside the
-            strategy's scope when there is one).
+        backbone: an `ImageBackbone` or `TextBackbone`, or a function that
+            builds one (called inside the strategy's scope, where a backbone
+            that trains under a strategy must be built).
         heads: a `Head` (one task), or a dict `{name: Head}` (several tasks
             on one backbone; names are identifiers and become output keys
             and metric prefixes).
@@ -71,6 +72,8 @@ class TransferModel(keras.Model):
                  **kwargs):
         strategy = get_strategy(strategy)
         with scope(strategy):
+            if callable(backbone) and not isinstance(backbone, keras.layers.Layer):
+                backbone = backbone()
             super().__init__(name=name or "transfer_model", **kwargs)
             self.single = isinstance(heads, Head)
             specs = {SINGLE: as_head(SINGLE, heads)} if self.single else _check_heads(heads)
@@ -116,6 +119,16 @@ class TransferModel(keras.Model):
     def class_names(self):
         """The head's class names (one head), or `{head: names or None}`."""
         return self._per_head(lambda spec: spec.class_names)
+
+    def resolve_head(self, head: str | None, purpose: str) -> str:
+        """The name of `head`, or of the only head; `purpose` says why one is needed."""
+        names = self.head_names
+        if head is None and len(names) > 1:
+            raise ValueError(f"Received no head=; this model has heads {names}: say {purpose}.")
+        head = head or names[0]
+        if head not in names:
+            raise ValueError(f"Received head={head!r}; this model's heads are {names}.")
+        return head
 
     def _per_head(self, value):
         if self.single:

@@ -24,7 +24,6 @@ import numpy as np
 import tensorflow as tf
 
 from keras_transfer.data import as_text_source, labels_for_head
-from keras_transfer.distribute import get_strategy, scope
 from keras_transfer.errors import BackboneError, DataError, WeightsError
 from keras_transfer.model import TransferModel, check_tasks, heads_argument
 from keras_transfer.training import unfreeze as unfreeze_network
@@ -491,13 +490,12 @@ class TextTransferModel(TransferModel):
                  name=None, **kwargs):
         heads = heads_argument(num_classes, heads, kind=kind, hidden_units=hidden_units,
                                dropout=dropout, class_names=class_names)
-        strategy = get_strategy(strategy)
-        with scope(strategy):
-            component = TextBackbone(backbone, preprocessor=preprocessor,
-                                     sequence_length=sequence_length, pooling=text_pooling,
-                                     load_weights=load_weights)
-            super().__init__(component, heads, sampling=sampling, strategy=strategy,
-                             name=name or "text_transfer_model", **kwargs)
+        super().__init__(
+            lambda: TextBackbone(backbone, preprocessor=preprocessor,
+                                 sequence_length=sequence_length, pooling=text_pooling,
+                                 load_weights=load_weights),
+            heads, sampling=sampling, strategy=strategy, name=name or "text_transfer_model",
+            **kwargs)
 
 
 @keras.saving.register_keras_serializable(package="keras_transfer")
