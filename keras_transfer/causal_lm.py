@@ -15,6 +15,7 @@ import keras
 import tensorflow as tf
 
 from keras_transfer import training
+from keras_transfer.callbacks import DivergenceGuard
 from keras_transfer.data import as_text_source, read_utf8_lines, steps_of
 from keras_transfer.errors import BackboneError
 from keras_transfer.text import keras_hub_module, load_preset
@@ -78,5 +79,5 @@ def adapt_causal_lm(causal_lm, texts, *, epochs=1, batch_size=8, sequence_length
     trainable, frozen = training.count_params(causal_lm)
     logger.info("Causal LM adaptation: %d trainable, %d frozen parameters.", trainable, frozen)
     history = causal_lm.fit(dataset, epochs=epochs, verbose=verbose, shuffle=False,
-                            callbacks=[training.NaNGuard("adapt"), *(callbacks or [])])
+                            callbacks=[DivergenceGuard("adapt"), *(callbacks or [])])
     return causal_lm, history

@@ -34,6 +34,7 @@ from keras_transfer import training
 from keras_transfer.distribute import get_strategy, model_scope, scope
 from keras_transfer.errors import DataError
 from keras_transfer.heads import Head, as_head
+from keras_transfer.callbacks import head_of_key
 from keras_transfer.training import scale_loss_for_replicas
 
 logger = logging.getLogger("keras_transfer")
@@ -444,7 +445,7 @@ class TransferModel(keras.Model):
         fed = self.head_data(x, y)
         per_head = {n: {} for n in fed}
         for key, value in results.items():
-            owner = training.head_of_key(key, self.head_names)
+            owner = head_of_key(key, self.head_names)
             if owner in per_head:
                 per_head[owner][key[len(owner) + 1:]] = float(value)
         return per_head

@@ -1,0 +1,103 @@
+"""Keras callbacks the training phases add: divergence guard, learning-rate log, head logs.
+
+They are plain `keras.callbacks.Callback`s, added by `training.fit_phase`
+before the user's own callbacks.
+"""
+
+from __future__ import annotations
+
+import math
+
+import keras
+import numpy as np
+
+from keras_transfer.errors import TrainingDivergedError
+
+
+class DivergenceGuard(keras.callbacks.Callback):
+    """Stops training when the loss becomes NaN or infinite, or explodes, and says where.
+
+    The loss explodes when it exceeds `factor` times the first batch's loss
+    of the phase (at least 1e-2), as a learning rate far too high makes it.
+    The weights of the phase's start are put back before the error is
+    raised, so a diverged run loses no earlier training.
+
+    Args:
+        phase: str. Name of the phase, for the message.
+        factor: float. How many times the first loss counts as diverged.
+    """
+
+    def __init__(self, phase: str, factor: float = 1e4):
+        super().__init__()
+        self.phase = phase
+        self.factor = factor
+        self._epoch = 0
+        self._saved = None
+        self._first = None
+
+    def on_train_begin(self, logs=None):
+        self._saved = [np.array(w) for w in self.model.get_weights()]
+        self._first = None
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self._epoch = epoch
+
+    def on_train_batch_end(self, batch, logs=None):
+        loss = (logs or {}).get("loss")
+        if loss is None:
+            return
+        loss = float(loss)
+        if self._first is None and math.isfinite(loss):
+            self._first = max(abs(loss), 1e-2)
+        if math.isfinite(loss) and (self._first is None or loss <= self.factor * self._first):
+            return
+        self.model.stop_training = True
+        self.model.set_weights(self._saved)
+        what = (f"became {loss}" if not math.isfinite(loss) else
+                f"exploded to {loss:.3g} ({loss / self._first:.2g} times its first value)")
+        raise TrainingDivergedError(
+            f"The loss {what} at step {batch + 1} of epoch {self._epoch + 1} in the "
+            f"'{self.phase}' phase. The weights from the start of that phase were "
+            "restored. Lower the learning rate, check the inputs for NaN or infinite "
+            "values, and check the labels.")
+
+
+class LearningRateLogger(keras.callbacks.Callback):
+    """Adds the optimizer's current learning rate to each epoch's logs."""
+
+    def on_epoch_end(self, epoch, logs=None):
+        if logs is not None:
+            optimizer = self.model.optimizer
+            logs["learning_rate"] = float(keras.ops.convert_to_numpy(
+                optimizer.learning_rate))
+
+
+class DropUnfedHeads(keras.callbacks.Callback):
+    """Removes the metrics of heads that had no data from each epoch's logs.
+
+    A head without training (or validation) data would otherwise show zeros.
+    """
+
+    def __init__(self, head_names, trained, validated):
+        super().__init__()
+        self.head_names = list(head_names)
+        self.trained = set(trained)
+        self.validated = set(validated)
+
+    def on_epoch_end(self, epoch, logs=None):
+        if logs is None:
+            return
+        for key in list(logs):
+            owner = head_of_key(key, self.head_names)
+            if owner is None:
+                continue
+            fed = self.validated if key.startswith("val_") else self.trained
+            if owner not in fed:
+                del logs[key]
+
+
+def head_of_key(key: str, head_names) -> str | None:
+    """The head a metric key belongs to: the longest head-name prefix."""
+    key = key.removeprefix("val_")
+    owners = [n for n in head_names if key.startswith(n + "_")]
+    return max(owners, key=len) if owners else None
