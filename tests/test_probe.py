@@ -42,7 +42,8 @@ def test_softmax_matches_sklearn_for_the_same_c(n, d):
     x, y = blobs(n, d, 4, spread=0.7)
     xs = standardized(x)
     for c in (0.01, 1.0):
-        probe = fit_linear_probe(x, y, "classification", 4, regularization=c, tol=1e-9)
+        probe = fit_linear_probe(x, y, "classification", 4, regularization=c, tol=1e-9,
+                                 scaling="per_feature")
         ref = LogisticRegression(C=c, tol=1e-12, max_iter=100_000).fit(xs, y)
         np.testing.assert_allclose(probe.predict(x), ref.predict_proba(xs), atol=1e-6)
         np.testing.assert_allclose(standardized_kernel(probe, x), ref.coef_.T,
@@ -54,7 +55,8 @@ def test_unrotated_route_matches_sklearn(monkeypatch):
     """Large D with N >= D skips the rotation; the solution must be the same."""
     monkeypatch.setattr(probe_module, "_COVARIANCE_MAX_FEATURES", 5)
     x, y = blobs(200, 30, 3, spread=0.5)
-    probe = fit_linear_probe(x, y, "classification", 3, regularization=0.3, tol=1e-9)
+    probe = fit_linear_probe(x, y, "classification", 3, regularization=0.3, tol=1e-9,
+                             scaling="per_feature")
     assert probe.report.solver == "lbfgs in feature axes"
     xs = standardized(x)
     ref = LogisticRegression(C=0.3, tol=1e-12, max_iter=100_000).fit(xs, y)
@@ -64,7 +66,8 @@ def test_unrotated_route_matches_sklearn(monkeypatch):
 def test_two_classes_stay_softmax_and_match_logistic_regression_at_twice_c():
     """Softmax with 2 outputs and C equals a sigmoid on the logit difference with 2C."""
     x, y = blobs(120, 6, 2, spread=0.4)
-    probe = fit_linear_probe(x, y, "classification", 2, regularization=0.05, tol=1e-9)
+    probe = fit_linear_probe(x, y, "classification", 2, regularization=0.05, tol=1e-9,
+                             scaling="per_feature")
     assert probe.kernel.shape == (6, 2) and probe.bias.shape == (2,)
     xs = standardized(x)
     ref = LogisticRegression(C=0.1, tol=1e-12, max_iter=100_000).fit(xs, y)
@@ -76,7 +79,8 @@ def test_multilabel_matches_independent_logistic_regressions():
     rng = np.random.default_rng(3)
     x = rng.normal(size=(150, 8)) * [1, 2, 3, 4, 5, 6, 7, 8] + 4
     y = (x @ rng.normal(size=(8, 3)) + rng.normal(size=(150, 3)) * 3 > 0).astype(int)
-    probe = fit_linear_probe(x, y, "multilabel", regularization=0.2, tol=1e-9)
+    probe = fit_linear_probe(x, y, "multilabel", regularization=0.2, tol=1e-9,
+                             scaling="per_feature")
     xs = standardized(x)
     for j in range(3):
         ref = LogisticRegression(C=0.2, tol=1e-12, max_iter=100_000).fit(xs, y[:, j])
@@ -89,7 +93,8 @@ def test_ridge_matches_sklearn_with_sample_weights(n, d):
     x = rng.normal(size=(n, d)) * rng.uniform(0.1, 10, d) + 3
     y = x @ rng.normal(size=(d, 2)) + rng.normal(size=(n, 2))
     w = rng.uniform(0.2, 3.0, n)
-    probe = fit_linear_probe(x, y, "regression", regularization=0.5, sample_weight=w)
+    probe = fit_linear_probe(x, y, "regression", regularization=0.5, sample_weight=w,
+                             scaling="per_feature")
     xs = standardized(x)
     ref = Ridge(alpha=1 / 0.5).fit(xs, y, sample_weight=w)
     np.testing.assert_allclose(probe.predict(x), ref.predict(xs), rtol=1e-8, atol=1e-8)
@@ -130,21 +135,39 @@ def test_separable_data_reaches_full_training_accuracy_with_weak_regularization(
 # --- Folding the standardisation ---------------------------------------------------------
 
 
-def test_folded_weights_give_the_logits_of_the_standardised_problem():
-    """Fitting on x or on any per-column affine map of x gives the same logits."""
+@pytest.mark.parametrize("scaling", ["global", "per_feature"])
+def test_folded_weights_give_the_logits_of_the_standardised_problem(scaling):
+    """Fitting on x or on an affine map of x gives the same logits: per column for
+    per-feature scaling, one factor and per-column shifts for global scaling."""
     x, y = blobs(90, 12, 3, spread=0.6)
     rng = np.random.default_rng(5)
-    scale, shift = rng.uniform(1e-3, 1e3, 12), rng.normal(size=12) * 1e3
-    a = fit_linear_probe(x, y, "classification", 3, regularization=0.7, tol=1e-9)
-    b = fit_linear_probe(x * scale + shift, y, "classification", 3, regularization=0.7, tol=1e-9)
+    scale = rng.uniform(1e-3, 1e3, 12) if scaling == "per_feature" else 250.0
+    shift = rng.normal(size=12) * 1e3
+    a = fit_linear_probe(x, y, "classification", 3, regularization=0.7, tol=1e-9, scaling=scaling)
+    b = fit_linear_probe(x * scale + shift, y, "classification", 3, regularization=0.7, tol=1e-9,
+                         scaling=scaling)
     np.testing.assert_allclose(a.logits(x), b.logits(x * scale + shift), atol=1e-6)
+
+
+def test_global_scaling_matches_sklearn_on_centred_features_over_one_scale():
+    x, y = blobs(120, 10, 3, spread=0.5)
+    probe = fit_linear_probe(x, y, "classification", 3, regularization=0.3, tol=1e-9)
+    assert probe.report.scaling == "global"
+    centred = x - x.mean(axis=0)
+    scaled = centred / np.sqrt(np.mean(centred.var(axis=0)))
+    ref = LogisticRegression(C=0.3, tol=1e-12, max_iter=100_000).fit(scaled, y)
+    np.testing.assert_allclose(probe.predict(x), ref.predict_proba(scaled), atol=1e-6)
+    # Per-feature scaling is a different problem here (columns of scales 0.01 to 100).
+    other = fit_linear_probe(x, y, "classification", 3, regularization=0.3, scaling="per_feature")
+    assert np.abs(other.predict(x) - probe.predict(x)).max() > 1e-2
 
 
 def test_folded_weights_go_into_a_keras_dense_layer():
     keras = pytest.importorskip("keras")
     x, y = blobs(90, 12, 3, spread=0.6, scale=np.full(12, 30.0))
     x = np.maximum(x, 0).astype("float32")  # ReLU-like features in the hundreds
-    probe = fit_linear_probe(x, y, "classification", 3, regularization=0.7)
+    probe = fit_linear_probe(x, y, "classification", 3, regularization=0.7,
+                             scaling="per_feature")
     dense = keras.layers.Dense(3)
     dense.build((None, 12))
     dense.set_weights([probe.kernel, probe.bias])
@@ -204,12 +227,25 @@ def test_stratified_folds_spread_every_class():
         assert per_fold.max() - per_fold.min() <= 1 and per_fold.sum() == count
 
 
+def test_large_data_cross_validates_a_stratified_subset(monkeypatch):
+    monkeypatch.setattr(probe_module, "CV_MAX_EXAMPLES", 100)
+    labels = np.repeat([0, 1, 2], [200, 80, 20])
+    fold_of, cv = probe_module._assign_folds(len(labels), labels, 5, seed=0)
+    assert cv == "5-fold stratified on 100 of 300 rows"
+    assert np.count_nonzero(fold_of >= 0) == 100
+    np.testing.assert_allclose(np.bincount(labels[fold_of >= 0]), [66.7, 26.7, 6.7], atol=1)
+    x, y = blobs(300, 5, 3, spread=0.5)
+    probe = fit_linear_probe(x, y, "classification", 3)
+    assert probe.report.cv == "5-fold stratified on 100 of 300 rows"
+    assert np.isfinite(probe.report.mean_scores).all() and probe.report.converged
+
+
 def test_cv_scores_are_held_out_scores():
     """The reported mean score of each C is the pooled held-out MSE of ridge on the folds."""
     rng = np.random.default_rng(6)
     x = rng.normal(size=(80, 5))
     y = x @ rng.normal(size=5) + rng.normal(size=80)
-    probe = fit_linear_probe(x, y, "regression", grid=[0.01, 1.0], seed=3)
+    probe = fit_linear_probe(x, y, "regression", grid=[0.01, 1.0], seed=3, scaling="per_feature")
     fold_of, _ = probe_module._assign_folds(80, None, 5, seed=3)
     xs = standardized(x)
     for c, score in zip(probe.report.grid, probe.report.mean_scores):
@@ -255,7 +291,7 @@ def test_sample_weights_weight_the_loss():
     x, y = blobs(40, 6, 2, spread=0.3)
     repeats = np.arange(40) % 3 + 1
     weighted = fit_linear_probe(x, y, "classification", 2, regularization=0.5,
-                                sample_weight=repeats, tol=1e-9)
+                                sample_weight=repeats, tol=1e-9, scaling="per_feature")
     xs = standardized(x)
     ref = LogisticRegression(C=1.0, tol=1e-12, max_iter=100_000).fit(
         xs, y, sample_weight=repeats)
@@ -268,7 +304,8 @@ def test_sample_weights_weight_the_loss():
     # A zero weight is the same as leaving the row out.
     zero = np.ones(40)
     zero[:5] = 0.0
-    dropped = fit_linear_probe(x, y, "classification", 2, regularization=0.5, sample_weight=zero)
+    dropped = fit_linear_probe(x, y, "classification", 2, regularization=0.5, sample_weight=zero,
+                               scaling="per_feature")
     kept = LogisticRegression(C=1.0, tol=1e-12, max_iter=100_000).fit(xs[5:], y[5:])
     np.testing.assert_allclose(dropped.predict(x)[:, 1], kept.predict_proba(xs)[:, 1], atol=1e-5)
 
@@ -320,6 +357,7 @@ def test_bad_inputs_raise_data_errors_that_name_what_was_received(features, targ
     ({"regularization": "strong"}, r"received 'strong'"),
     ({"folds": 1}, r"folds=1"),
     ({"scoring": "mse"}, r"received scoring='mse'"),
+    ({"scaling": "minmax"}, r"received scaling='minmax'"),
     ({"grid": [1.0, -2.0]}, r"grid must hold positive"),
 ])
 def test_bad_arguments_raise_value_errors(kwargs, message):
