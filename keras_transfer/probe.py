@@ -75,7 +75,7 @@ SCORINGS = {
     "regression": ("mse",),
 }
 # Default grid of C, in units of 1 / (number of non-constant features): that is,
-# C for features scaled so that the average row has unit norm.
+# C for features scaled so that the rows' mean squared norm is 1.
 DEFAULT_GRID = tuple(np.logspace(-2.0, 4.0, 13))
 REGRESSION_GRID = tuple(np.logspace(-4.0, 6.0, 41))  # closed form: many Cs are free
 # The log-loss path stops after this many values of C without improvement.
@@ -91,6 +91,8 @@ _PROB_FLOOR = 1e-15
 # Logit margin given to an output with no example of its class (or, for
 # multi-label, with one value only) in the training rows: about e^-10.
 _ABSENT_MARGIN = 10.0
+# Cross-validation fits stop at this multiple of `tol` (scores change in the 6th digit).
+_CV_TOL_FACTOR = 10.0
 # Products of (n, r) by (r, K) larger than this keep several BLAS threads.
 _THREADED_WORK = 100_000_000
 # Largest N x N Gram matrix we build (its eigendecomposition is O(N^3)).
@@ -106,7 +108,7 @@ class ProbeReport:
     Attributes:
         kind: "classification", "multilabel" or "regression".
         C: the inverse regularisation strength used for the final fit
-            (scikit-learn's `C`, on standardised features).
+            (scikit-learn's `C`, on the scaled features).
         grid: the values of `C` tried, ascending (one value when `C` was given).
         scoring: "log_loss", "accuracy" or "mse": what picked `C`.
         scaling: "global" or "per_feature": how the features were scaled.
@@ -266,7 +268,10 @@ def fit_linear_probe(
             log-loss walk from strong to weak stops after `PATIENCE` values
             without improvement.
         max_iter: int. L-BFGS iteration limit per fit.
-        tol: float. L-BFGS gradient tolerance, on the loss averaged over rows.
+        tol: float. L-BFGS stops when every coordinate of the gradient,
+            preconditioned by the diagonal of the Hessian, is below `tol`
+            (about sqrt(2 * (f - f*)) per coordinate, f the loss averaged over
+            rows plus the penalty). Cross-validation fits use 10 * tol.
 
     Returns:
         A `LinearProbe`: `kernel` (D, K) and `bias` (K,) in logits space for
@@ -631,18 +636,18 @@ class _Problem:
         rows = rows[self.weights[rows] > 0]
         return rows, self.z[rows], self.y[rows], self.weights[rows]
 
-    def fit(self, rows: np.ndarray, c: float, warm: _Solution | None = None) -> _Solution:
-        """Fits rows for one C (warm-started from `warm` if given)."""
+    def fit(self, rows: np.ndarray, c: float, warm: _Solution | None = None,
+            tol: float | None = None) -> _Solution:
+        """Fits rows for one C (warm-started from `warm` if given; `tol` overrides)."""
         if self.kind == "regression":
             return self.ridge_path(rows, (c,))[0]
         rows, z, y, w = self._rows(rows)
         if rows.size == 0:  # every training row has weight 0: nothing to learn
             return _Solution(np.zeros((self.r, self.k)), np.full(self.k, -np.inf))
-        if self.kind == "classification":
-            return self._fit_softmax(z, y, w, c, warm)
-        return self._fit_sigmoid(z, y, w, c, warm)
+        fit = self._fit_softmax if self.kind == "classification" else self._fit_sigmoid
+        return fit(z, y, w, c, warm, tol or self.tol)
 
-    def _fit_softmax(self, z, y, w, c, warm):
+    def _fit_softmax(self, z, y, w, c, warm, tol):
         k, r = self.k, self.r
         counts = np.bincount(y, minlength=k)
         present = np.flatnonzero(counts > 0)
@@ -666,12 +671,12 @@ class _Problem:
             return loss, g
 
         b, bias, its, ok = _lbfgs(
-            z, w, c, m, _softmax_curvature, loss_and_grad, x0, self.max_iter, self.tol)
+            z, w, c, m, _softmax_curvature, loss_and_grad, x0, self.max_iter, tol)
         coef[:, present] = b
         intercept[present] = bias - bias.mean()  # softmax ignores a common shift
         return _Solution(coef, intercept, its, ok)
 
-    def _fit_sigmoid(self, z, y, w, c, warm):
+    def _fit_sigmoid(self, z, y, w, c, warm, tol):
         k, r = self.k, self.r
         positive = w @ y
         varying = np.flatnonzero((y.min(axis=0) < 1) & (y.max(axis=0) > 0))
@@ -691,8 +696,7 @@ class _Problem:
             return loss, g
 
         b, bias, its, ok = _lbfgs(
-            z, w, c, varying.size, _sigmoid_curvature, loss_and_grad, x0, self.max_iter,
-            self.tol)
+            z, w, c, varying.size, _sigmoid_curvature, loss_and_grad, x0, self.max_iter, tol)
         coef[:, varying] = b
         intercept[varying] = bias
         return _Solution(coef, intercept, its, ok)
@@ -841,7 +845,8 @@ def _cross_validate(problem: _Problem, fold_of: np.ndarray, cs, scoring: str):
         best, since_best = math.inf, 0
         for i, c in enumerate(cs):
             for f, (train, held) in enumerate(splits):
-                states[f] = problem.fit(train, c, states[f])
+                # Scores need 4 digits, not the weights' 6: a looser stop.
+                states[f] = problem.fit(train, c, states[f], tol=_CV_TOL_FACTOR * problem.tol)
                 iterations += states[f].iterations
                 unconverged += not states[f].converged
                 row_loss[i, held] = problem.losses(states[f], held, scoring)

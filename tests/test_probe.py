@@ -216,6 +216,30 @@ def test_cross_validation_is_deterministic_for_a_seed():
     assert a.report.mean_scores[a.report.grid.index(a.report.C)] == min(a.report.mean_scores)
 
 
+@pytest.mark.parametrize("kind", ["classification", "multilabel", "regression"])
+def test_every_kind_picks_the_best_c_of_its_grid(kind):
+    rng = np.random.default_rng(7)
+    x = rng.normal(size=(120, 6)) * 20 + 50
+    signal = (x - 50) @ rng.normal(size=(6, 3)) / 20
+    targets = {
+        "classification": signal.argmax(axis=1),
+        "multilabel": (signal + rng.normal(size=signal.shape) > 0).astype(int),
+        "regression": signal + 0.1 * rng.normal(size=signal.shape),
+    }[kind]
+    probe = fit_linear_probe(x, targets, kind)
+    report = probe.report
+    assert report.scoring == {"regression": "mse"}.get(kind, "log_loss")
+    assert report.mean_scores[report.grid.index(report.C)] == min(report.mean_scores)
+    assert probe.kernel.shape == (6, 3) and probe.bias.shape == (3,)
+    if kind == "regression":
+        assert np.mean((probe.predict(x) - targets) ** 2) < 0.05
+        assert len(report.grid) == len(probe_module.REGRESSION_GRID)
+    else:
+        assert report.converged and report.cv_unconverged == 0
+        truth = targets if kind == "multilabel" else np.eye(3)[targets]
+        assert ((probe.predict(x) > 0.5) == truth).mean() > 0.8
+
+
 def test_stratified_folds_spread_every_class():
     labels = np.repeat([0, 1, 2], [50, 20, 3])
     fold_of, cv = probe_module._assign_folds(len(labels), labels, 5, seed=0)
