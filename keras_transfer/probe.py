@@ -321,14 +321,14 @@ def fit_linear_probe(
                    for c in (REGRESSION_GRID if kind == "regression" else DEFAULT_GRID))
 
     problem = _Problem(kind, basis.z, y, k, weights, max_iter, tol)
-    with _blas_threads(n * basis.z.shape[1] * k):
-        if fixed_c is not None:
-            chosen, cv, fold_scores, mean_scores, warm, stats = (
-                fixed_c, "none", (), (), None, (0, 0))
-        else:
-            fold_of, cv = _assign_folds(n, y if kind == "classification" else None, folds, seed)
+    if fixed_c is not None:
+        chosen, cv, fold_scores, mean_scores, warm, stats = fixed_c, "none", (), (), None, (0, 0)
+    else:
+        fold_of, cv = _assign_folds(n, y if kind == "classification" else None, folds, seed)
+        with _blas_threads(np.count_nonzero(fold_of >= 0) * problem.r * k):
             chosen, cs, fold_scores, mean_scores, warm, stats = _cross_validate(
                 problem, fold_of, cs, scoring)
+    with _blas_threads(n * problem.r * k):
         solution = problem.fit(np.arange(n), chosen, warm)
     if not solution.converged:
         warnings.warn(

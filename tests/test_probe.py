@@ -177,6 +177,14 @@ def test_folded_weights_go_into_a_keras_dense_layer():
     np.testing.assert_allclose(probs, ref.predict_proba(standardized(x)), atol=1e-4)
 
 
+def test_one_hot_targets_and_integer_labels_give_the_same_probe():
+    x, y = blobs(60, 5, 3, spread=0.5)
+    a = fit_linear_probe(x, y, "classification", 3)
+    b = fit_linear_probe(x, np.eye(3)[y], "classification")
+    np.testing.assert_array_equal(a.kernel, b.kernel)
+    assert b.report.num_outputs == 3
+
+
 def test_constant_columns_get_zero_weight_and_nd_features_are_flattened():
     x, y = blobs(50, 12, 2, spread=0.5)
     x[:, 3] = 7.0
@@ -409,3 +417,13 @@ def test_digits_accuracy_matches_sklearn_cross_validated_logistic_regression():
     theirs = ref.score(scaler.transform(x[test]), y[test])
     assert ours >= theirs - 0.01, (ours, theirs, probe.report.summary())
     assert isinstance(probe, LinearProbe) and probe.report.converged
+
+
+def test_small_products_run_on_one_blas_thread():
+    threadpoolctl = pytest.importorskip("threadpoolctl")
+    with probe_module._blas_threads(10_000):
+        blas = [p for p in threadpoolctl.threadpool_info() if p["user_api"] == "blas"]
+        assert blas and all(p["num_threads"] == 1 for p in blas)
+    before = [p["num_threads"] for p in threadpoolctl.threadpool_info()]
+    with probe_module._blas_threads(10**12):  # large products keep every thread
+        assert [p["num_threads"] for p in threadpoolctl.threadpool_info()] == before
