@@ -20,7 +20,9 @@ solves it:
    Classification and multilabel are solved by full-batch L-BFGS (SciPy) in
    float64 with analytic gradients; regression in closed form.
 3. Pick `C` by k-fold cross-validation on the same rows (stratified for
-   classification), over a log grid, warm-starting each fold along the path.
+   classification; leave-one-out for tiny data), by held-out log-loss (mean
+   squared error for regression), over a log grid from strong to weak
+   regularisation.
 4. Refit on every row with the chosen `C` and fold the standardisation into
    the weights, so that `kernel` and `bias` go straight into the `Dense(K)`
    layer that reads the raw features and outputs logits.
@@ -36,14 +38,17 @@ feature): 8 textures, 5 shots, VGG16 (hed) block-4 features flattened
 0.003. For tabular columns in unrelated units (scikit-learn's wine, breast
 cancer) per-feature wins by far (0.95 vs 0.72): pass `scaling="per_feature"`.
 
-How it stays cheap. The optimal `W` lies in the span of the (standardised)
+How it stays cheap. The optimal `W` lies in the span of the (scaled)
 training rows, and each fold's rows are a subset of all rows. So the problem
 is solved, exactly, in the principal axes of the data: when N < D, the
 eigenvectors of the N x N Gram matrix (a 30 x 25,088 problem becomes
 30 x 30); otherwise, when D is moderate, of the D x D covariance. In those
 axes the curvature of the loss is nearly diagonal, so L-BFGS runs on
-coordinates rescaled by it (a diagonal preconditioner) and converges in tens
-of iterations instead of thousands.
+coordinates rescaled by the Hessian's diagonal at its starting point (a
+diagonal preconditioner): a fit takes tens of iterations (5x fewer than
+without at N=30, D=25,088). Each fold starts from its solution at the
+previous C, the final fit from the folds' mean at the chosen C, and above
+5,000 rows C is cross-validated on a stratified subset.
 
 Example:
     >>> probe = fit_linear_probe(features, labels, "classification", num_classes=10)
@@ -337,7 +342,7 @@ def fit_linear_probe(
             RuntimeWarning, stacklevel=2)
     intercept = _finite_intercept(solution, kind, stacklevel=2)
 
-    # Back to raw features: W = V B in standardised space, then fold the scaling.
+    # Back to raw features: W = V B on the scaled features, then fold the scaling.
     kernel = basis.to_kernel(solution.coef) / scale[:, None]
     kernel[constant] = 0.0  # exactly, not rounding error of the rotation
     bias = intercept - mean @ kernel
@@ -567,8 +572,13 @@ class _Basis:
 
     The optimal kernel is `W = V B` with `B` the optimal coefficients in these
     coordinates (the penalty is unchanged as V has orthonormal columns, and
-    directions outside the rows' span only add penalty). `eigenvalues` are the
-    sums of squares of z's columns.
+    directions outside the rows' span only add penalty).
+
+    Attributes:
+        z: (N, r) coordinates.
+        eigenvalues: (r,) sums of squares of z's columns.
+        to_kernel: maps coefficients (r, K) to the kernel (D, K) on `xs`.
+        name: which axes, for the report.
     """
 
     def __init__(self, xs: np.ndarray):
@@ -578,34 +588,26 @@ class _Basis:
             values, vectors = _eigh_descending(xs @ xs.T)
             root = np.sqrt(values)
             self.z = vectors * root
-            self._xs, self._u, self._root = xs, vectors, root
+            self.to_kernel = lambda coef: xs.T @ (vectors @ (coef / root[:, None]))
             self.name = f"Gram axes (r={values.size})"
         elif d <= _COVARIANCE_MAX_FEATURES:
             values, vectors = _eigh_descending(xs.T @ xs)
             self.z = xs @ vectors
-            self._v = vectors
+            self.to_kernel = lambda coef: vectors @ coef
             self.name = f"principal axes (r={values.size})"
-        else:  # too big to rotate: the standardised features as they are
+        else:  # too big to rotate: the scaled features as they are
             values = np.einsum("ij,ij->j", xs, xs)
             self.z = xs
+            self.to_kernel = lambda coef: coef
             self.name = "feature axes"
         self.eigenvalues = values
-
-    def to_kernel(self, coef: np.ndarray) -> np.ndarray:
-        """Kernel (D, K) on standardised features for coefficients (r, K)."""
-        if hasattr(self, "_u"):
-            return self._xs.T @ (self._u @ (coef / self._root[:, None]))
-        if hasattr(self, "_v"):
-            return self._v @ coef
-        return coef
 
 
 def _eigh_descending(matrix: np.ndarray):
     values, vectors = scipy.linalg.eigh(matrix, overwrite_a=True, check_finite=False)
     values, vectors = values[::-1], vectors[:, ::-1]
     # Directions whose variance is rounding error of the largest carry no signal.
-    keep = values > max(values[0], 0.0) * 1e-10 if values.size else values > 0
-    keep &= values > 0
+    keep = values > max(values[0] * 1e-10, 0.0)
     return values[keep], np.ascontiguousarray(vectors[:, keep])
 
 
