@@ -243,6 +243,10 @@ def _array_source(x, y, label_options=None) -> ImageSource:
         )
     if not np.issubdtype(x.dtype, np.number):
         raise DataError(f"Received images of dtype {x.dtype}; expected numbers (0-255).")
+    if np.issubdtype(x.dtype, np.floating) and not np.isfinite(x).all():
+        bad = np.flatnonzero(~np.isfinite(x.reshape(len(x), -1)).all(axis=1))
+        raise DataError(f"Received images with NaN or infinite pixels, at positions "
+                        f"{bad[:10].tolist()}; fix or drop those images.")
     class_names = None
     if y is None:
         labels = np.full(len(x), -1, np.int64)

@@ -170,30 +170,47 @@ def unfreeze(backbone, layers="all", train_batchnorm: bool = False) -> int:
 class HeadPhase:
     """Train the heads on the frozen backbone.
 
+    A linear head (pooling or Flatten, then Dense: the default) on cached
+    features is a convex problem, and by default it is solved to
+    convergence: standardised features, L2-regularised cross-entropy (or
+    least squares), the regularisation picked by cross-validation, the
+    standardisation folded into the Dense weights (`probe.fit_linear_probe`).
+    Heads with hidden layers, and heads whose features cannot be cached
+    (random augmentation), train with Adam.
+
     Args:
-        epochs: int. Passes over the training data.
+        epochs: int, optional. Adam epochs. None (default): enough steps to
+            converge (at least 300, at least 10 epochs), stopping early when
+            the validation loss (or the loss) stops falling. Not used by the
+            probe.
         learning_rate: float. Adam learning rate.
-        early_stopping: int, optional. Patience in epochs: stop when the
-            validation loss (or the loss) stops falling, restore the best
+        solver: str. `"auto"` (the probe for linear heads on cached
+            features, Adam otherwise), `"probe"` (an error where it cannot be
+            used) or `"adam"`.
+        early_stopping: int, optional. Adam's patience in epochs: stop when
+            the validation loss (or the loss) stops falling, restore the best
             weights.
         feature_cache: `"auto"`, `True` or `False`. Run the frozen backbone
             once, cache its features on disk and train the heads on them.
             `"auto"`: cache when nothing random happens to the inputs (or
             with `augmented_copies`); with random augmentation the backbone
             runs every epoch, as the log says. `True` makes that last case an
-            error; `False` never caches.
+            error; `False` never caches (and so never probes).
         augmented_copies: int. With augmentation: cache this many augmented
-            copies of the data; epoch i trains on copy i % K.
+            copies of the data (the probe fits all of them; Adam's epoch i
+            trains on copy i % K).
         cache_dir: str, optional. Root of the feature cache (default
             `$KERAS_TRANSFER_CACHE`, else `~/.cache/keras_transfer/features`).
         name: str. The phase's name in logs and the history.
 
     Example:
-        >>> kt.HeadPhase(epochs=10, learning_rate=3e-4, early_stopping=3)
+        >>> kt.HeadPhase()                                  # the probe
+        >>> kt.HeadPhase(solver="adam", epochs=10, learning_rate=3e-4, early_stopping=3)
     """
 
-    epochs: int = 5
+    epochs: int | None = None
     learning_rate: float = 1e-3
+    solver: str = "auto"
     early_stopping: int | None = None
     feature_cache: bool | str = "auto"
     augmented_copies: int = 0
@@ -201,59 +218,175 @@ class HeadPhase:
     name: str = "head"
 
     def __post_init__(self):
-        _check_int(self.epochs, "epochs", minimum=1)
+        if self.epochs is not None:
+            _check_int(self.epochs, "epochs", minimum=1)
         _check_rate(self.learning_rate)
+        if self.solver not in SOLVERS:
+            raise ValueError(f"Received solver={self.solver!r}; expected one of {SOLVERS}.")
         _check_patience(self.early_stopping)
         if self.feature_cache not in (True, False, "auto"):
             raise ValueError(f"Received feature_cache={self.feature_cache!r}; expected True, "
                              "False or 'auto'.")
         _check_int(self.augmented_copies, "augmented_copies", minimum=0)
+        if self.solver == "probe" and self.feature_cache is False:
+            raise ValueError("Received solver='probe' with feature_cache=False; the probe "
+                             "solves the heads on cached features.")
 
     def uses_cache(self, augmentation) -> bool:
         """Whether the heads train on cached features, given fit's augmentation."""
         if self.feature_cache is False:
             return False
         random = augmentation is not None and not self.augmented_copies
-        if random and self.feature_cache is True:
+        if random and (self.feature_cache is True or self.solver == "probe"):
             raise ValueError(
-                "Received feature_cache=True with random augmentation and "
-                "augmented_copies=0: features of freshly augmented inputs change every "
-                "epoch and cannot be cached. Pass augmented_copies=K to cache K augmented "
-                "copies, or feature_cache='auto' to recompute them every epoch.")
+                f"Received {'solver=probe' if self.solver == 'probe' else 'feature_cache=True'}"
+                " with random augmentation and augmented_copies=0: features of freshly "
+                "augmented inputs change every epoch and cannot be cached. Pass "
+                "augmented_copies=K to cache K augmented copies, or feature_cache='auto' to "
+                "recompute them every epoch.")
         return not random
 
     def run(self, model, data, callbacks, initial_epoch, verbose):
         """Trains the heads; returns `(PhaseRecord, keras History)`."""
-        from keras_transfer.feature_cache import CacheUnwritableError
-
         model.backbone.freeze()
-        cached = None
-        if self.uses_cache(data.augmentation):
-            try:
-                cached = data.cached_batches(self, verbose)
-            except CacheUnwritableError as error:
-                if self.feature_cache is True:
-                    raise
-                logger.warning("%s The head phase runs the frozen backbone every epoch "
-                               "instead.", error)
-                if verbose:
-                    print(f"Warning: {error} The head phase runs the frozen backbone every "
-                          "epoch instead.")
-        if cached is not None:
-            train, validation = cached
+        caches = self._caches(data, verbose)
+        probed = {}
+        if caches is not None and self.solver != "adam":
+            probed = solve_linear_heads(model, caches, data, self.solver == "probe", verbose)
+            if probed and self.epochs is not None:
+                say(f"HeadPhase(epochs={self.epochs}) not used for {sorted(probed)}: a linear "
+                    "head is solved to convergence. HeadPhase(solver='adam') trains it for "
+                    "epochs with Adam instead.", verbose)
+        remaining = [n for n in data.train if n not in probed]
+        if not remaining:
+            return _solved_phase(model, self.name, data, caches, probed, callbacks,
+                                 initial_epoch, verbose)
+        if caches is not None:
+            for name in remaining:
+                cache = caches["train"][name]
+                copies = (f"{cache.copies} cached augmented copies; epoch i trains on copy i % "
+                          f"{cache.copies}" if cache.copies > 1 else
+                          "cached features, no augmentation")
+                say(f"Feature cache: training the head{'' if model.single else ' ' + repr(name)}"
+                    f" on {copies} ({cache.path}); the backbone does not run.", verbose)
+            train, validation = data.cached_batches(caches)
             context = model.features_as_inputs()
         else:
-            if data.augmentation is not None:
-                say("Feature cache: not used for the head phase: augmentation is random and "
-                    "augmented_copies=0, so the frozen backbone recomputes the features of "
-                    "freshly augmented inputs every epoch. Pass HeadPhase(augmented_copies=K) "
-                    "to cache K augmented copies instead.", verbose)
             (train, _), validation = data.batches(), data.validation_batches()
             context = contextlib.nullcontext()
-        with context:
-            return fit_phase(model, self.name, train, validation, self.epochs,
-                             lambda: keras.optimizers.Adam(self.learning_rate), callbacks,
-                             self.early_stopping, initial_epoch, verbose, self.learning_rate)
+        epochs, patience = self.epochs, self.early_stopping
+        if epochs is None:  # enough steps to converge, and stop when it has
+            steps = data.batches()[1]
+            epochs = min(max(math.ceil(300 / steps), 10), 200)
+            patience = patience or 5
+        with context, _frozen(model.heads[n] for n in probed):
+            record, history = fit_phase(
+                model, self.name, train, validation, epochs,
+                lambda: keras.optimizers.Adam(self.learning_rate), callbacks, patience,
+                initial_epoch, verbose, self.learning_rate)
+        record.details.update(probed)
+        return record, history
+
+    def _caches(self, data, verbose):
+        """`{"train": {head: FeatureCache}, "validation": {...}}`, or None without a cache."""
+        from keras_transfer.feature_cache import CacheUnwritableError
+
+        if not self.uses_cache(data.augmentation):
+            say("Feature cache: not used for the head phase: augmentation is random and "
+                "augmented_copies=0, so the frozen backbone recomputes the features of "
+                "freshly augmented inputs every epoch. Pass HeadPhase(augmented_copies=K) "
+                "to cache K augmented copies instead.", verbose)
+            return None
+        try:
+            return data.feature_caches(self, verbose)
+        except CacheUnwritableError as error:
+            if self.feature_cache is True or self.solver == "probe":
+                raise
+            logger.warning("%s The head phase runs the frozen backbone every epoch "
+                           "instead.", error)
+            if verbose:
+                print(f"Warning: {error} The head phase runs the frozen backbone every "
+                      "epoch instead.")
+            return None
+
+
+SOLVERS = ("auto", "probe", "adam")
+
+
+def solve_linear_heads(model, caches, data, required, verbose) -> dict:
+    """Solves every linear head with data by the probe; returns `{head: what was chosen}`."""
+    from keras_transfer.probe import fit_linear_probe
+
+    solved = {}
+    for name, cache in caches["train"].items():
+        spec = model.head_specs[name]
+        if not spec.is_linear:
+            if required:
+                raise ValueError(f"Received solver='probe' for head {name!r} with hidden "
+                                 f"layers {spec.hidden_units}; the probe solves linear heads. "
+                                 "Use solver='auto' or 'adam'.")
+            continue
+        features, labels = _pooled_features(cache, spec.pooling)
+        weights = data.example_weights(name, labels)
+        probe = fit_linear_probe(features, labels, spec.kind, spec.num_classes,
+                                 sample_weight=weights, seed=data.seed or 0)
+        dense = model.heads[name].layers[-1]
+        dense.set_weights([probe.kernel.astype("float32"), probe.bias.astype("float32")])
+        report = probe.report
+        where = "" if model.single else f" {name!r}"
+        say(f"Head{where}: linear probe on {len(labels):,} cached feature rows: "
+            f"{report.summary()}", verbose)
+        found = {k: v for k, v in report.as_dict().items() if k not in ("fold_scores", "grid")}
+        solved[name] = {**found, "solver": "probe", "method": report.solver,
+                        "summary": report.summary()}
+    return solved
+
+
+def _pooled_features(cache, pooling):
+    """A cache's features (all copies), pooled as the head does, and the labels."""
+    parts = [cache.load(copy) for copy in range(cache.copies)]
+    features = np.concatenate([p[0] for p in parts])
+    labels = np.concatenate([p[1] for p in parts])
+    if features.ndim == 4 and pooling != "flatten":
+        features = (features.mean if pooling == "avg" else features.max)(axis=(1, 2))
+    return features.reshape(len(features), -1), labels
+
+
+@contextlib.contextmanager
+def _frozen(layers):
+    """Keeps `layers` frozen inside the context (heads already solved)."""
+    layers = list(layers)
+    for layer in layers:
+        layer.trainable = False
+    try:
+        yield
+    finally:
+        for layer in layers:
+            layer.trainable = True
+
+
+def _solved_phase(model, name, data, caches, solved, callbacks, initial_epoch, verbose):
+    """The record of a phase solved without epochs: one entry of logs, callbacks told."""
+    train, validation = data.cached_batches(caches)
+    with model.features_as_inputs():
+        with model_scope(model):
+            model.compile(optimizer=keras.optimizers.Adam())
+        logs = {k: float(v) for k, v in keras.Model.evaluate(
+            model, train, verbose=0, return_dict=True).items()}
+        if validation is not None:
+            logs.update({f"val_{k}": float(v) for k, v in keras.Model.evaluate(
+                model, validation, verbose=0, return_dict=True).items()})
+        history = keras.callbacks.History()
+        callback_list = keras.callbacks.CallbackList(list(callbacks) + [history], model=model)
+        callback_list.on_train_begin()
+        callback_list.on_epoch_begin(initial_epoch)
+        callback_list.on_epoch_end(initial_epoch, logs)
+        callback_list.on_train_end(logs)
+    trainable, frozen = count_params(model)
+    record = PhaseRecord(name, initial_epoch, 0, trainable, frozen, None, details=solved)
+    say(f"Phase '{name}': {trainable:,} parameters solved by the probe (backbone frozen); "
+        + ", ".join(f"{k} {v:.4f}" for k, v in logs.items()), verbose)
+    return record, history
 
 
 @dataclasses.dataclass(frozen=True)
@@ -359,9 +492,9 @@ def resolve_phases(phases=None, head_epochs=None, fine_tune_epochs=None, epochs=
         if value is not None:
             _check_int(value, name, minimum=0)
     if head_epochs is None and fine_tune_epochs is None:
-        head_epochs = HeadPhase().epochs
+        return [HeadPhase(), FineTunePhase()]  # the defaults: both phases, budgets chosen
     phases = []
-    if head_epochs:
+    if head_epochs is None or head_epochs > 0:
         phases.append(HeadPhase(epochs=head_epochs))
     if fine_tune_epochs:
         phases.append(FineTunePhase(epochs=fine_tune_epochs))
@@ -438,37 +571,42 @@ class FitData:
             self._validation, _ = model.join(datasets)
         return self._validation
 
-    def cached_batches(self, phase: HeadPhase, verbose):
-        """Training and validation batches of cached backbone features."""
+    def feature_caches(self, phase: HeadPhase, verbose) -> dict:
+        """`{"train": {head: FeatureCache}, "validation": {...}}`: features extracted once."""
         from keras_transfer.feature_cache import extract_features
 
-        model = self.model
-
-        def features(data, training):
-            datasets = {}
+        def caches(data, training):
+            found = {}
             for name, (x, y) in data.items():
-                cache = extract_features(
-                    model, x, y, head=name, batch_size=self.batch_size,
+                found[name] = extract_features(
+                    self.model, x, y, head=name, batch_size=self.batch_size,
                     cache_dir=phase.cache_dir,
                     augmentation=self.augmentation if training else None,
                     augmented_copies=phase.augmented_copies if training else 0,
                     verbose=verbose)
-                datasets[name] = cache.dataset(self.batch_size, shuffle=training and self.shuffle,
-                                               seed=self.seed)
-                if training:
-                    copies = (f"{cache.copies} cached augmented copies; epoch i trains on "
-                              f"copy i % {cache.copies}" if cache.copies > 1 else
-                              "cached features, no augmentation")
-                    say(f"Feature cache: training the head{'' if model.single else ' ' + name!r}"
-                        f" on {copies} ({cache.path}); the backbone does not run.", verbose)
-            return datasets
+            return found
 
-        train, _ = model.join(features(self.train, True), training=True, seed=self.seed,
+        return {"train": caches(self.train, True),
+                "validation": None if self.validation is None else caches(self.validation,
+                                                                         False)}
+
+    def cached_batches(self, caches: dict):
+        """Training and validation batches of cached features (see `feature_caches`)."""
+        model = self.model
+        train = {name: cache.dataset(self.batch_size, shuffle=self.shuffle, seed=self.seed)
+                 for name, cache in caches["train"].items()}
+        train, _ = model.join(train, training=True, seed=self.seed,
                               class_weight=self.class_weight)
         validation = None
-        if self.validation is not None:
-            validation, _ = model.join(features(self.validation, False))
+        if caches["validation"] is not None:
+            validation, _ = model.join({name: cache.dataset(self.batch_size) for name, cache
+                                        in caches["validation"].items()})
         return train, validation
+
+    def example_weights(self, head: str, labels):
+        """Per-example weights from `class_weight` for one head's labels, or None."""
+        tables = self.model._class_weight_tables(self.class_weight)
+        return None if head not in tables else tables[head][np.asarray(labels, np.int64)]
 
 
 # ------------------------------------------------------------- the loop
@@ -564,8 +702,9 @@ class PhaseRecord:
     epochs_run: int
     trainable_params: int
     frozen_params: int
-    peak_learning_rate: float
+    peak_learning_rate: float | None
     stopped_early: bool = False
+    details: dict = dataclasses.field(default_factory=dict)
 
 
 class TransferHistory(keras.callbacks.History):

@@ -304,12 +304,12 @@ def test_head_trained_on_features_matches_the_frozen_backbone_recipe(backbone_ru
     backbone_before = [np.array(w) for w in cached.backbone.weights]
     head_before = [np.array(w) for w in cached.head.weights]
 
-    history = cached.fit(x, y, phases=[kt.HeadPhase(epochs=3)], batch_size=8, shuffle=False,
+    history = cached.fit(x, y, phases=[kt.HeadPhase(epochs=3, solver="adam")], batch_size=8, shuffle=False,
                          verbose=0)
     assert sum(backbone_runs) == 32  # once, not once per epoch
     backbone_runs.clear()
     # The keras.io recipe: the frozen backbone runs inside fit every epoch.
-    recipe_history = recipe.fit(x, y, phases=[kt.HeadPhase(epochs=3, feature_cache=False)],
+    recipe_history = recipe.fit(x, y, phases=[kt.HeadPhase(epochs=3, solver="adam", feature_cache=False)],
                                 batch_size=8, shuffle=False, verbose=0)
     assert backbone_runs == []  # no extraction: the backbone ran inside fit
 
@@ -336,7 +336,7 @@ def test_callbacks_see_the_whole_model_while_the_head_trains_on_features(tmp_pat
             seen.append(self.model)
 
     checkpoint = str(tmp_path / "best.keras")
-    model.fit(x, y, head_epochs=2, batch_size=8, verbose=0,
+    model.fit(x, y, phases=[kt.HeadPhase(epochs=2, solver="adam")], batch_size=8, verbose=0,
               callbacks=[Spy(), keras.callbacks.ModelCheckpoint(checkpoint)])
     assert seen == [model, model]
     restored = keras.saving.load_model(checkpoint)
@@ -350,8 +350,8 @@ def test_validation_data_gets_its_own_cache_and_history_extends(backbone_runs):
                                   pooling="avg")
     x32 = np.repeat(np.repeat(x, 2, axis=1), 2, axis=2)
     vx32 = np.repeat(np.repeat(vx, 2, axis=1), 2, axis=2)
-    history = model.fit(x32, y, validation_data=(vx32, vy), head_epochs=2, batch_size=8,
-                        verbose=0)
+    history = model.fit(x32, y, validation_data=(vx32, vy), batch_size=8, verbose=0,
+                        phases=[kt.HeadPhase(epochs=2, solver="adam")])
     assert sum(backbone_runs) == 36
     assert history.phase_of_epoch() == ["head", "head"]
     assert {"loss", "accuracy", "val_loss", "val_accuracy", "learning_rate"} <= set(history.history)
@@ -388,7 +388,7 @@ def test_augmented_copies_are_cached_and_cycled_per_epoch(backbone_runs, caplog)
     model = tiny_model()
     flip = keras.layers.RandomFlip(seed=3)
     with caplog.at_level(logging.INFO, logger="keras_transfer"):
-        history = model.fit(x, y, phases=[kt.HeadPhase(epochs=3, augmented_copies=2)],
+        history = model.fit(x, y, phases=[kt.HeadPhase(epochs=3, solver="adam", augmented_copies=2)],
                             batch_size=8, augmentation=flip, verbose=0)
     assert "2 cached augmented copies; epoch i trains on copy i % 2" in caplog.text
     assert sum(backbone_runs) == 2 * len(x) and len(history.epoch) == 3
@@ -472,7 +472,8 @@ def test_other_kinds_train_on_their_label_shapes(kind):
     x, _ = images(16)
     targets = np.random.default_rng(0).integers(0, 2, (16, 3)).astype("float32")
     model = tiny_model(kind=kind)
-    history = model.fit(x, targets, head_epochs=2, batch_size=8, verbose=0)
+    history = model.fit(x, targets, phases=[kt.HeadPhase(epochs=2, solver="adam")],
+                        batch_size=8, verbose=0)
     cache = features.extract_features(model, x, targets, batch_size=8)
     assert cache.reused and cache.manifest["label_shape"] == [3]
     np.testing.assert_array_equal(cache.load()[1], targets)

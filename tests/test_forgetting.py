@@ -82,7 +82,7 @@ def fine_tune_on_b(pretrained, digits, learning_rate, parallel=False, fine_tune_
     model = MultiTaskModel(snapshot_backbone(backbone), tasks, preprocessing="tf")
     if parallel:  # task A goes on from its trained head
         model.heads["a"].set_weights(head.get_weights())
-    model.fit(data, phases=[kt.HeadPhase(epochs=1),
+    model.fit(data, phases=[kt.HeadPhase(epochs=1, solver="adam"),
                             kt.FineTunePhase(epochs=fine_tune_epochs, learning_rate=learning_rate)],
               batch_size=32, seed=0, verbose=0)
     return model

@@ -49,7 +49,8 @@ def trained():
     train, validation = task_data(0), task_data(1, sizes=(16, 8, 8))
     validation.pop("size")  # a task without validation data
     history = model.fit(train, validation_data=validation, batch_size=8, seed=0, verbose=0,
-                        phases=[kt.HeadPhase(epochs=2), kt.FineTunePhase(epochs=2, warmup=0.25)])
+                        phases=[kt.HeadPhase(epochs=2, solver="adam"),
+                                kt.FineTunePhase(epochs=2, warmup=0.25)])
     return model, history, train, validation, before
 
 
@@ -220,7 +221,8 @@ def test_loss_weight_zero_and_tasks_without_data_leave_their_heads_alone():
     before = {n: [np.array(w) for w in h.weights] for n, h in model.heads.items()}
     data = task_data()
     data.pop("size")
-    history = model.fit(data, head_epochs=1, batch_size=8, verbose=0)
+    history = model.fit(data, phases=[kt.HeadPhase(epochs=1, solver="adam")], batch_size=8,
+                        verbose=0)
     assert "size_loss" not in history.history and "tags_loss" in history.history
     for name in ("tags", "size"):
         for a, b in zip(before[name], model.heads[name].weights):
@@ -312,7 +314,8 @@ def text_trained():
     model, data = tiny_text_multitask()
     frozen = [np.array(w) for w in model.backbone.network.weights]
     history = model.fit(data, validation_data={"sentiment": data["sentiment"]},
-                        phases=[kt.HeadPhase(epochs=1), kt.FineTunePhase(epochs=1, learning_rate=1e-3)],
+                        phases=[kt.HeadPhase(epochs=1, solver="adam"),
+                                kt.FineTunePhase(epochs=1, learning_rate=1e-3)],
                         batch_size=4, seed=0, verbose=0)
     return model, history, data, frozen
 

@@ -1,0 +1,127 @@
+"""The head phase: linear heads solved by the probe on cached features, others by Adam."""
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+import keras_transfer as kt
+from keras_transfer.probe import fit_linear_probe
+
+
+def tiny_backbone(seed=0):
+    inputs = keras.Input((16, 16, 3))
+    x = keras.layers.Conv2D(6, 3, strides=2, activation="relu",
+                            kernel_initializer=keras.initializers.GlorotUniform(seed))(inputs)
+    return keras.Model(inputs, x, name="tiny")
+
+
+def images(n=48, seed=0):
+    """Images whose class shows in the mean of one colour channel: learnable."""
+    rng = np.random.default_rng(seed)
+    y = rng.integers(0, 3, n)
+    x = rng.integers(0, 120, (n, 16, 16, 3))
+    x[np.arange(n), :, :, y] += 120
+    return x.astype(np.uint8), y
+
+
+def tiny_model(**kwargs):
+    return kt.ImageTransferModel(tiny_backbone(), 3, preprocessing="tf", **kwargs)
+
+
+def test_the_default_head_phase_is_the_probe_on_the_cached_features():
+    x, y = images()
+    model = tiny_model(pooling="avg")
+    history = model.fit(x, y, head_epochs=7, batch_size=8, seed=3, verbose=0)
+    record = history.phases[0]
+    assert (record.name, record.epochs_run) == ("head", 1)
+    details = record.details["head"]
+    assert details["solver"] == "probe" and details["converged"] and details["C"] > 0
+    features = np.asarray(model.backbone(x.astype("float32"))).mean(axis=(1, 2))
+    direct = fit_linear_probe(features, y, "classification", 3, seed=3)
+    kernel, bias = model.head.layers[-1].get_weights()
+    np.testing.assert_allclose(kernel, direct.kernel, rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(bias, direct.bias, rtol=1e-4, atol=1e-5)
+    assert history.history["accuracy"][0] == pytest.approx(
+        np.mean(direct.predict(features).argmax(1) == y))
+    # The same data and seed choose the same regularisation: the same head.
+    again = tiny_model(pooling="avg")
+    again.set_weights([np.zeros_like(w) if i >= len(model.backbone.weights) else w
+                       for i, w in enumerate(model.get_weights())])
+    again.fit(x, y, head_epochs=1, batch_size=8, seed=3, verbose=0)
+    np.testing.assert_array_equal(again.head.get_weights()[0], kernel)
+
+
+def test_the_folded_standardisation_serves_the_same_probabilities(tmp_path):
+    x, y = images(seed=1)
+    model = tiny_model()  # a Flatten head on features in the hundreds
+    model.fit(x, y, head_epochs=1, batch_size=8, verbose=0)
+    assert model.evaluate(x, y)["accuracy"] > 0.9
+    path = model.export(str(tmp_path / "export"))
+    served = tf.saved_model.load(path).signatures["serving_default"](images=tf.constant(x))
+    np.testing.assert_allclose(served["probabilities"].numpy(), model.predict(x), atol=1e-5)
+
+
+def test_class_weights_reach_the_probe():
+    x, y = images(seed=2)
+    plain, weighted = tiny_model(pooling="avg"), tiny_model(pooling="avg")
+    weighted.set_weights(plain.get_weights())
+    plain.fit(x, y, head_epochs=1, batch_size=8, verbose=0)
+    weighted.fit(x, y, head_epochs=1, batch_size=8, verbose=0, class_weight={0: 5.0})
+    assert not np.allclose(plain.head.get_weights()[0], weighted.head.get_weights()[0])
+
+
+def test_heads_with_hidden_layers_train_with_adam_while_solved_heads_stay():
+    x, y = images(seed=3)
+    model = kt.MultiTaskModel(tiny_backbone(), {
+        "linear": kt.Head(3, pooling="avg"), "deep": kt.Head(3, pooling="avg", hidden_units=(8,))},
+        preprocessing="tf")
+    history = model.fit({"linear": (x, y), "deep": (x, y)}, head_epochs=3, batch_size=8,
+                        verbose=0)
+    record = history.phases[0]
+    assert list(record.details) == ["linear"] and record.epochs_run == 3
+    features = np.asarray(model.backbone(x.astype("float32"))).mean(axis=(1, 2))
+    direct = fit_linear_probe(features, y, "classification", 3)
+    np.testing.assert_allclose(model.heads["linear"].layers[-1].get_weights()[0], direct.kernel,
+                               rtol=1e-4, atol=1e-5)  # untouched by the Adam epochs
+    assert model.heads["linear"].trainable
+
+
+def test_adam_when_asked_and_the_probe_only_where_it_applies():
+    x, y = images(seed=4)
+    history = tiny_model(pooling="avg").fit(
+        x, y, phases=[kt.HeadPhase(epochs=2, solver="adam")], batch_size=8, verbose=0)
+    assert history.phases[0].epochs_run == 2 and history.phases[0].details == {}
+    with pytest.raises(ValueError, match="solver='probe' for head 'head' with hidden layers"):
+        tiny_model(hidden_units=(4,)).fit(x, y, phases=[kt.HeadPhase(solver="probe")],
+                                         verbose=0)
+    with pytest.raises(ValueError, match="solver=probe with random augmentation"):
+        tiny_model().fit(x, y, phases=[kt.HeadPhase(solver="probe")],
+                         augmentation=keras.layers.RandomFlip(), verbose=0)
+    with pytest.raises(ValueError, match="solver='probe' with feature_cache=False"):
+        kt.HeadPhase(solver="probe", feature_cache=False)
+    with pytest.raises(ValueError, match="solver='newton'"):
+        kt.HeadPhase(solver="newton")
+
+
+def test_non_finite_inputs_are_named_before_anything_runs():
+    x, y = images(seed=5)
+    x = x.astype("float32")
+    x[7] = np.nan
+    with pytest.raises(kt.DataError, match=r"NaN or infinite pixels, at positions \[7\]"):
+        tiny_model().fit(x, y, head_epochs=1, verbose=0)
+
+
+def test_regression_and_multilabel_heads_are_probed_too():
+    x, y = images(seed=6)
+    targets = np.eye(3)[y].astype("float32")
+    multilabel = tiny_model(kind="multilabel", pooling="avg")
+    history = multilabel.fit(x, targets, head_epochs=1, batch_size=8, verbose=0)
+    assert history.phases[0].details["head"]["kind"] == "multilabel"
+    assert multilabel.evaluate(x, targets)["binary_accuracy"] > 0.9
+    values = x.reshape(len(x), -1, 3).mean(axis=1) / 255.0
+    regression = tiny_model(kind="regression", pooling="avg")
+    regression = kt.ImageTransferModel(tiny_backbone(), 3, kind="regression", pooling="avg",
+                                       preprocessing="tf")
+    regression.fit(x, values, head_epochs=1, batch_size=8, verbose=0)
+    assert regression.evaluate(x, values)["mae"] < 0.05
