@@ -62,6 +62,52 @@ class DivergenceGuard(keras.callbacks.Callback):
             "values, and check the labels.")
 
 
+class RestoreBest(keras.callbacks.Callback):
+    """Puts back the weights with the lowest validation loss when training ends.
+
+    The weights before the first epoch count too: their validation loss is
+    measured when training begins, so a phase that makes things worse ends
+    where it started.
+
+    Args:
+        validation: the validation batches, evaluated once before training.
+
+    Attributes:
+        best: float. The lowest validation loss seen.
+        restored: str or None. What was put back (`"epoch N"` or `"the
+            weights before this phase"`), None when the last epoch was best.
+    """
+
+    def __init__(self, validation):
+        super().__init__()
+        self.validation = validation
+        self.best = math.inf
+        self.restored = None
+        self._weights = None
+        self._label = None
+
+    def on_train_begin(self, logs=None):
+        results = self.model.evaluate(self.validation, verbose=0, return_dict=True)
+        self._keep(float(results["loss"]), "the weights before this phase")
+
+    def on_epoch_end(self, epoch, logs=None):
+        loss = (logs or {}).get("val_loss")
+        if loss is not None and float(loss) < self.best:
+            self._keep(float(loss), f"epoch {epoch + 1}")
+            self._last = True
+        else:
+            self._last = False
+
+    def on_train_end(self, logs=None):
+        if not getattr(self, "_last", True):
+            self.model.set_weights(self._weights)
+            self.restored = self._label
+
+    def _keep(self, loss, label):
+        self.best, self._label = loss, label
+        self._weights = [np.array(w) for w in self.model.get_weights()]
+
+
 class LearningRateLogger(keras.callbacks.Callback):
     """Adds the optimizer's current learning rate to each epoch's logs."""
 

