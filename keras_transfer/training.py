@@ -296,6 +296,10 @@ class HeadPhase:
         """`{"train": {head: FeatureCache}, "validation": {...}}`, or None without a cache."""
         from keras_transfer.feature_cache import CacheUnwritableError
 
+        if self.feature_cache is False:
+            say("Feature cache: off (feature_cache=False): the frozen backbone runs on every "
+                "batch of every epoch.", verbose)
+            return None
         if not self.uses_cache(data.augmentation):
             say("Feature cache: not used for the head phase: augmentation is random and "
                 "augmented_copies=0, so the frozen backbone recomputes the features of "

@@ -383,6 +383,17 @@ def test_augmentation_recomputes_every_epoch_by_default_and_says_so(backbone_run
     assert entries(os.environ[features.CACHE_ENV_VAR]) == []
 
 
+def test_a_cache_turned_off_says_so_without_blaming_augmentation(backbone_runs, capsys):
+    x, y = images()
+    model = tiny_model()
+    model.fit(x, y, phases=[kt.HeadPhase(epochs=1, solver="adam", feature_cache=False)],
+              batch_size=8, verbose=1)
+    out = capsys.readouterr().out
+    assert backbone_runs == []
+    assert "Feature cache: off (feature_cache=False)" in out
+    assert "augmentation" not in out
+
+
 def test_augmented_copies_are_cached_and_cycled_per_epoch(backbone_runs, caplog):
     x, y = images()
     model = tiny_model()
