@@ -5,7 +5,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 PYTEST_ARGS ?=
 
-.PHONY: demo test test-fast benchmark clean
+.PHONY: demo test test-fast benchmark notebooks clean
 
 demo: $(VENV)/.demo-installed
 	$(BIN)/keras-transfer demo
@@ -20,6 +20,12 @@ test-fast: $(VENV)/.test-installed
 benchmark: $(VENV)/.test-installed
 	$(BIN)/python benchmarks/finetune_throughput.py
 	$(BIN)/python benchmarks/serving_latency.py
+
+# The six teaching notebooks, top to bottom in full mode (a few minutes each on
+# a laptop CPU). Executed copies, with outputs and figures, go to build/notebooks/;
+# notebooks/ keeps them without outputs.
+notebooks: $(VENV)/.test-installed
+	$(BIN)/python notebooks/run_notebooks.py --output build/notebooks
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
