@@ -131,7 +131,7 @@ def test_regression_and_multilabel_heads_are_probed_too():
 def test_the_default_fine_tune_budget_is_counted_in_steps():
     phase = kt.FineTunePhase()
     assert phase.epochs_for(steps_per_epoch=4) == 25  # 100 steps
-    assert phase.epochs_for(steps_per_epoch=300) == 2  # at least two passes
+    assert phase.epochs_for(steps_per_epoch=300) == 3  # at least three passes
     assert kt.FineTunePhase(epochs=3).epochs_for(4) == 3  # what the user asked
     assert kt.FineTunePhase(min_steps=10).epochs_for(4) == 3
 
