@@ -396,10 +396,12 @@ def _custom_backbone(model, cut_layer, preprocessing, input_shape):
             "images (height, width, channels). Build it with keras.Input(shape=(H, W, 3))."
         )
     if input_shape is None:
+        if None in shape[:2]:
+            raise BackboneError(
+                f"Received a backbone model that takes images of any size {shape} and no "
+                "input_shape; pass input_shape=(height, width, 3), the size to train at.")
         input_shape = shape
-    if isinstance(input_shape, int):
-        input_shape = (input_shape, input_shape, 3)
-    input_shape = tuple(int(d) for d in input_shape)
+    input_shape = registry.as_input_shape(input_shape)
     if shape[-1] != 3 or input_shape[-1] != 3:
         raise BackboneError(
             f"Received a backbone that takes {shape[-1]} channels; transfer "
