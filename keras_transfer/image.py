@@ -161,7 +161,8 @@ class ImageBackbone(keras.layers.Layer):
         """
         dataset, source = make_image_dataset(
             x, y, image_size=self.image_size, kind=head.kind, num_classes=head.num_classes,
-            batch_size=batch_size, shuffle=shuffle, augmentation=augmentation, seed=seed)
+            class_names=head.class_names, batch_size=batch_size, shuffle=shuffle,
+            augmentation=augmentation, seed=seed)
         if not source.has_labels:
             raise DataError("Received images without labels; give (images, labels) or a "
                             "dataset of (image, label) pairs.")
