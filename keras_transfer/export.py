@@ -77,6 +77,9 @@ def _is_saved_model(path: str) -> bool:
 def check_export_path(path, overwrite: bool = False) -> str:
     """Checks that an export can be written to `path`, before any work is done.
 
+    An export lost by a replacement that was killed midway is put back first
+    (see `recover_export`), so the check sees it.
+
     Args:
         path: str. The export folder.
         overwrite: bool. Whether an existing export may be replaced.
@@ -90,6 +93,7 @@ def check_export_path(path, overwrite: bool = False) -> str:
             would delete); or the folder cannot be created.
     """
     path = os.path.abspath(os.fspath(path))
+    recover_export(path)
     if os.path.exists(path):
         if not overwrite:
             raise ExportError(
@@ -216,9 +220,7 @@ def export_saved_model(model, path, *, overwrite=False, metrics=None, verify=Tru
     Raises:
         ExportError: see `check_export_path`.
     """
-    path = os.path.abspath(os.fspath(path))
-    recover_export(path)
-    check_export_path(path, overwrite)
+    path = check_export_path(path, overwrite)
     parent = os.path.dirname(path)
     os.makedirs(parent, exist_ok=True)
     _remove_leftovers(path)
