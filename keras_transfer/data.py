@@ -11,7 +11,6 @@ if given, run on training batches only.
 
 from __future__ import annotations
 
-import contextlib
 import contextvars
 import dataclasses
 import functools
@@ -320,11 +319,12 @@ def _array_source(x, y, label_options=None) -> ImageSource:
         raise DataError(f"Could not read the images as an array: {error}") from error
     if x.ndim == 0 or len(x) == 0:
         raise DataError(f"Received no images (an array of shape {x.shape}).")
-    if x.ndim == 3 and x.shape[-1] == 3:
+    if x.ndim == 3 and x.shape[-1] in (1, 3):
+        one = "RGB" if x.shape[-1] == 3 else "grayscale"
         raise DataError(
-            f"Received an array of shape {x.shape}: one RGB image, or {x.shape[0]} grayscale "
-            f"images {x.shape[1]}x3? Give images with a batch axis: x[np.newaxis] for one "
-            "image, (N, H, W) or (N, H, W, C) for several.")
+            f"Received an array of shape {x.shape}: one {one} image, or {x.shape[0]} grayscale "
+            f"images {x.shape[1]}x{x.shape[2]}? Give images with a batch axis: x[np.newaxis] "
+            "for one image, (N, H, W) or (N, H, W, C) for several.")
     if x.ndim == 3:
         x = x[..., np.newaxis]
     if x.ndim != 4 or x.shape[-1] not in (1, 3):

@@ -15,7 +15,7 @@ import keras_transfer as kt
 
 keras_hub = pytest.importorskip("keras_hub")
 
-from test_text import LABELS, TEXTS, tiny_bert  # noqa: E402
+from test_text import TEXTS, tiny_bert  # noqa: E402
 
 
 def tiny_backbone():
@@ -123,6 +123,8 @@ def test_one_image_without_a_batch_axis_is_refused(images):
     model = image_model()
     with pytest.raises(kt.DataError, match="one RGB image.*x\\[np.newaxis\\]"):
         model.predict(images[0])
+    with pytest.raises(kt.DataError, match="one grayscale image.*x\\[np.newaxis\\]"):
+        model.predict(images[0, :, :, :1])
     assert model.predict(images[0][np.newaxis]).shape == (1, 3)
 
 
