@@ -371,6 +371,7 @@ class TransferModel(keras.Model):
         return self.join(datasets, training=training, seed=seed, class_weight=class_weight)
 
     # ------------------------------------------------------------- training
+    @data_lib.warns_once
     def fit(self, x=None, y=None, *, validation_data=None, phases=None, head_epochs=None,
             fine_tune_epochs=None, epochs=None, batch_size=32, augmentation=None,
             callbacks=None, class_weight=None, shuffle=True, seed=None, verbose="auto"):
@@ -426,6 +427,7 @@ class TransferModel(keras.Model):
         self.history = history
         return history
 
+    @data_lib.warns_once
     def evaluate(self, x=None, y=None, *, batch_size=32, verbose=0, **kwargs):
         """Evaluates on data of any supported kind.
 
@@ -450,6 +452,7 @@ class TransferModel(keras.Model):
                 per_head[owner][key[len(owner) + 1:]] = float(value)
         return per_head
 
+    @data_lib.warns_once
     def predict(self, x, *, batch_size=32, verbose=0, **kwargs):
         """Predicts probabilities (regression: values).
 

@@ -165,7 +165,8 @@ def resolve_text_backbone(backbone, preprocessor=None, *, sequence_length=128,
     keras_hub = keras_hub_module()
     if not isinstance(sequence_length, int) or isinstance(sequence_length, bool) \
             or sequence_length < 2:
-        raise ValueError(f"Received sequence_length={sequence_length!r}; expected an int >= 2.")
+        raise BackboneError(f"Received sequence_length={sequence_length!r}; expected an "
+                            "int >= 2.")
     if isinstance(backbone, dict):  # from_config
         backbone = keras.saving.deserialize_keras_object(backbone)
     if isinstance(preprocessor, dict):
@@ -188,6 +189,15 @@ def resolve_text_backbone(backbone, preprocessor=None, *, sequence_length=128,
         raise BackboneError(
             f"Received backbone of type {type(backbone).__name__}; expected a KerasHub "
             "preset name, a folder, or a keras_hub.models.Backbone.")
+    # Position embeddings stop at max_sequence_length: longer inputs would
+    # fail only at the first batch, far from this argument.
+    limit = getattr(network, "max_sequence_length", None)
+    if isinstance(limit, int) and sequence_length > limit:
+        raise BackboneError(
+            f"Received sequence_length={sequence_length}, but the backbone "
+            f"'{preset or network.name}' takes at most {limit} tokens (its "
+            f"max_sequence_length). Pass sequence_length={limit} or less; longer texts "
+            "are cut to it.")
     if hasattr(preprocessor, "sequence_length"):
         preprocessor.sequence_length = sequence_length
     return network, preprocessor, preset
