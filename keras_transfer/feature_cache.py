@@ -69,6 +69,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from keras_transfer.data import EpochSeed, shuffle_each_epoch
 from keras_transfer.errors import DataError
 
 logger = logging.getLogger("keras_transfer")
@@ -406,9 +407,10 @@ class FeatureCache:
     def _shards(self, copy: int) -> list[dict]:
         return [s for s in self.manifest["shards"] if s["copy"] == copy]
 
-    def dataset(self, batch_size: int = 32, shuffle: bool = False, seed: int | None = None,
+    def dataset(self, batch_size: int = 32, shuffle: bool = False, seed=None,
                 copy: int | None = None,
-                shuffle_buffer_bytes: int = DEFAULT_SHUFFLE_BYTES) -> tf.data.Dataset:
+                shuffle_buffer_bytes: int = DEFAULT_SHUFFLE_BYTES,
+                drop_remainder: bool = False) -> tf.data.Dataset:
         """Streams `(features, labels)` batches from the shards.
 
         Args:
@@ -416,11 +418,13 @@ class FeatureCache:
             shuffle: bool. Shuffle shard order and examples, anew each pass.
                 The shuffle buffer holds at most `shuffle_buffer_bytes`
                 (the whole dataset when it fits).
-            seed: int, optional. Shuffle seed.
+            seed: int or `data.EpochSeed`, optional. Shuffle seed.
             copy: int, optional. Which augmented copy to read. By default a
-                cache of K copies gives copy `i % K` on its i-th pass, so
-                epoch i of `fit` trains on copy `i % K`.
+                cache of K copies gives copy `i % K` on its i-th pass (with
+                an `EpochSeed`, on epoch i), so epoch i of `fit` trains on
+                copy `i % K`.
             shuffle_buffer_bytes: int. Memory bound of the shuffle buffer.
+            drop_remainder: bool. Drop a last partial batch.
 
         Returns:
             A `tf.data.Dataset` of `(features, labels)` batches with a known
@@ -455,15 +459,15 @@ class FeatureCache:
             passes = itertools.count()  # a new pass (an epoch) takes the next copy
 
             def next_copy():
-                yield from zip(*files(next(passes) % self.copies))
+                epoch = int(seed.epoch.numpy()) if isinstance(seed, EpochSeed) else next(passes)
+                yield from zip(*files(epoch % self.copies))
 
             spec = (tf.TensorSpec((), tf.string), tf.TensorSpec((), tf.string),
                     tf.TensorSpec((), tf.int64), tf.TensorSpec((), tf.int64))
             shard_files = tf.data.Dataset.from_generator(next_copy, output_signature=spec)
         num_shards = len(self._shards(copy or 0))
         if shuffle:
-            shard_files = shard_files.shuffle(max(num_shards, 1), seed=seed,
-                                              reshuffle_each_iteration=True)
+            shard_files = shuffle_each_epoch(shard_files, max(num_shards, 1), seed)
 
         def records(feature_file, label_file, feature_header, label_header):
             return tf.data.Dataset.zip((
@@ -476,8 +480,8 @@ class FeatureCache:
         if shuffle:
             buffer = max(1, min(self.num_examples,
                                 shuffle_buffer_bytes // max(feature_record + label_record, 1)))
-            dataset = dataset.shuffle(buffer, seed=seed, reshuffle_each_iteration=True)
-        dataset = dataset.batch(batch_size)
+            dataset = shuffle_each_epoch(dataset, buffer, seed)
+        dataset = dataset.batch(batch_size, drop_remainder=drop_remainder)
 
         def decode(feature_bytes, label_bytes):
             features = tf.reshape(tf.io.decode_raw(feature_bytes, feature_dtype),
@@ -486,7 +490,12 @@ class FeatureCache:
             return features, labels
 
         dataset = dataset.map(decode, num_parallel_calls=tf.data.AUTOTUNE)
-        batches = math.ceil(self.num_examples / batch_size)
+        batches = (self.num_examples // batch_size if drop_remainder
+                   else math.ceil(self.num_examples / batch_size))
+        if batches == 0:
+            raise DataError(f"Received batch_size={batch_size} with drop_remainder for a cache "
+                            f"of {self.num_examples} examples: no full batch. Lower the "
+                            "batch size.")
         dataset = dataset.apply(tf.data.experimental.assert_cardinality(batches))
         return dataset.prefetch(tf.data.AUTOTUNE)
 
