@@ -244,7 +244,9 @@ def all_workers_agree(strategy, flag: bool) -> bool:
     if not is_multi_worker(strategy):
         return bool(flag)
     value = strategy.run(tf.function(lambda: tf.constant(1.0 if flag else 0.0)))
-    return float(strategy.reduce("MIN", value, axis=None)) > 0.5
+    # Only SUM and MEAN reduce: every replica says yes when the sum is the count.
+    total = float(strategy.reduce("SUM", value, axis=None))
+    return total > strategy.num_replicas_in_sync - 0.5
 
 
 # ------------------------------------------------------------------ scopes
