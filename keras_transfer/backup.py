@@ -118,6 +118,12 @@ def restore_optimizer(model, values) -> None:
 
 
 # ------------------------------------------------------ callbacks with state
+def _has_state(callback) -> bool:
+    from keras_transfer.callbacks import DivergenceGuard, RestoreBest
+
+    return isinstance(callback, (RestoreBest, keras.callbacks.EarlyStopping, DivergenceGuard))
+
+
 def _callback_state(callback) -> tuple[dict, list] | None:
     """`(json part, weight arrays)` of a callback whose state matters, else None."""
     from keras_transfer.callbacks import DivergenceGuard, RestoreBest
@@ -352,7 +358,7 @@ class PhaseBackup(keras.callbacks.Callback):
             epochs: int. The phase's epochs.
         """
         self._first_epoch = first_epoch
-        self._watched = [c for c in callbacks if _callback_state(c) is not None]
+        self._watched = [c for c in callbacks if _has_state(c)]
         if self.progress is None:
             return first_epoch
         arrays = self.run._load_arrays(self.progress["file"])

@@ -6,8 +6,9 @@
     python tests/children.py memory OUT BACKBONE SIZE BATCH PHASE
 
 Each writes `OUT/<name>.json` (and `.npz` weights) for the test to compare.
-Every child limits its own life (`faulthandler.dump_traceback_later`), so
-none outlives a test that was killed.
+Every child limits its own life (`faulthandler.dump_traceback_later`,
+`$KT_CHILD_TIMEOUT` seconds), so none outlives a test that was killed.
+Tests import the model and data builders from here too.
 """
 
 import faulthandler
@@ -19,11 +20,9 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))  # this checkout's keras_transfer
 
-LIFETIME_S = float(os.environ.get("KT_CHILD_TIMEOUT", "240"))
-faulthandler.dump_traceback_later(LIFETIME_S, exit=True)
 
 
-def _data(n=32, size=32, classes=3, seed=0):
+def data(n=32, size=32, classes=3, seed=0):
     import numpy as np
 
     rng = np.random.default_rng(seed)
@@ -33,7 +32,7 @@ def _data(n=32, size=32, classes=3, seed=0):
     return x, np.minimum(y, classes - 1)
 
 
-def _tiny_model(strategy=None, seed=1):
+def tiny_model(strategy=None, seed=1):
     """A small convolutional backbone (fast) with BatchNormalization, and a head."""
     import keras
 
@@ -72,13 +71,13 @@ def mirrored(out):
 
     import keras_transfer as kt
 
-    x, y = _data()
+    x, y = data()
     phases = [kt.HeadPhase(epochs=2, solver="adam", learning_rate=1e-2),
               kt.FineTunePhase(epochs=2, learning_rate=1e-3, warmup=0.25)]
     results = {}
     for name, strategy in (("one", None),
                            ("mirrored", tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"]))):
-        model = _tiny_model(strategy)
+        model = tiny_model(strategy)
         history = model.fit(x, y, phases=phases, batch_size=16, seed=5, verbose=0,
                             validation_data=(x[:16], y[:16]))
         cache = kt.extract_features(model, x[:20], y[:20], batch_size=8)
@@ -125,8 +124,8 @@ def worker(out):
     import tensorflow as tf
 
     task = json.loads(os.environ["TF_CONFIG"])["task"]["index"]
-    x, y = _data(n=40)  # 40 = 2 full batches of 16 and a partial one, dropped
-    model = _tiny_model("multi_worker")
+    x, y = data(n=40)  # 40 = 2 full batches of 16 and a partial one, dropped
+    model = tiny_model("multi_worker")
     phases = [kt.HeadPhase(epochs=2, solver="adam", learning_rate=1e-2),
               kt.FineTunePhase(epochs=2, learning_rate=1e-3)]
     steps = StepCounter()
@@ -154,8 +153,8 @@ def resume(out, backup_dir):
 
     import keras_transfer as kt
 
-    x, y = _data(n=48)
-    model = _tiny_model()
+    x, y = data(n=48)
+    model = tiny_model()
     phases = [kt.HeadPhase(epochs=2, solver="adam", learning_rate=1e-2),
               kt.FineTunePhase(epochs=6, learning_rate=1e-3, warmup=0.2, early_stopping=4)]
     history = model.fit(x, y, phases=phases, batch_size=8, seed=11, verbose=0,
@@ -195,6 +194,8 @@ def memory(out, backbone, size, batch, phase):
 
 
 if __name__ == "__main__":
+    faulthandler.dump_traceback_later(float(os.environ.get("KT_CHILD_TIMEOUT", "240")),
+                                      exit=True)
     command, *arguments = sys.argv[1:]
     {"mirrored": mirrored, "worker": worker, "resume": resume, "memory": memory}[command](
         *arguments)
