@@ -42,6 +42,7 @@ from keras_transfer.image import (
     MultiTaskModel,
 )
 from keras_transfer.imagenet import imagenet_class_names, imagenet_top_k
+from keras_transfer.memory import MemoryEstimate, estimate_backbone_memory, estimate_memory
 from keras_transfer.insight import (
     ClassificationReport,
     classification_report,
@@ -99,6 +100,7 @@ __all__ = [
     "ImagePreprocessing",
     "ImageTransferModel",
     "KerasTransferError",
+    "MemoryEstimate",
     "MultiTaskModel",
     "TextBackbone",
     "TextMultiTaskModel",
@@ -116,6 +118,8 @@ __all__ = [
     "classification_report",
     "confusion_matrix",
     "default_augmentation",
+    "estimate_backbone_memory",
+    "estimate_memory",
     "extract_features",
     "forgetting_report",
     "get_backbone_spec",

@@ -8,29 +8,38 @@ batch):
 - **gradients**: one float32 value per trainable parameter.
 - **optimizer**: the optimizer's slots per trainable parameter: 2 for Adam
   (first and second moments), which every phase uses.
-- **activations**: what backpropagation keeps. The network is walked layer
-  by layer (Keras functional graph) and the output sizes are read from its
-  shapes. Training keeps the output of every layer from the first
-  trainable one on, times the batch; backpropagation then holds a gradient
-  as large as the two largest outputs at once. A frozen stretch runs
-  forward only and holds, at its peak, a layer's inputs and output. The
+- **activations**: what backpropagation keeps, times the batch. The network
+  is walked layer by layer (its Keras functional graph gives every tensor's
+  shape) and, from the first trainable layer on, the tensors that
+  TensorFlow's gradient functions read are counted once each: a
+  convolution's or dense layer's input, a ReLU's output, a GELU's input, a
+  max pooling's input and output, nothing for a frozen BatchNormalization
+  (inference mode), an addition or padding (`kept_activations`). Summing
+  every layer's output instead overestimates 2-4 times. To that come the
+  gradient buffers of the backward pass (twice the largest layer output),
+  the raw and preprocessed input batch, and the forward peak of a frozen
+  stretch below the trainable layers (a layer's inputs and output). The
   head phase on cached features (the default) runs the backbone forward
-  over batches of at least 64 (`feature_cache.MIN_EXTRACTION_BATCH`) and
-  trains the heads on features: the larger of the two.
-- **inputs**: the input pipeline's batches in flight (prefetch): a few raw
+  over batches of at least 64 (`feature_cache.MIN_EXTRACTION_BATCH`),
+  holding a layer's inputs and output at once, then trains the heads on
+  features: the larger of the two.
+- **inputs**: the input pipeline's batches in flight (prefetch): three raw
   batches of float32 inputs.
-- **runtime**: what TensorFlow and Keras take beyond the tensors: traced
-  train and test functions, oneDNN primitives and their workspace, the
-  allocator's slack. It grows with the network: `RUNTIME_PER_LAYER` per
-  layer and `RUNTIME_BASE` for the rest, measured on CPU (TensorFlow 2.21,
-  Keras 3.15) as the peak resident memory of a training child process minus
-  its resident memory before the model was built, less the parts above.
+- **runtime**: what TensorFlow takes beyond those tensors: traced
+  functions, oneDNN's reordered copies of the weights and their workspace,
+  the update's temporaries, allocator slack. Modelled as a base plus a
+  multiple of the weights' bytes, fitted on CPU (TensorFlow 2.21, Keras
+  3.15, oneDNN) to MobileNetV2 and ResNet50 at 128x128, batch 8-32:
+  190 MiB + 2.5 x weights when training, 40 MiB + 1 x weights forward only.
 
-Checked (tests/test_memory.py) against the measured peak resident memory of
-training child processes for MobileNetV2 and ResNet50: within a factor of
-1.5 (the measured numbers are in the test's docstring). On a GPU the same
-tensors live in device memory and the runtime part is smaller; the estimate
-errs on the safe side there.
+Measured against the peak resident memory of a training child process
+minus its resident memory before the model was built
+(`tests/test_memory.py`, configurations not used for fitting): MobileNetV2
+112 px batch 24 fine-tuning 479 MiB measured, 530 estimated (x1.11);
+ResNet50 96 px batch 8 fine-tuning 857 / 847 (x0.99); ResNet50 128 px batch
+16 head phase 469 / 445 (x0.95). On a GPU the tensors are the same but the
+runtime part differs (cuDNN workspaces, no oneDNN copies): not measured
+here (no GPU was lent).
 
 Example:
     >>> estimate = kt.estimate_memory(model, batch_size=32, phase="fine_tune")
@@ -57,8 +66,10 @@ MiB = 1024 ** 2
 GiB = 1024 ** 3
 ADAM_SLOTS = 2
 PREFETCHED_BATCHES = 3
-RUNTIME_BASE = 200 * MiB
-RUNTIME_PER_LAYER = 0.5 * MiB
+RUNTIME_BASE = 190 * MiB
+RUNTIME_PER_WEIGHT_BYTE = 2.5
+RUNTIME_BASE_FORWARD = 40 * MiB
+RUNTIME_PER_WEIGHT_BYTE_FORWARD = 1.0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -130,12 +141,77 @@ def layer_activations(network: keras.Model) -> list[tuple[object, int, int]]:
     for layer in leaf_layers(network):
         outputs, inputs = 0, 0
         for node in getattr(layer, "_inbound_nodes", []):
-            for tensor in node.output_tensors:
-                outputs += _elements(tensor.shape) or 0
-            for tensor in node.input_tensors:
-                inputs += _elements(tensor.shape) or 0
+            outputs += sum(_elements(t.shape) or 0 for t in node.output_tensors)
+            inputs += sum(_elements(t.shape) or 0 for t in node.input_tensors)
         sizes.append((layer, outputs, inputs))
     return sizes
+
+
+# What the gradient of each kind of layer reads from the forward pass
+# (TensorFlow's gradient functions): a convolution or a dense layer its
+# input; ReLU, ReLU6, sigmoid, tanh their output; GELU, swish their input;
+# max pooling both; a BatchNormalization in inference mode, additions,
+# padding, reshaping and average pooling nothing.
+_KEEPS_INPUT = (keras.layers.Dense, keras.layers.EinsumDense, keras.layers.Conv1D,
+                keras.layers.Conv2D, keras.layers.Conv3D, keras.layers.DepthwiseConv2D,
+                keras.layers.SeparableConv2D, keras.layers.Conv2DTranspose,
+                keras.layers.LayerNormalization, keras.layers.Multiply)
+_KEEPS_NOTHING = (keras.layers.Add, keras.layers.Subtract, keras.layers.Concatenate,
+                  keras.layers.ZeroPadding2D, keras.layers.Reshape, keras.layers.Flatten,
+                  keras.layers.GlobalAveragePooling2D, keras.layers.AveragePooling2D,
+                  keras.layers.Rescaling, keras.layers.Normalization, keras.layers.Dropout,
+                  keras.layers.InputLayer, keras.layers.Cropping2D, keras.layers.Permute)
+_OUTPUT_ACTIVATIONS = ("relu", "sigmoid", "tanh", "softmax", "elu", "exponential")
+
+
+def _activation_keeps(activation) -> str | None:
+    """`"output"`, `"input"` or None for a layer's built-in activation."""
+    name = getattr(activation, "__name__", str(activation))
+    if name in ("linear", "None"):
+        return None
+    return "output" if name in _OUTPUT_ACTIVATIONS else "input"
+
+
+def _kept(layer) -> set:
+    """Which of `"input"`, `"output"` the layer's gradient reads."""
+    if isinstance(layer, keras.layers.BatchNormalization):
+        # Frozen (the default when fine-tuning): inference mode, a scale and a shift.
+        return {"input"} if layer.trainable else set()
+    if isinstance(layer, keras.layers.ReLU):  # relu and relu6 read their output
+        plain = not layer.negative_slope and not layer.threshold
+        return {"output" if plain else "input"}
+    if isinstance(layer, keras.layers.Activation):
+        keeps = _activation_keeps(layer.activation)
+        return {keeps} if keeps else set()
+    if isinstance(layer, (keras.layers.MaxPooling2D, keras.layers.MaxPooling1D)):
+        return {"input", "output"}
+    if isinstance(layer, _KEEPS_NOTHING):
+        return set()
+    kept = {"input"}  # every other layer: its input (conservative for unknown ones)
+    if not isinstance(layer, _KEEPS_INPUT):
+        kept.add("output")
+    keeps = _activation_keeps(getattr(layer, "activation", None))
+    if keeps == "output":
+        kept.add("output")
+    return kept
+
+
+def kept_activations(network: keras.Model, first: int = 0) -> int:
+    """Elements per example that backpropagation keeps, from leaf layer `first` on.
+
+    Each tensor a gradient reads is counted once, however many layers read it.
+    """
+    from keras_transfer.training import leaf_layers
+
+    seen = {}
+    for layer in leaf_layers(network)[first:]:
+        kept = _kept(layer)
+        for node in getattr(layer, "_inbound_nodes", []):
+            tensors = ([*node.input_tensors] if "input" in kept else []) + \
+                      ([*node.output_tensors] if "output" in kept else [])
+            for tensor in tensors:
+                seen[id(tensor)] = _elements(tensor.shape) or 0
+    return sum(seen.values())
 
 
 def _itemsize(dtype) -> int:
@@ -216,7 +292,7 @@ def estimate_memory(model, batch_size: int, phase="fine_tune", *, cached: bool =
         layers = [layer for layer, _, _ in sizes]
         first = min((layers.index(layer) for layer in training if layer in layers),
                     default=len(layers))
-        kept = sum(out for _, out, _ in sizes[first:])
+        kept = kept_activations(network, first)
         frozen_peak = max((out + inp for _, out, inp in sizes[:first]), default=0)
         activations = per_replica * item * (
             kept + 2 * largest + max(frozen_peak, 2 * input_elements) + head_activations)
@@ -224,7 +300,10 @@ def estimate_memory(model, batch_size: int, phase="fine_tune", *, cached: bool =
     gradients = trainable * 4
     optimizer = ADAM_SLOTS * trainable * 4
     inputs = PREFETCHED_BATCHES * per_replica * input_elements * 4
-    runtime = int(RUNTIME_BASE + RUNTIME_PER_LAYER * len(sizes))
+    if name == "head":  # forward only: no gradient graph, no update temporaries
+        runtime = int(RUNTIME_BASE_FORWARD + RUNTIME_PER_WEIGHT_BYTE_FORWARD * weights)
+    else:
+        runtime = int(RUNTIME_BASE + RUNTIME_PER_WEIGHT_BYTE * weights)
     return MemoryEstimate(name, per_replica, int(weights), int(gradients), int(optimizer),
                           int(activations), int(inputs), runtime, tuple(notes))
 
