@@ -42,7 +42,6 @@ from keras_transfer.image import (
     MultiTaskModel,
 )
 from keras_transfer.imagenet import imagenet_class_names, imagenet_top_k
-from keras_transfer.memory import MemoryEstimate, estimate_backbone_memory, estimate_memory
 from keras_transfer.insight import (
     ClassificationReport,
     classification_report,
@@ -59,6 +58,7 @@ from keras_transfer.insight import (
     worst_predictions,
     worst_texts_table,
 )
+from keras_transfer.memory import MemoryEstimate, estimate_backbone_memory, estimate_memory
 from keras_transfer.model import TransferModel
 from keras_transfer.plots import plot_forgetting, plot_history
 from keras_transfer.text import (
