@@ -6,7 +6,11 @@ keras-transfer train DATA --backbone mobilenet_v2 --output saved_models/flowers
 keras-transfer export MODEL.keras OUTPUT
 keras-transfer predict EXPORT IMAGE [IMAGE ...]
 keras-transfer demo [--quick]
+keras-transfer doctor [--backbone resnet50 --image-size 224 --batch-size 32 --phase fine_tune]
 ```
+
+`train` takes `--strategy` (auto, mirrored, multi_worker, tpu, cpu) and
+`--backup-dir` (run the same command again after a crash to resume).
 
 `DATA` is a folder with one subfolder of images per class, or a TFDS name
 written `tfds:<name>[:<split>]`.
@@ -41,9 +45,18 @@ def _weights(value: str):
     return None if value.lower() == "none" else value
 
 
+def _strategy(args):
+    """The strategy of `--strategy`, made before anything else runs TensorFlow ops."""
+    from keras_transfer.distribute import get_strategy
+
+    return get_strategy(args.strategy)
+
+
 def _train(args) -> int:
+    strategy = _strategy(args)  # first: a multi-worker strategy must come before any op
     import keras_transfer as kt
     from keras_transfer.data import TFDS_PREFIX, folder_class_names, read_tfds
+    from keras_transfer.distribute import is_chief
 
     # Only the class names are needed here: fit reads and checks the images.
     class_names = (read_tfds(args.data).class_names if args.data.startswith(TFDS_PREFIX)
@@ -55,7 +68,7 @@ def _train(args) -> int:
     model = kt.ImageTransferModel(
         args.backbone, num_classes, weights=_weights(args.weights),
         input_shape=input_shape, pooling=args.pooling, dropout=args.dropout,
-        class_names=class_names)
+        class_names=class_names, strategy=strategy)
     validation = args.validation_data
     phases = [kt.HeadPhase(epochs=args.head_epochs, early_stopping=args.early_stopping)]
     if args.fine_tune_epochs:
@@ -64,16 +77,17 @@ def _train(args) -> int:
                                        early_stopping=args.early_stopping))
     history = model.fit(
         args.data, validation_data=validation, phases=phases, batch_size=args.batch_size,
-        seed=args.seed, verbose=2 if args.verbose else 0,
+        seed=args.seed, verbose=2 if args.verbose else 0, backup_dir=args.backup_dir,
         augmentation=kt.default_augmentation(args.seed) if args.augment else None)
     metrics = model.evaluate(validation) if validation else {
         k: v[-1] for k, v in history.history.items() if k != "learning_rate"}
     print("Final metrics: " + ", ".join(f"{k}={v:.4f}" for k, v in metrics.items()))
-    if args.save_keras:
+    if args.save_keras and is_chief(strategy):
         model.save(args.save_keras)
         print(f"Saved the Keras model to {args.save_keras}")
     path = model.export(args.output, overwrite=args.overwrite, metrics=metrics)
-    print(f"Exported a SavedModel to {path}")
+    print(f"Exported a SavedModel to {path}" if path else
+          "This worker is not the chief: the chief writes the export.")
     return 0
 
 
@@ -132,6 +146,18 @@ def _demo(args) -> int:
     return 0
 
 
+def _doctor(args) -> int:
+    from keras_transfer.doctor import format_report, system_report
+
+    phases = ("head", "fine_tune") if args.phase == "both" else (args.phase,)
+    unfreeze = int(args.unfreeze) if args.unfreeze.isdigit() else args.unfreeze
+    report = system_report(None if args.backbone == "none" else args.backbone,
+                           input_size=args.image_size, batch_size=args.batch_size,
+                           phases=phases, unfreeze=unfreeze)
+    print(json.dumps(report, indent=2) if args.json else format_report(report))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of `keras-transfer`."""
     parser = argparse.ArgumentParser(
@@ -163,6 +189,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--save-keras", help="also save the Keras model (.keras)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing export")
     p.add_argument("--verbose", action="store_true")
+    p.add_argument("--strategy", default="auto",
+                   choices=["auto", "default", "mirrored", "multi_worker", "tpu", "cpu"],
+                   help="tf.distribute strategy (multi_worker reads TF_CONFIG)")
+    p.add_argument("--backup-dir", help="save the run after every epoch; the same command "
+                                        "resumes it after a crash")
     p.set_defaults(run=_train)
 
     p = commands.add_parser("export", help="export a saved .keras model as a SavedModel")
@@ -181,6 +212,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quick", action="store_true", help="a reduced run (about a minute)")
     p.add_argument("--output", default="saved_models/demo", help="where to export")
     p.set_defaults(run=_demo)
+
+    p = commands.add_parser("doctor", help="versions, devices, memory, and whether a run fits")
+    p.add_argument("--backbone", default="mobilenet_v2", help="registry name, or 'none'")
+    p.add_argument("--image-size", type=int, help="input side (default: the backbone's)")
+    p.add_argument("--batch-size", type=int, default=32, help="global batch size")
+    p.add_argument("--phase", default="both", choices=["head", "fine_tune", "both"])
+    p.add_argument("--unfreeze", default="all", help="'all', a number of layers or a name")
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p.set_defaults(run=_doctor)
     return parser
 
 

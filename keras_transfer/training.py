@@ -640,7 +640,6 @@ class FitData:
         self._temporary = []
         self._batches = None
         self._validation = None
-        logger.info(batch_message(self.batch_size, self.strategy))
         # Check every head's data (labels, class names) before anything trains.
         self.batches()
         self.validation_batches()
@@ -791,6 +790,7 @@ def run_phases(model, data: FitData, phases, callbacks=(), verbose="auto") -> "T
         if backup.resuming:
             say(f"Backup {backup.path}: resuming a run with {finished} of {len(phases)} "
                 "phase(s) finished.", verbose)
+    say(batch_message(data.batch_size, data.strategy), verbose)
     warn_if_too_large(model, phases[finished:], data, verbose)
     for index, phase in enumerate(phases):
         if index < finished:  # done before a restart: its result, not its work
