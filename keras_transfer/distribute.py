@@ -21,12 +21,19 @@ Several workers (`"multi_worker"`, `MultiWorkerMirroredStrategy`):
   exports. The other workers take part in every collective but write to
   temporary folders they delete (or write nothing).
 
-TPUs (`"tpu"`): the resolver finds a TPU from `TPU_NAME` (a TPU node or
-pod), `COLAB_TPU_ADDR`, or the TPU devices of a Cloud TPU VM (`/dev/accel*`,
-`/dev/vfio`); the system is initialised once per process; training batches
-have a fixed shape (a last partial batch is dropped, validation too). On a
-TPU node (not a TPU VM) the input pipeline runs on the TPU host, so image
-folders must be on storage it reads (GCS). Not run here: no TPU was lent.
+TPUs (`"tpu"`), as the TensorFlow TPU guide and `tf.distribute.TPUStrategy`
+documentation describe them: the resolver finds a TPU from `TPU_NAME` (a
+TPU node or pod), `COLAB_TPU_ADDR`, or the TPU devices of a Cloud TPU VM
+(`/dev/accel*`, `/dev/vfio`, resolved as `tpu="local"`); the program
+connects to the cluster, initialises the TPU system once per process (again
+would wipe the TPU's memory), then makes the strategy. XLA compiles for one
+batch shape, so training and validation batches drop a last partial batch,
+and feature extraction pads every batch to one size. Choose a global batch
+that is a multiple of 8 per core. On a TPU node (not a TPU VM) the input
+pipeline and file writes run on the remote TPU host: image folders must be
+on storage it reads (GCS), and SavedModel exports to a local disk would need
+`experimental_io_device` (not set here). Not run here: no TPU was lent;
+without one, `"tpu"` fails at once with a message that says where it looked.
 """
 
 from __future__ import annotations
