@@ -507,10 +507,16 @@ def shuffle_each_epoch(dataset: tf.data.Dataset, buffer_size: int, seed=None):
     if not isinstance(seed, EpochSeed):
         return dataset.shuffle(buffer_size, seed=seed, reshuffle_each_iteration=True)
     cardinality = int(dataset.cardinality())
-    # The function runs when a pass starts, so it reads that pass's epoch.
-    shuffled = tf.data.Dataset.from_tensors(0).flat_map(
-        lambda _: dataset.shuffle(buffer_size, seed=seed.tensor(),
-                                  reshuffle_each_iteration=False))
+
+    def one_pass(_):
+        # This runs when a pass starts, so it reads that pass's epoch. The
+        # function's graph gets no global seed: the order then depends on
+        # (seed, epoch) only, and TensorFlow's check of a (0, tensor) seed
+        # pair, which fails after tf.random.set_seed(0), is not reached.
+        tf.compat.v1.get_default_graph().seed = None
+        return dataset.shuffle(buffer_size, seed=seed.tensor(), reshuffle_each_iteration=False)
+
+    shuffled = tf.data.Dataset.from_tensors(0).flat_map(one_pass)
     if cardinality >= 0:
         shuffled = shuffled.apply(tf.data.experimental.assert_cardinality(cardinality))
     return shuffled

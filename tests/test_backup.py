@@ -19,7 +19,8 @@ PHASES = [kt.HeadPhase(epochs=2, solver="adam", learning_rate=1e-2),
 
 
 class Crash(keras.callbacks.Callback):
-    """Stands in for a crash: raises when epoch `at` begins."""
+    """Stands in for a crash: raises when epoch `at` begins ("end": when the run's last
+    phase ends, after its last epoch was saved and before the phase was)."""
 
     def __init__(self, at):
         super().__init__()
@@ -28,6 +29,10 @@ class Crash(keras.callbacks.Callback):
     def on_epoch_begin(self, epoch, logs=None):
         if epoch == self.at:
             raise KeyboardInterrupt(f"crash at epoch {epoch}")
+
+    def on_train_end(self, logs=None):
+        if self.at == "end" and self.model.optimizer.iterations > 10:
+            raise KeyboardInterrupt("crash after the last epoch")
 
 
 class Steps(keras.callbacks.Callback):
@@ -67,18 +72,18 @@ def uninterrupted():
     return run()
 
 
-@pytest.mark.parametrize("crash_epoch", [1, 4])  # in the head phase; in fine-tuning
+@pytest.mark.parametrize("crash_epoch", [1, 4, "end"])  # head phase; fine-tuning; its end
 def test_a_crashed_run_resumes_to_the_uninterrupted_result(uninterrupted, tmp_path, crash_epoch):
     backup = tmp_path / "backup"
     with pytest.raises(KeyboardInterrupt):
         run(backup, callbacks=[Crash(crash_epoch)])
     state = json.loads((backup / "state.json").read_text())
-    assert len(state["finished"]) == (0 if crash_epoch < 2 else 1)
+    assert len(state["finished"]) == (0 if crash_epoch == 1 else 1)
     steps = Steps()
     resumed = run(backup, callbacks=[steps])
     assert_same_run(uninterrupted, resumed)
     # Only the epochs after the crash ran again (5 steps an epoch).
-    assert steps.count == 5 * (6 - crash_epoch)
+    assert steps.count == 5 * (6 - (6 if crash_epoch == "end" else crash_epoch))
     # The schedule's step went on from where it was.
     assert int(resumed[0].optimizer.iterations) == int(uninterrupted[0].optimizer.iterations)
 
@@ -174,3 +179,23 @@ def test_kill_9_during_fine_tuning_then_the_same_command_again(tmp_path):
     assert ha["phases"] == hb["phases"] and ha["epoch"] == hb["epoch"]
     for key, values in ha["history"].items():
         np.testing.assert_allclose(hb["history"][key], values, rtol=1e-5, err_msg=key)
+
+
+def test_epoch_seed_orders_depend_on_the_seed_and_epoch_only():
+    import tensorflow as tf
+
+    from keras_transfer.data import EpochSeed, shuffle_each_epoch
+
+    def order(seed, epoch, global_seed):
+        tf.random.set_seed(global_seed)  # 0 used to break tensor seeds in TensorFlow
+        epoch_seed = EpochSeed(seed)
+        dataset = shuffle_each_epoch(tf.data.Dataset.range(50), 50, epoch_seed)
+        epoch_seed.set_epoch(epoch)
+        first = [int(v) for v in dataset]
+        assert [int(v) for v in dataset] == first  # the same epoch again: the same order
+        return first
+
+    reference = order(3, 2, global_seed=0)
+    assert order(3, 2, global_seed=123) == reference and sorted(reference) == list(range(50))
+    assert order(3, 1, global_seed=0) != reference and order(4, 2, global_seed=0) != reference
+    assert int(shuffle_each_epoch(tf.data.Dataset.range(50), 50, EpochSeed(1)).cardinality()) == 50
