@@ -42,6 +42,7 @@ _MODULES = {
         "plot_confusion_matrix", "plot_grad_cam", "plot_worst_images", "top_k",
         "worst_predictions", "worst_texts_table",
     ),
+    "memory": ("MemoryEstimate", "estimate_backbone_memory", "estimate_memory"),
     "model": ("TransferModel",),
     "plots": ("plot_forgetting", "plot_history"),
     "text": (

@@ -6,7 +6,11 @@ keras-transfer train DATA --backbone mobilenet_v2 --output saved_models/flowers
 keras-transfer export MODEL.keras OUTPUT
 keras-transfer predict EXPORT IMAGE [IMAGE ...]
 keras-transfer demo [--quick]
+keras-transfer doctor [--backbone resnet50 --image-size 224 --batch-size 32 --phase fine_tune]
 ```
+
+`train` takes `--strategy` (auto, mirrored, multi_worker, tpu, cpu) and
+`--backup-dir` (run the same command again after a crash to resume).
 
 `DATA` is a folder with one subfolder of images per class, or a TFDS name
 written `tfds:<name>[:<split>]`. `keras-transfer COMMAND --help` lists every
@@ -75,6 +79,13 @@ def _check_keras_path(path: str, overwrite: bool) -> str:
     return path
 
 
+def _strategy(args):
+    """The strategy of `--strategy`, made before anything else runs TensorFlow ops."""
+    from keras_transfer.distribute import get_strategy
+
+    return get_strategy(args.strategy)
+
+
 def _train(args) -> int:
     # Every output path is checked before the slow imports and the training.
     from keras_transfer.export import check_export_path
@@ -86,8 +97,10 @@ def _train(args) -> int:
         raise CommandError("Received --head-epochs 0 and --fine-tune-epochs 0: nothing to "
                            "train. Give one of them a number of epochs.")
     _import_tensorflow(args.debug)
+    strategy = _strategy(args)  # before any op: a multi-worker strategy must come first
     import keras_transfer as kt
     from keras_transfer.data import TFDS_PREFIX, folder_class_names, read_tfds
+    from keras_transfer.distribute import is_chief
 
     # Only the class names are needed here: fit reads and checks the images.
     class_names = (read_tfds(args.data).class_names if args.data.startswith(TFDS_PREFIX)
@@ -104,18 +117,18 @@ def _train(args) -> int:
     model = kt.ImageTransferModel(
         args.backbone, num_classes, weights=_weights(args.weights),
         input_shape=args.image_size, pooling=args.pooling, dropout=args.dropout,
-        class_names=class_names)
+        class_names=class_names, strategy=strategy)
     phases = []
-    if args.head_epochs:
+    if args.head_epochs != 0:
         phases.append(kt.HeadPhase(epochs=args.head_epochs, learning_rate=args.learning_rate,
-                                   early_stopping=args.early_stopping))
-    if args.fine_tune_epochs:
+                                   early_stopping=args.early_stopping, solver=args.head_solver))
+    if args.fine_tune_epochs != 0:
         phases.append(kt.FineTunePhase(epochs=args.fine_tune_epochs,
                                        learning_rate=args.fine_tune_learning_rate,
                                        early_stopping=args.early_stopping))
     history = model.fit(
         args.data, validation_data=args.validation_data, phases=phases,
-        batch_size=args.batch_size, seed=args.seed, verbose=verbose,
+        batch_size=args.batch_size, seed=args.seed, verbose=verbose, backup_dir=args.backup_dir,
         augmentation=kt.default_augmentation(args.seed) if args.augment else None)
     if args.validation_data:
         metrics = model.evaluate(args.validation_data, batch_size=args.batch_size)
@@ -129,11 +142,14 @@ def _train(args) -> int:
         print(summary_table(history))
         print(f"\nMetrics on {evaluated_on}: "
               + ", ".join(f"{k}={v:.4f}" for k, v in metrics.items()))
-    if args.save_keras:
+    if args.save_keras and is_chief(strategy):
         os.makedirs(os.path.dirname(os.path.abspath(args.save_keras)), exist_ok=True)
         model.save(args.save_keras)
         print(f"Saved the Keras model to {args.save_keras}")
     path = model.export(args.output, overwrite=args.overwrite, metrics=metrics)
+    if not path:
+        print("This worker is not the chief: the chief writes the export.")
+        return 0
     print(f"Exported a SavedModel to {path}")
     if not args.no_report:
         report = write_report(history, metrics, os.path.join(path, "report"),
@@ -320,7 +336,25 @@ def _demo(args) -> int:
     return 0
 
 
+def _doctor(args) -> int:
+    _import_tensorflow(args.debug)
+    from keras_transfer.doctor import format_report, system_report
+
+    phases = ("head", "fine_tune") if args.phase == "both" else (args.phase,)
+    unfreeze = int(args.unfreeze) if args.unfreeze.isdigit() else args.unfreeze
+    report = system_report(None if args.backbone == "none" else args.backbone,
+                           input_size=args.image_size, batch_size=args.batch_size,
+                           phases=phases, unfreeze=unfreeze)
+    print(json.dumps(report, indent=2) if args.json else format_report(report))
+    return 0
+
+
 # -------------------------------------------------------------------- parser
+def _epochs(text: str):
+    """`auto` (None: the phase sizes itself to the data) or a whole number >= 0."""
+    return None if text == "auto" else _count(0)(text)
+
+
 def _count(minimum: int):
     def parse(text: str) -> int:
         try:
@@ -408,12 +442,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--validation-data", metavar="DATA",
                    help="a second folder (class folders matched by name) or "
                         "tfds:<name>:<split>, to validate on (default: none)")
-    p.add_argument("--head-epochs", type=_count(0), default=5,
-                   help="epochs training the head on the frozen backbone (0: skip)")
+    p.add_argument("--head-epochs", type=_epochs, default="auto",
+                   help="epochs training the head on the frozen backbone (0: skip; auto: a "
+                        "linear head is solved to convergence by the probe, a head with hidden "
+                        "layers trains for enough steps, with early stopping)")
+    p.add_argument("--head-solver", default="auto", choices=["auto", "probe", "adam"],
+                   help="how the head phase trains the head: auto (the probe for a linear "
+                        "head on cached features, else Adam), probe, or adam (epochs of "
+                        "gradient steps)")
     p.add_argument("--learning-rate", type=_positive_float, default=1e-3,
                    help="learning rate of the head phase")
-    p.add_argument("--fine-tune-epochs", type=_count(0), default=5,
-                   help="epochs fine-tuning the whole network afterwards (0: skip)")
+    p.add_argument("--fine-tune-epochs", type=_epochs, default="auto",
+                   help="epochs fine-tuning the whole network afterwards (0: skip; auto: "
+                        "about 100 optimizer steps, at least 3 epochs)")
     p.add_argument("--fine-tune-learning-rate", type=_positive_float, default=1e-5,
                    help="peak learning rate of the fine-tuning phase")
     p.add_argument("--batch-size", type=_count(1), default=32, help="images per batch")
@@ -444,6 +485,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quiet", action="store_true",
                    help="print only where the results are saved (default: one line per "
                         "epoch and a summary)")
+    p.add_argument("--strategy", default="auto",
+                   choices=["auto", "default", "mirrored", "multi_worker", "tpu", "cpu"],
+                   help="tf.distribute strategy (multi_worker reads TF_CONFIG)")
+    p.add_argument("--backup-dir", metavar="FOLDER",
+                   help="save the run after every epoch; the same command resumes it after a "
+                        "crash (default: no backup)")
 
     p = command("export", "export a saved .keras model as a SavedModel", _export)
     p.add_argument("model", help="a .keras file saved by keras_transfer")
@@ -461,6 +508,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quick", action="store_true",
                    help="a reduced run of about a minute (default: the full demo)")
     p.add_argument("--output", default="saved_models/demo", help="where to export")
+
+    p = command("doctor", "versions, devices, memory, and whether a run fits", _doctor)
+    p.add_argument("--backbone", default="mobilenet_v2", help="registry name, or 'none'")
+    p.add_argument("--image-size", type=_count(1), metavar="PIXELS",
+                   help="input side (default: the backbone's own size)")
+    p.add_argument("--batch-size", type=_count(1), default=32, help="global batch size")
+    p.add_argument("--phase", default="both", choices=["head", "fine_tune", "both"],
+                   help="the phases to estimate")
+    p.add_argument("--unfreeze", default="all", help="'all', a number of layers or a layer name")
+    p.add_argument("--json", action="store_true", help="print JSON (default: a table)")
     return parser
 
 

@@ -498,7 +498,8 @@ def make_image_dataset(
     batch_size: int = 32,
     shuffle: bool = False,
     augmentation=None,
-    seed: int | None = None,
+    seed=None,
+    drop_remainder: bool = False,
 ) -> tuple[tf.data.Dataset, ImageSource]:
     """Builds the batched pipeline the model trains, evaluates or predicts on.
 
@@ -514,7 +515,9 @@ def make_image_dataset(
         shuffle: bool. Shuffle every epoch (training).
         augmentation: a Keras layer (e.g. `keras.Sequential` of random
             layers) or a list of them, applied to training batches.
-        seed: int, optional. Shuffle seed.
+        seed: int or `EpochSeed`, optional. Shuffle seed.
+        drop_remainder: bool. Drop a last partial batch (TPUs and several
+            workers need equal batches).
 
     Returns:
         `(dataset, source)`: batches of `(float32 images, labels)`, and the
@@ -545,15 +548,83 @@ def make_image_dataset(
 
     dataset = source.dataset
     if shuffle:
-        dataset = dataset.shuffle(min(source.size or 10_000, 10_000), seed=seed,
-                                  reshuffle_each_iteration=True)
+        dataset = shuffle_each_epoch(dataset, min(source.size or 10_000, 10_000), seed)
     dataset = dataset.map(prepare, num_parallel_calls=tf.data.AUTOTUNE)
-    dataset = dataset.batch(batch_size)
+    dataset = dataset.batch(batch_size, drop_remainder=drop_remainder)
     if augmentation is not None:
         augment = as_augmentation(augmentation)
         dataset = dataset.map(lambda images, labels: (augment(images, training=True), labels),
                               num_parallel_calls=tf.data.AUTOTUNE)
     return dataset.prefetch(tf.data.AUTOTUNE), source
+
+
+class EpochSeed:
+    """A shuffle seed that gives epoch e an order that depends on (seed, e) only.
+
+    With `reshuffle_each_iteration`, tf.data draws the order of each pass
+    from a sequence that starts over in a new process, so a run resumed at
+    epoch e would train on epoch 0's order again. A pipeline shuffled with an
+    `EpochSeed` (`shuffle_each_epoch`) reads the epoch from a variable when
+    each pass starts; training sets it at the start of every epoch
+    (`training.fit_phase` adds the callback). The order is then the same in
+    an uninterrupted run, a resumed one, and on every worker.
+
+    Args:
+        seed: int. The base seed.
+
+    Example:
+        >>> seed = EpochSeed(7)
+        >>> batches = shuffle_each_epoch(dataset, 1000, seed).batch(32)
+        >>> seed.set_epoch(3)   # the next pass is epoch 3's order
+    """
+
+    def __init__(self, seed: int):
+        self.seed = int(seed)
+        with tf.init_scope():
+            self.epoch = tf.Variable(0, dtype=tf.int64, trainable=False, name="shuffle_epoch")
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch.assign(int(epoch))
+
+    def tensor(self) -> tf.Tensor:
+        """This pass's seed; read inside a dataset function, when the pass starts."""
+        return tf.constant(self.seed, tf.int64) * 1_000_003 + self.epoch.read_value()
+
+    def __int__(self) -> int:
+        return self.seed
+
+    def __repr__(self) -> str:
+        return f"EpochSeed({self.seed})"
+
+
+def shuffle_each_epoch(dataset: tf.data.Dataset, buffer_size: int, seed=None):
+    """`dataset.shuffle` in a new order every pass.
+
+    Args:
+        dataset: the dataset to shuffle.
+        buffer_size: int. Elements in the shuffle buffer.
+        seed: None, an int (tf.data's own sequence of orders), or an
+            `EpochSeed` (the order of epoch e depends on (seed, e) only).
+
+    Returns:
+        The shuffled dataset, with the cardinality of `dataset`.
+    """
+    if not isinstance(seed, EpochSeed):
+        return dataset.shuffle(buffer_size, seed=seed, reshuffle_each_iteration=True)
+    cardinality = int(dataset.cardinality())
+
+    def one_pass(_):
+        # This runs when a pass starts, so it reads that pass's epoch. The
+        # function's graph gets no global seed: the order then depends on
+        # (seed, epoch) only, and TensorFlow's check of a (0, tensor) seed
+        # pair, which fails after tf.random.set_seed(0), is not reached.
+        tf.compat.v1.get_default_graph().seed = None
+        return dataset.shuffle(buffer_size, seed=seed.tensor(), reshuffle_each_iteration=False)
+
+    shuffled = tf.data.Dataset.from_tensors(0).flat_map(one_pass)
+    if cardinality >= 0:
+        shuffled = shuffled.apply(tf.data.experimental.assert_cardinality(cardinality))
+    return shuffled
 
 
 def _prepare_label(label, kind, num_classes, has_labels):
@@ -788,7 +859,7 @@ def join_heads(datasets: dict, heads: dict, *, training: bool, sampling: str = "
             data follow one another.
         sampling: str. `"round_robin"` or `"proportional"` (see
             `task_schedule`).
-        seed: int, optional. Seed of the proportional order.
+        seed: int or `EpochSeed`, optional. Seed of the proportional order.
         class_weights: dict, optional. `{head name: 1-D array of a weight
             per class}`.
 
@@ -830,13 +901,13 @@ def join_heads(datasets: dict, heads: dict, *, training: bool, sampling: str = "
             joint = joint.concatenate(dataset)
         steps = sum(batches.values())
     else:
-        schedule = task_schedule(batches, sampling, seed)
+        schedule = task_schedule(batches, sampling, None if seed is None else int(seed))
         steps = len(schedule)
         choice = tf.data.Dataset.from_tensor_slices(
             np.array([names.index(n) for n in schedule], np.int64))
         if sampling == "proportional":
             # Every batch once per epoch, in a new random order each epoch.
-            choice = choice.shuffle(steps, seed=seed, reshuffle_each_iteration=True)
+            choice = shuffle_each_epoch(choice, steps, seed)
         else:
             routed = [d.repeat() for d in routed]  # smaller heads' data start over
         joint = tf.data.Dataset.choose_from_datasets(routed, choice)

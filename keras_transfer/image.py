@@ -153,7 +153,7 @@ class ImageBackbone(keras.layers.Layer):
 
     # ------------------------------------------------------------------ data
     def make_dataset(self, x, y=None, *, head, batch_size=32, shuffle=False,
-                     augmentation=None, seed=None):
+                     augmentation=None, seed=None, drop_remainder=False):
         """Labelled batches `(float32 images, labels)` for one head.
 
         Returns:
@@ -162,7 +162,7 @@ class ImageBackbone(keras.layers.Layer):
         dataset, source = make_image_dataset(
             x, y, image_size=self.image_size, kind=head.kind, num_classes=head.num_classes,
             class_names=head.class_names, batch_size=batch_size, shuffle=shuffle,
-            augmentation=augmentation, seed=seed)
+            augmentation=augmentation, seed=seed, drop_remainder=drop_remainder)
         if not source.has_labels:
             raise DataError("Received images without labels; give (images, labels) or a "
                             "dataset of (image, label) pairs.")

@@ -23,7 +23,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from keras_transfer.data import as_text_source, labels_for_head
+from keras_transfer.data import as_text_source, labels_for_head, shuffle_each_epoch
 from keras_transfer.errors import BackboneError, DataError, WeightsError
 from keras_transfer.model import TransferModel, check_tasks, heads_argument
 from keras_transfer.training import unfreeze as unfreeze_network
@@ -396,7 +396,7 @@ class TextBackbone(keras.layers.Layer):
         return tf.data.Dataset.from_tensor_slices((source.texts, labels)), class_names
 
     def make_dataset(self, x, y=None, *, head, batch_size=32, shuffle=False,
-                     augmentation=None, seed=None):
+                     augmentation=None, seed=None, drop_remainder=False):
         """Labelled batches `(token dict, labels)` for one head.
 
         Returns:
@@ -405,17 +405,17 @@ class TextBackbone(keras.layers.Layer):
         if augmentation is not None:
             raise DataError("Received augmentation; it is for images, text models take none.")
         dataset, class_names = self._texts_and_labels(x, y, head)
-        return self._batches(dataset, batch_size, shuffle, seed), class_names
+        return self._batches(dataset, batch_size, shuffle, seed, drop_remainder), class_names
 
     def predict_dataset(self, x, *, batch_size=32):
         """Batches of token dicts (no labels) to predict on."""
         dataset, _ = self._texts_and_labels(x, None, None)
         return self._batches(dataset, batch_size, False, None).map(lambda tokens, _: tokens)
 
-    def _batches(self, dataset, batch_size, shuffle, seed):
+    def _batches(self, dataset, batch_size, shuffle, seed, drop_remainder=False):
         if shuffle:
-            dataset = dataset.shuffle(10_000, seed=seed)
-        dataset = dataset.batch(batch_size).map(
+            dataset = shuffle_each_epoch(dataset, 10_000, seed)
+        dataset = dataset.batch(batch_size, drop_remainder=drop_remainder).map(
             lambda texts, labels: (self.tokenize(texts), labels),
             num_parallel_calls=tf.data.AUTOTUNE)
         return dataset.prefetch(tf.data.AUTOTUNE)

@@ -38,7 +38,7 @@ def test_help_and_list_backbones_do_not_import_tensorflow(args):
 def test_every_option_says_what_it_does_and_its_default():
     parser = build_parser()
     commands = parser._subparsers._group_actions[0].choices
-    assert set(commands) == {"list-backbones", "train", "export", "predict", "demo"}
+    assert set(commands) == {"list-backbones", "train", "export", "predict", "demo", "doctor"}
     for name, command in commands.items():
         text = " ".join(command.format_help().split())
         for action in command._actions:
@@ -55,6 +55,7 @@ def test_train_export_predict_end_to_end(image_folder, tmp_path):
     output = tmp_path / "exported"
     result = run_cli("train", str(image_folder), "--backbone", "mobilenet_v2",
                      "--weights", "none", "--image-size", "32", "--head-epochs", "2",
+                     "--head-solver", "adam",
                      "--fine-tune-epochs", "1", "--batch-size", "4",
                      "--validation-data", str(image_folder),
                      "--output", str(output), "--save-keras", str(tmp_path / "m.keras"))

@@ -40,8 +40,9 @@ def test_the_default_head_phase_is_the_probe_on_the_cached_features():
     features = np.asarray(model.backbone(x.astype("float32"))).mean(axis=(1, 2))
     direct = fit_linear_probe(features, y, "classification", 3, seed=3)
     kernel, bias = model.head.layers[-1].get_weights()
-    np.testing.assert_allclose(kernel, direct.kernel, rtol=1e-4, atol=1e-5)
-    np.testing.assert_allclose(bias, direct.bias, rtol=1e-4, atol=1e-5)
+    # float32 weights against the float64 solve: the solver's tolerance, not bits.
+    np.testing.assert_allclose(kernel, direct.kernel, rtol=1e-3, atol=1e-4)
+    np.testing.assert_allclose(bias, direct.bias, rtol=1e-3, atol=1e-4)
     assert history.history["accuracy"][0] == pytest.approx(
         np.mean(direct.predict(features).argmax(1) == y))
     # The same data and seed choose the same regularisation: the same head.
