@@ -117,6 +117,16 @@ class ImageBackbone(keras.layers.Layer):
         self.built = True
 
     @property
+    def pretrained(self) -> bool:
+        """False for a registry network built with random weights (`weights=None`).
+
+        `fit` then trains it end to end by default (a frozen random backbone
+        is not transfer learning). A `keras.Model` backbone counts as
+        pretrained: it comes with whatever weights it has.
+        """
+        return self.spec is None or self.weights_source is not None
+
+    @property
     def image_size(self) -> tuple[int, int]:
         """`(height, width)` of the model input."""
         return self.input_shape_[:2]

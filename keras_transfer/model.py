@@ -435,7 +435,9 @@ class TransferModel(MultiWorkerFitMixin, keras.Model):
             ...     kt.HeadPhase(epochs=5),
             ...     kt.FineTunePhase(epochs=10, learning_rate=2e-5, unfreeze=20)])
         """
-        phases = training.resolve_phases(phases, head_epochs, fine_tune_epochs, epochs)
+        phases = training.resolve_phases(phases, head_epochs, fine_tune_epochs, epochs,
+                                         pretrained=getattr(self.backbone, "pretrained", True),
+                                         verbose=verbose)
         fit_data = training.FitData(
             model=self, train=self.head_data(x, y),
             validation=None if validation_data is None else self.head_data(

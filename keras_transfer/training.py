@@ -48,6 +48,7 @@ from keras_transfer.callbacks import (
     RestoreBest,
     ShuffleEpoch,
 )
+from keras_transfer.data import labels_for_head
 from keras_transfer.distribute import (
     batch_message,
     is_chief,
@@ -283,6 +284,12 @@ class HeadPhase:
 
     def run(self, model, data, callbacks, initial_epoch, verbose):
         """Trains the heads; returns `(PhaseRecord, keras History)`."""
+        if not getattr(model.backbone, "pretrained", True):
+            warn(f"Phase '{self.name}' trains the heads on a frozen backbone with random "
+                 "weights (weights=None): its features were never trained, so this is not "
+                 "transfer learning and accuracy is often near chance. Load pretrained "
+                 "weights, or train end to end with kt.FineTunePhase.from_scratch() (what "
+                 "fit does on a random backbone when no phases are given).", verbose)
         self.prepare(model)
         caches = self._caches(data, verbose)
         probed = {}
@@ -388,6 +395,26 @@ def _pooled_features(cache, pooling):
 
 
 @contextlib.contextmanager
+def _batchnorm_momentum(network, momentum):
+    """Sets every BatchNormalization layer's momentum inside the context (None: unchanged).
+
+    The layers read it when the training step is traced, and every phase
+    compiles (and so traces) afresh.
+    """
+    layers = [layer for layer in leaf_layers(network)
+              if isinstance(layer, keras.layers.BatchNormalization)]
+    kept = [layer.momentum for layer in layers]
+    if momentum is not None:
+        for layer in layers:
+            layer.momentum = float(momentum)
+    try:
+        yield
+    finally:
+        for layer, value in zip(layers, kept):
+            layer.momentum = value
+
+
+@contextlib.contextmanager
 def _frozen(layers):
     """Keeps `layers` frozen inside the context (heads already solved)."""
     layers = list(layers)
@@ -447,6 +474,12 @@ class FineTunePhase:
             layer name (from that layer on).
         train_batchnorm: bool. Let BatchNormalization layers train and
             update their statistics (and dropout inside the backbone run).
+        batchnorm_momentum: float, optional. With `train_batchnorm`: the
+            momentum of the BatchNormalization moving statistics during this
+            phase. Many Keras networks build them with 0.999, which a run of
+            a few hundred steps from scratch leaves far from the data's
+            statistics (inference then falls to chance); 0.9 follows them.
+            None keeps each layer's own.
         warmup: float. Share of the phase's steps spent warming up from 0.
         decay: str. `"cosine"` or `"linear"` decay after warmup.
         early_stopping: int, optional. Patience in epochs (see `HeadPhase`).
@@ -464,12 +497,14 @@ class FineTunePhase:
         >>> kt.FineTunePhase()                                    # ~100 steps at 1e-5
         >>> kt.FineTunePhase(epochs=10, learning_rate=2e-5, unfreeze=20)
         >>> kt.FineTunePhase(epochs=3, lora_rank=4)
+        >>> kt.FineTunePhase.from_scratch()           # random weights, end to end
     """
 
     epochs: int | None = None
     learning_rate: float | None = None
     unfreeze: object = "all"
     train_batchnorm: bool = False
+    batchnorm_momentum: float | None = None
     warmup: float = 0.1
     decay: str = "cosine"
     early_stopping: int | None = None
@@ -492,6 +527,34 @@ class FineTunePhase:
             raise ValueError(f"Received decay={self.decay!r}; expected 'cosine' or 'linear'.")
         if self.lora_rank is not None:
             _check_int(self.lora_rank, "lora_rank", minimum=1)
+        if self.batchnorm_momentum is not None:
+            if not 0.0 <= self.batchnorm_momentum < 1.0:
+                raise ValueError(f"Received batchnorm_momentum={self.batchnorm_momentum!r}; "
+                                 "expected a number in [0, 1), e.g. 0.9.")
+            if not self.train_batchnorm:
+                raise ValueError(f"Received batchnorm_momentum={self.batchnorm_momentum!r} "
+                                 "with train_batchnorm=False: the moving statistics change "
+                                 "only while BatchNormalization trains. Pass "
+                                 "train_batchnorm=True too.")
+
+    @classmethod
+    def from_scratch(cls, **options) -> "FineTunePhase":
+        """Trains a randomly initialised backbone end to end, with its heads.
+
+        What `fit` runs by default on a backbone with random weights
+        (`weights=None`): every layer trains at a from-scratch peak rate of
+        1e-3 (warmup, then cosine decay), BatchNormalization included, its
+        moving statistics at momentum 0.9 so that they converge within the run.
+
+        Args:
+            **options: any `FineTunePhase` argument, replacing these defaults.
+
+        Returns:
+            A `FineTunePhase` named `"from_scratch"`.
+        """
+        defaults = dict(learning_rate=1e-3, train_batchnorm=True, batchnorm_momentum=0.9,
+                        name="from_scratch")
+        return cls(**{**defaults, **options})
 
     @property
     def peak_learning_rate(self) -> float:
@@ -528,10 +591,11 @@ class FineTunePhase:
         schedule = WarmupDecay(peak, total_steps=total,
                                warmup_steps=int(round(self.warmup * total)), decay=self.decay)
         best = RestoreBest(validation) if self.restore_best and validation is not None else None
-        record, history = fit_phase(
-            model, self.name, train, validation, epochs, lambda: keras.optimizers.Adam(schedule),
-            [*([best] if best else []), *callbacks], self.early_stopping, initial_epoch,
-            verbose, peak, backup=data.phase_backup)
+        with _batchnorm_momentum(model.backbone.network, self.batchnorm_momentum):
+            record, history = fit_phase(
+                model, self.name, train, validation, epochs,
+                lambda: keras.optimizers.Adam(schedule), [*([best] if best else []), *callbacks],
+                self.early_stopping, initial_epoch, verbose, peak, backup=data.phase_backup)
         if best is not None and best.restored is not None:
             record.details["restored"] = best.restored
             say(f"Phase '{self.name}': kept the weights of {best.restored} (lowest validation "
@@ -539,8 +603,17 @@ class FineTunePhase:
         return record, history
 
 
-def resolve_phases(phases=None, head_epochs=None, fine_tune_epochs=None, epochs=None) -> list:
+def resolve_phases(phases=None, head_epochs=None, fine_tune_epochs=None, epochs=None,
+                   pretrained: bool = True, verbose=False) -> list:
     """The phases `fit` runs, from `phases=` or the epoch shorthands.
+
+    Args:
+        phases, head_epochs, fine_tune_epochs, epochs: as given to `fit`.
+        pretrained: bool. Whether the backbone's weights are pretrained. The
+            defaults (nothing given) are a head phase and a fine-tune phase
+            on a pretrained backbone, and `FineTunePhase.from_scratch()` on
+            a random one: a frozen random backbone is not transfer learning.
+        verbose: print what was chosen for a random backbone.
 
     Returns:
         A non-empty list of phase objects.
@@ -570,6 +643,13 @@ def resolve_phases(phases=None, head_epochs=None, fine_tune_epochs=None, epochs=
         if value is not None:
             _check_int(value, name, minimum=0)
     if head_epochs is None and fine_tune_epochs is None:
+        if not pretrained:
+            say("The backbone has random weights (weights=None), and a frozen random backbone "
+                "is not transfer learning: training it end to end from scratch "
+                "(FineTunePhase.from_scratch(): peak learning rate 1e-3 with warmup and cosine "
+                "decay, BatchNormalization training at momentum 0.9). Pass phases=[...] to "
+                "choose otherwise.", verbose)
+            return [FineTunePhase.from_scratch()]
         return [HeadPhase(), FineTunePhase()]  # the defaults: both phases, budgets chosen
     phases = []
     if head_epochs is None or head_epochs > 0:
@@ -810,7 +890,65 @@ def run_phases(model, data: FitData, phases, callbacks=(), verbose="auto") -> "T
                 backup.finish_phase(index, model, record, phase_history)
         history.extend(record, phase_history)
     data.phase_backup = None
+    warn_at_chance(model, data, history, verbose)
     return history
+
+
+CHANCE_MARGIN = 0.02
+
+
+def warn_at_chance(model, data: FitData, history: "TransferHistory", verbose) -> list[str]:
+    """Warns about every classification head whose training ended at chance accuracy.
+
+    Chance is the share of the most frequent class in that head's labels
+    (1/K when the labels come inside the data, e.g. a dataset or a folder); a final
+    training or validation accuracy within `CHANCE_MARGIN` of it means the
+    head learned nothing usable.
+
+    Returns:
+        The warnings given (empty when none).
+    """
+    warnings = []
+    for name, spec in model.head_specs.items():
+        if spec.kind != "classification":
+            continue
+        metric = "accuracy" if model.single else f"{name}_accuracy"
+        for split, given, key in (("training", data.train, metric),
+                                  ("validation", data.validation or {}, f"val_{metric}")):
+            values = [v for v in history.history.get(key, []) if not math.isnan(v)]
+            if name not in given or not values:
+                continue
+            chance = majority_share(given[name][1], spec)
+            if values[-1] > chance + CHANCE_MARGIN:
+                continue
+            where = "" if model.single else f"Head {name!r}: "
+            warnings.append(
+                f"{where}training ended at chance: final {split} accuracy {values[-1]:.3f}, "
+                f"while always answering the most frequent class scores {chance:.3f}. Check "
+                "that the labels match the inputs, that the backbone is pretrained "
+                "(weights=None gives random features), the learning rate (too high "
+                "diverges, too low barely moves), and, after training BatchNormalization "
+                "from scratch, its momentum (FineTunePhase(batchnorm_momentum=0.9)).")
+    for message in warnings:
+        warn(message, verbose)
+    return warnings
+
+
+def majority_share(labels, head) -> float:
+    """The share of the most frequent class in `labels`; 1/K when they are not given.
+
+    Args:
+        labels: the labels as given to `fit` (indices, names, one-hot rows),
+            or None when they come inside the data (a dataset, a folder).
+        head: the `Head` they are for.
+
+    Returns:
+        A float in (0, 1].
+    """
+    if labels is None:
+        return 1.0 / head.num_classes
+    indices, _ = labels_for_head(labels, head)
+    return float(np.bincount(indices, minlength=head.num_classes).max() / len(indices))
 
 
 def fit_phase(model, name, train, validation, epochs, make_optimizer, callbacks=(),
@@ -873,6 +1011,13 @@ def say(message: str, verbose) -> None:
     logger.info(message)
     if verbose:
         print(message)
+
+
+def warn(message: str, verbose) -> None:
+    """Logs `message` as a warning, and prints it when `verbose`."""
+    logger.warning(message)
+    if verbose:
+        print(f"Warning: {message}")
 
 
 def scale_loss_for_replicas(loss):
