@@ -5,9 +5,11 @@ that moves between modules keeps its test) plus every object of
 `keras_transfer.__all__`, with `doctest.DocTestFinder`; each docstring with
 examples becomes one test named after it. The examples share a namespace of
 small offline fixtures (`FIXTURES`), built only when a docstring names
-them, and run in a temporary working folder, so files they write (plots,
-exports) go there. Lines that need the network or long training carry
-`# doctest: +SKIP`.
+them, and run in a temporary working folder where the files they read are
+written first (`FILES`) and the files they write (plots, exports) go.
+Printed output is compared with ELLIPSIS and NORMALIZE_WHITESPACE. Only
+lines that need the network (a KerasHub preset download) carry
+`# doctest: +SKIP`; docstrings that train for long are marked `large`.
 """
 
 import collections
