@@ -526,6 +526,8 @@ def make_image_dataset(
     Example:
         >>> ds, source = make_image_dataset("photos/", image_size=(224, 224),
         ...                                 num_classes=5, shuffle=True)
+        >>> source.class_names
+        ['cat', 'dog', 'fox', 'owl', 'yak']
     """
     if not isinstance(batch_size, int) or batch_size < 1:
         raise DataError(f"Received batch_size={batch_size!r}; expected a positive int.")

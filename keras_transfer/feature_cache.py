@@ -46,9 +46,12 @@ Reading back streams: every shard is a `.npy` file read record by record by
 so neither extraction nor training holds the whole dataset in memory.
 
 Example:
-    >>> model = kt.ImageTransferModel("mobilenet_v2", num_classes=10)
+    >>> model = kt.ImageTransferModel("mobilenet_v2", num_classes=10, weights=None,
+    ...                               input_shape=(32, 32, 3))
     >>> cache = kt.extract_features(model, x, y)
     >>> features, labels = cache.load()
+    >>> features.shape, labels.shape
+    ((24, 1, 1, 1280), (24,))
 """
 
 from __future__ import annotations
@@ -432,7 +435,9 @@ class FeatureCache:
 
         Example:
             >>> cache = extract_features(model, x, y)
-            >>> head.fit(cache.dataset(32, shuffle=True), epochs=5)
+            >>> for features, labels in cache.dataset(16, shuffle=True).take(1):
+            ...     print(features.shape, labels.shape)
+            (16, 1, 1, 1280) (16,)
         """
         if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
             raise ValueError(f"Received batch_size={batch_size!r}; expected a positive int.")
@@ -733,7 +738,7 @@ def extract_features(model, x, y=None, *, head: str | None = None, batch_size: i
     Example:
         >>> cache = extract_features(model, x_train, y_train)
         >>> cache.num_examples, cache.feature_shape, cache.reused
-        (1797, (1, 1, 1280), False)
+        (16, (1, 1, 1280), False)
     """
     for name, value, minimum in (("batch_size", batch_size, 1),
                                  ("augmented_copies", augmented_copies, 0)):

@@ -167,6 +167,7 @@ def plot_confusion_matrix(matrix, class_names: Sequence[str] | None = None, path
     Example:
         >>> matrix = kt.confusion_matrix(y_test, model.predict(x_test))
         >>> kt.plot_confusion_matrix(matrix, model.class_names, path="confusion.png")
+        <Figure size ... with 2 Axes>
     """
     matrix = np.asarray(matrix)
     if matrix.ndim != 2 or matrix.shape[0] != matrix.shape[1] or not matrix.size:
@@ -265,7 +266,12 @@ def classification_report(y_true, probabilities, class_names: Sequence[str] | No
     Example:
         >>> report = kt.classification_report(y_test, model.predict(x_test), names)
         >>> print(report)
-        >>> report["classes"]["cat"]["recall"]
+        precision  recall  f1-score  support
+        cat ...
+        dog ...
+        fox ...
+        accuracy ...
+        >>> recall = report["classes"]["cat"]["recall"]
     """
     num_classes = _width(probabilities)
     if num_classes is None and class_names is not None:  # predicted labels and names
@@ -328,8 +334,12 @@ def top_k(probabilities, k: int = 5, class_names: Sequence[str] | None = None
         tuples; ties keep the lower class index first.
 
     Example:
-        >>> for index, name, p in kt.top_k(model.predict(images[:1]), 3, names)[0]:
+        >>> probabilities = np.array([[0.1, 0.7, 0.2]])   # model.predict(images[:1])
+        >>> for index, name, p in kt.top_k(probabilities, 3, names)[0]:
         ...     print(f"{name}: {p:.1%}")
+        dog: 70.0%
+        fox: 20.0%
+        cat: 10.0%
     """
     probabilities = _probabilities(probabilities)
     names = _names(class_names, probabilities.shape[1])
@@ -364,8 +374,11 @@ def worst_predictions(probabilities, y_true, k: int = 16) -> list[Mistake]:
         probability of the (wrong) predicted class.
 
     Example:
-        >>> for mistake in kt.worst_predictions(model.predict(x_test), y_test, k=5):
+        >>> probabilities = np.array([[0.9, 0.05, 0.05], [0.2, 0.7, 0.1], [0.1, 0.1, 0.8]])
+        >>> for mistake in kt.worst_predictions(probabilities, [1, 1, 0], k=5):
         ...     print(mistake.index, names[mistake.predicted], mistake.confidence)
+        0 cat 0.9
+        2 fox 0.8
     """
     probabilities = _probabilities(probabilities)
     true, predicted, _ = _pair(y_true, probabilities, probabilities.shape[1])
@@ -420,6 +433,7 @@ def plot_worst_images(images, probabilities, y_true, class_names: Sequence[str] 
 
     Example:
         >>> kt.plot_worst_images(x_test, model.predict(x_test), y_test, names, k=9)
+        <Figure size ... Axes>
     """
     probabilities = _probabilities(probabilities)
     if len(images) != len(probabilities):
@@ -459,8 +473,11 @@ def worst_texts_table(texts: Sequence[str], probabilities, y_true,
         `predicted` (class names) and `confidence`; `table` is a str.
 
     Example:
-        >>> rows, table = kt.worst_texts_table(texts, model.predict(texts), labels, names)
+        >>> rows, table = kt.worst_texts_table(texts, text_model.predict(texts), labels,
+        ...                                    ["negative", "positive"])
         >>> print(table)
+        index  true      predicted  confidence  text
+        -----  --------  ---------  ----------  ...
     """
     probabilities = _probabilities(probabilities)
     if len(texts) != len(probabilities):
@@ -533,6 +550,8 @@ def head_logits(head):
         A callable `features -> logits`.
 
     Example:
+        >>> network, softmax_head = model.backbone.network, model.head
+        >>> x = model.backbone.preprocessor(images)
         >>> heatmaps = kt.grad_cam(network, None, kt.head_logits(softmax_head), x)
     """
     import keras
@@ -600,6 +619,7 @@ def grad_cam(network, layer_name: str | None, head_fn, preprocessed_images,
         >>> x = model.backbone.preprocessor(images)
         >>> heatmaps = kt.grad_cam(model.backbone.network, None, model.head, x)
         >>> kt.plot_grad_cam(images, heatmaps)
+        <Figure size ... Axes>
     """
     import keras
     import tensorflow as tf
@@ -670,7 +690,10 @@ def model_grad_cam(model, images, *, head: str | None = None, layer_name: str | 
 
     Example:
         >>> heatmaps = kt.model_grad_cam(model, x_test[:8])
+        >>> heatmaps.shape
+        (8, 1, 1)
         >>> kt.plot_grad_cam(x_test[:8], heatmaps, path="grad_cam.png")
+        <Figure size ... Axes>
     """
     if not hasattr(getattr(model, "backbone", None), "image_size"):
         raise ValueError(f"Received {type(model).__name__}; model_grad_cam needs an image "
@@ -695,6 +718,8 @@ def overlay_heatmap(image, heatmap, alpha: float = 0.4, colormap: str = "jet") -
 
     Example:
         >>> blended = kt.overlay_heatmap(images[0], heatmaps[0])
+        >>> blended.shape, blended.dtype
+        ((32, 32, 3), dtype('uint8'))
     """
     from matplotlib import colormaps
     from PIL import Image
@@ -733,6 +758,7 @@ def plot_grad_cam(images, heatmaps, titles: Sequence[str] | None = None, path=No
 
     Example:
         >>> kt.plot_grad_cam(images, heatmaps, [names[i] for i in predicted], path="cam.png")
+        <Figure size ... Axes>
     """
     if len(images) != len(heatmaps) or not len(images):
         raise DataError(f"Received {len(images)} images and {len(heatmaps)} heat maps; "

@@ -44,7 +44,12 @@ here (no GPU was lent).
 Example:
     >>> estimate = kt.estimate_memory(model, batch_size=32, phase="fine_tune")
     >>> print(estimate.summary())
-    >>> estimate_backbone_memory("resnet50", input_size=224, batch_size=32).total
+    Phase 'fine_tune', 32 examples per replica:
+      weights ... MiB
+      ...
+      total ... MiB
+    >>> round(estimate_backbone_memory("resnet50", input_size=224, batch_size=32).total / 2**30, 1)
+    2.3
 """
 
 from __future__ import annotations

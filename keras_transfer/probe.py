@@ -51,9 +51,14 @@ previous C, the final fit from the folds' mean at the chosen C, and above
 5,000 rows C is cross-validated on a stratified subset.
 
 Example:
+    >>> features = np.random.default_rng(0).normal(size=(60, 512))
+    >>> labels = np.arange(60) % 10
     >>> probe = fit_linear_probe(features, labels, "classification", num_classes=10)
     >>> print(probe.report.summary())
-    >>> dense.set_weights([probe.kernel, probe.bias])   # keras.layers.Dense(10)
+    linear probe (classification, N=60, D=512, K=10): C=...
+    >>> dense = keras.layers.Dense(10)
+    >>> dense.build((None, 512))
+    >>> dense.set_weights([probe.kernel, probe.bias])
 """
 
 from __future__ import annotations
@@ -289,9 +294,11 @@ def fit_linear_probe(
             `folds` or `grid`.
 
     Example:
+        >>> x = np.random.default_rng(0).normal(size=(60, 512))
+        >>> y = np.arange(60) % 3
         >>> probe = fit_linear_probe(x, y, "classification", num_classes=3)
         >>> probe.report.summary()
-        'linear probe (classification, N=60, D=512, K=3): C=0.0195 ...'
+        'linear probe (classification, N=60, D=512, K=3): C=...'
     """
     start = time.perf_counter()
     if kind not in KINDS:

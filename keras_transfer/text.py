@@ -489,8 +489,9 @@ class TextTransferModel(TransferModel):
 
     Example:
         >>> model = kt.TextTransferModel(kt.minilm_path(), num_classes=2)
-        >>> model.fit(texts, labels, head_epochs=5, fine_tune_epochs=2)
+        >>> history = model.fit(texts, labels, head_epochs=5, fine_tune_epochs=2, verbose=0)
         >>> model.export("saved_models/reviews")
+        '.../saved_models/reviews'
     """
 
     def __init__(self, backbone="bert_tiny_en_uncased", num_classes=None, *,
@@ -529,9 +530,10 @@ class TextMultiTaskModel(TextTransferModel):
         ...     "sentiment": kt.Head(num_classes=2),
         ...     "topics": kt.Head(num_classes=5, kind="multilabel"),
         ... }, sequence_length=64)
-        >>> model.fit({"sentiment": (texts1, labels1), "topics": (texts2, tags2)},
-        ...           head_epochs=3, fine_tune_epochs=1)
+        >>> history = model.fit({"sentiment": (texts1, labels1), "topics": (texts2, tags2)},
+        ...                     head_epochs=3, fine_tune_epochs=1, verbose=0)
         >>> model.predict(["great food"])["sentiment"].shape   # (1, 2)
+        (1, 2)
     """
 
     def __init__(self, backbone="bert_tiny_en_uncased", tasks=None, **kwargs):

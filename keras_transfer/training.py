@@ -237,7 +237,10 @@ class HeadPhase:
 
     Example:
         >>> kt.HeadPhase()                                  # the probe
+        HeadPhase(epochs=None, learning_rate=0.001, solver='auto', early_stopping=None,
+                  feature_cache='auto', augmented_copies=0, cache_dir=None, name='head')
         >>> kt.HeadPhase(solver="adam", epochs=10, learning_rate=3e-4, early_stopping=3)
+        HeadPhase(epochs=10, learning_rate=0.0003, solver='adam', early_stopping=3, ...)
     """
 
     epochs: int | None = None
@@ -495,9 +498,17 @@ class FineTunePhase:
 
     Example:
         >>> kt.FineTunePhase()                                    # ~100 steps at 1e-5
+        FineTunePhase(epochs=None, learning_rate=None, unfreeze='all', train_batchnorm=False,
+                      batchnorm_momentum=None, warmup=0.1, decay='cosine', early_stopping=None,
+                      restore_best=True, min_steps=100, lora_rank=None, lora_targets=None,
+                      name='fine_tune')
         >>> kt.FineTunePhase(epochs=10, learning_rate=2e-5, unfreeze=20)
+        FineTunePhase(epochs=10, learning_rate=2e-05, unfreeze=20, ...)
         >>> kt.FineTunePhase(epochs=3, lora_rank=4)
+        FineTunePhase(epochs=3, ..., lora_rank=4, ...)
         >>> kt.FineTunePhase.from_scratch()           # random weights, end to end
+        FineTunePhase(epochs=None, learning_rate=0.001, unfreeze='all', train_batchnorm=True,
+                      batchnorm_momentum=0.9, ..., name='from_scratch')
     """
 
     epochs: int | None = None
