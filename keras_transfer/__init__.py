@@ -41,7 +41,7 @@ from keras_transfer.image import (
     ImageTransferModel,
     MultiTaskModel,
 )
-from keras_transfer.imagenet import imagenet_class_names, imagenet_top_k
+from keras_transfer.imagenet import imagenet_class_names, imagenet_predict, imagenet_top_k
 from keras_transfer.insight import (
     ClassificationReport,
     classification_report,
@@ -123,6 +123,7 @@ __all__ = [
     "grad_cam",
     "head_logits",
     "imagenet_class_names",
+    "imagenet_predict",
     "imagenet_top_k",
     "last_conv_layer",
     "linear_cka",
