@@ -13,143 +13,84 @@ model.export("saved_models/flowers")
 
 __version__ = "0.1.0"
 
-from keras_transfer.backbones import BackboneSpec, get_backbone_spec, list_backbones
-from keras_transfer.causal_lm import adapt_causal_lm
-from keras_transfer.data import default_augmentation, make_image_dataset, task_schedule
-from keras_transfer.distribute import get_strategy
-from keras_transfer.errors import (
-    BackboneError,
-    DataError,
-    ExportError,
-    KerasTransferError,
-    TrainingDivergedError,
-    WeightsError,
-)
-from keras_transfer.export import load_metadata
-from keras_transfer.feature_cache import FeatureCache, extract_features
-from keras_transfer.forgetting import (
-    ForgettingReport,
-    block_layers,
-    forgetting_report,
-    linear_cka,
-    snapshot_backbone,
-)
-from keras_transfer.heads import Head
-from keras_transfer.image import (
-    ImageBackbone,
-    ImagePreprocessing,
-    ImageTransferModel,
-    MultiTaskModel,
-)
-from keras_transfer.imagenet import imagenet_class_names, imagenet_predict, imagenet_top_k
-from keras_transfer.insight import (
-    ClassificationReport,
-    classification_report,
-    confusion_matrix,
-    grad_cam,
-    head_logits,
-    last_conv_layer,
-    model_grad_cam,
-    overlay_heatmap,
-    plot_confusion_matrix,
-    plot_grad_cam,
-    plot_worst_images,
-    top_k,
-    worst_predictions,
-    worst_texts_table,
-)
-from keras_transfer.model import TransferModel
-from keras_transfer.plots import plot_forgetting, plot_history
-from keras_transfer.text import (
-    TextBackbone,
-    TextMultiTaskModel,
-    TextPooling,
-    TextTransferModel,
-    minilm_path,
-    text_presets,
-)
-from keras_transfer.torch_checkpoint import load_torch_checkpoint, load_torch_state_dict
-from keras_transfer.torchvision_models import (
-    load_torch_weights,
-    mobilenet_v2_imagenet_checkpoint,
-    torchvision_eval_crop,
-    torchvision_mobilenet_v2,
-)
-from keras_transfer.training import (
-    FineTunePhase,
-    HeadPhase,
-    TransferHistory,
-    WarmupDecay,
-    unfreeze,
-)
-from keras_transfer.weights import WeightsLoadReport, load_weights_by_name
+import importlib
+import importlib.util
+import os
+import sys
 
-__all__ = [
-    "BackboneError",
-    "BackboneSpec",
-    "ClassificationReport",
-    "DataError",
-    "ExportError",
-    "FeatureCache",
-    "FineTunePhase",
-    "ForgettingReport",
-    "Head",
-    "HeadPhase",
-    "ImageBackbone",
-    "ImagePreprocessing",
-    "ImageTransferModel",
-    "KerasTransferError",
-    "MultiTaskModel",
-    "TextBackbone",
-    "TextMultiTaskModel",
-    "TextPooling",
-    "TextTransferModel",
-    "TrainingDivergedError",
-    "TransferHistory",
-    "TransferModel",
-    "WarmupDecay",
-    "WeightsError",
-    "WeightsLoadReport",
-    "__version__",
-    "adapt_causal_lm",
-    "block_layers",
-    "classification_report",
-    "confusion_matrix",
-    "default_augmentation",
-    "extract_features",
-    "forgetting_report",
-    "get_backbone_spec",
-    "get_strategy",
-    "grad_cam",
-    "head_logits",
-    "imagenet_class_names",
-    "imagenet_predict",
-    "imagenet_top_k",
-    "last_conv_layer",
-    "linear_cka",
-    "list_backbones",
-    "load_metadata",
-    "load_torch_checkpoint",
-    "load_torch_state_dict",
-    "load_torch_weights",
-    "load_weights_by_name",
-    "make_image_dataset",
-    "minilm_path",
-    "model_grad_cam",
-    "mobilenet_v2_imagenet_checkpoint",
-    "overlay_heatmap",
-    "plot_confusion_matrix",
-    "plot_forgetting",
-    "plot_grad_cam",
-    "plot_history",
-    "plot_worst_images",
-    "snapshot_backbone",
-    "task_schedule",
-    "text_presets",
-    "top_k",
-    "torchvision_eval_crop",
-    "torchvision_mobilenet_v2",
-    "unfreeze",
-    "worst_predictions",
-    "worst_texts_table",
-]
+# Where each public name is defined: {module: names}.
+_MODULES = {
+    "backbones": ("BackboneSpec", "get_backbone_spec", "list_backbones"),
+    "causal_lm": ("adapt_causal_lm",),
+    "data": ("default_augmentation", "make_image_dataset", "task_schedule"),
+    "distribute": ("get_strategy",),
+    "errors": (
+        "BackboneError", "DataError", "ExportError", "KerasTransferError",
+        "TrainingDivergedError", "WeightsError",
+    ),
+    "export": ("load_metadata",),
+    "feature_cache": ("FeatureCache", "extract_features"),
+    "forgetting": (
+        "ForgettingReport", "block_layers", "forgetting_report", "linear_cka", "snapshot_backbone",
+    ),
+    "heads": ("Head",),
+    "image": ("ImageBackbone", "ImagePreprocessing", "ImageTransferModel", "MultiTaskModel"),
+    "imagenet": ("imagenet_class_names", "imagenet_predict", "imagenet_top_k"),
+    "insight": (
+        "ClassificationReport", "classification_report", "confusion_matrix", "grad_cam",
+        "head_logits", "last_conv_layer", "model_grad_cam", "overlay_heatmap",
+        "plot_confusion_matrix", "plot_grad_cam", "plot_worst_images", "top_k",
+        "worst_predictions", "worst_texts_table",
+    ),
+    "memory": ("MemoryEstimate", "estimate_backbone_memory", "estimate_memory"),
+    "model": ("TransferModel",),
+    "plots": ("plot_forgetting", "plot_history"),
+    "text": (
+        "TextBackbone", "TextMultiTaskModel", "TextPooling", "TextTransferModel", "minilm_path",
+        "text_presets",
+    ),
+    "torch_checkpoint": ("load_torch_checkpoint", "load_torch_state_dict"),
+    "torchvision_models": (
+        "load_torch_weights", "mobilenet_v2_imagenet_checkpoint", "torchvision_eval_crop",
+        "torchvision_mobilenet_v2",
+    ),
+    "training": ("FineTunePhase", "HeadPhase", "TransferHistory", "WarmupDecay", "unfreeze"),
+    "weights": ("WeightsLoadReport", "load_weights_by_name"),
+}
+_EXPORTS = {name: module for module, names in _MODULES.items() for name in names}
+
+__all__ = sorted([*_EXPORTS, "__version__"])
+
+
+def __getattr__(name):
+    # Names (and submodules) are imported on first use when importing is lazy.
+    if name in _EXPORTS:
+        value = getattr(importlib.import_module(f"keras_transfer.{_EXPORTS[name]}"), name)
+        globals()[name] = value
+        return value
+    if importlib.util.find_spec(f"keras_transfer.{name}") is not None:
+        return importlib.import_module(f"keras_transfer.{name}")
+    raise AttributeError(f"module 'keras_transfer' has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted(set(globals()) | set(_EXPORTS))
+
+
+def _started_as_command() -> bool:
+    """Whether this process is the `keras-transfer` command.
+
+    The command imports TensorFlow only for the subcommands that need it, so
+    `keras-transfer --help` and `list-backbones` answer at once.
+    """
+    argv = list(getattr(sys, "orig_argv", sys.argv))
+    if any(os.path.basename(a).split(".")[0] == "keras-transfer" for a in argv[:2]):
+        return True
+    return "-m" in argv and argv[argv.index("-m") + 1:][:1] == ["keras_transfer.cli"]
+
+
+# A library user gets everything at import, which also registers the Keras
+# classes, so `keras.saving.load_model` finds them after `import keras_transfer`.
+if not _started_as_command():
+    for _name in _EXPORTS:
+        __getattr__(_name)

@@ -25,13 +25,18 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import fnmatch
+import numbers
 import os
 import re
 from collections.abc import Callable
-
-import keras
+from typing import TYPE_CHECKING
 
 from keras_transfer.errors import BackboneError, WeightsError
+
+# Keras (and with it TensorFlow) is imported only where a network is built, so
+# listing the registry (`keras-transfer list-backbones`) starts in a blink.
+if TYPE_CHECKING:
+    import keras
 
 # Preprocessing modes, as named by `keras.applications.imagenet_utils`:
 # "caffe": RGB->BGR, minus the ImageNet mean, no scaling (VGG, ResNet v1).
@@ -85,6 +90,8 @@ class BackboneSpec:
         Returns:
             A `keras.Model` mapping preprocessed images to feature maps.
         """
+        import keras
+
         input_shape = self.check_input_shape(input_shape)
         if self.builder is not None:
             return self.builder(input_shape, weights)
@@ -120,16 +127,7 @@ class BackboneSpec:
         """
         if input_shape is None:
             return (self.default_size, self.default_size, 3)
-        if isinstance(input_shape, int):
-            input_shape = (input_shape, input_shape, 3)
-        input_shape = tuple(int(d) for d in input_shape)
-        if len(input_shape) == 2:
-            input_shape = input_shape + (3,)
-        if len(input_shape) != 3:
-            raise BackboneError(
-                f"Received input_shape={input_shape}; expected "
-                "(height, width, channels), e.g. (224, 224, 3)."
-            )
+        input_shape = as_input_shape(input_shape)
         height, width, channels = input_shape
         if channels != 3:
             raise BackboneError(
@@ -145,6 +143,32 @@ class BackboneSpec:
                 f"{self.min_size} (default {self.default_size})."
             )
         return input_shape
+
+
+def as_input_shape(input_shape) -> tuple:
+    """`input_shape` as a `(height, width, channels)` tuple of positive ints.
+
+    Args:
+        input_shape: an int side, or `(height, width[, channels])` of ints.
+
+    Returns:
+        The shape, channels 3 when not given.
+
+    Raises:
+        BackboneError: for anything but positive whole numbers (`32.7`,
+            `"abc"`, `-5`), naming what was received.
+    """
+    def is_int(value):
+        return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+    shape = (input_shape, input_shape, 3) if is_int(input_shape) else input_shape
+    if isinstance(shape, (str, bytes)) or not isinstance(shape, (tuple, list)) \
+            or len(shape) not in (2, 3) or not all(is_int(d) and d > 0 for d in shape):
+        raise BackboneError(
+            f"Received input_shape={input_shape!r}; expected a positive int side such as "
+            "224, or (height, width, 3) of positive ints, e.g. (224, 224, 3).")
+    shape = tuple(int(d) for d in shape)
+    return shape if len(shape) == 3 else shape + (3,)
 
 
 def _keras_cache_dir() -> str:
@@ -170,8 +194,9 @@ def _build_with_imagenet_weights(spec, constructor, kwargs):
             f"({url}): this machine seems to be offline. Either copy the "
             f"file {file_name} into {cache}/ (Keras looks there first), or "
             f"pass weights='/path/to/{file_name}' (any Keras weights file "
-            "whose layer names match), or weights=None to start from "
-            f"random weights. Keras said: {message[:300]}"
+            "whose layer names match; CLI: --weights /path/to/FILE), or "
+            "weights=None to start from random weights (CLI: --weights none). "
+            f"Keras said: {message[:300]}"
         ) from error
 
 

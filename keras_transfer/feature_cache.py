@@ -69,6 +69,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from keras_transfer.data import EpochSeed, shuffle_each_epoch
 from keras_transfer.errors import DataError
 
 logger = logging.getLogger("keras_transfer")
@@ -406,9 +407,10 @@ class FeatureCache:
     def _shards(self, copy: int) -> list[dict]:
         return [s for s in self.manifest["shards"] if s["copy"] == copy]
 
-    def dataset(self, batch_size: int = 32, shuffle: bool = False, seed: int | None = None,
+    def dataset(self, batch_size: int = 32, shuffle: bool = False, seed=None,
                 copy: int | None = None,
-                shuffle_buffer_bytes: int = DEFAULT_SHUFFLE_BYTES) -> tf.data.Dataset:
+                shuffle_buffer_bytes: int = DEFAULT_SHUFFLE_BYTES,
+                drop_remainder: bool = False) -> tf.data.Dataset:
         """Streams `(features, labels)` batches from the shards.
 
         Args:
@@ -416,11 +418,13 @@ class FeatureCache:
             shuffle: bool. Shuffle shard order and examples, anew each pass.
                 The shuffle buffer holds at most `shuffle_buffer_bytes`
                 (the whole dataset when it fits).
-            seed: int, optional. Shuffle seed.
+            seed: int or `data.EpochSeed`, optional. Shuffle seed.
             copy: int, optional. Which augmented copy to read. By default a
-                cache of K copies gives copy `i % K` on its i-th pass, so
-                epoch i of `fit` trains on copy `i % K`.
+                cache of K copies gives copy `i % K` on its i-th pass (with
+                an `EpochSeed`, on epoch i), so epoch i of `fit` trains on
+                copy `i % K`.
             shuffle_buffer_bytes: int. Memory bound of the shuffle buffer.
+            drop_remainder: bool. Drop a last partial batch.
 
         Returns:
             A `tf.data.Dataset` of `(features, labels)` batches with a known
@@ -455,15 +459,15 @@ class FeatureCache:
             passes = itertools.count()  # a new pass (an epoch) takes the next copy
 
             def next_copy():
-                yield from zip(*files(next(passes) % self.copies))
+                epoch = int(seed.epoch.numpy()) if isinstance(seed, EpochSeed) else next(passes)
+                yield from zip(*files(epoch % self.copies))
 
             spec = (tf.TensorSpec((), tf.string), tf.TensorSpec((), tf.string),
                     tf.TensorSpec((), tf.int64), tf.TensorSpec((), tf.int64))
             shard_files = tf.data.Dataset.from_generator(next_copy, output_signature=spec)
         num_shards = len(self._shards(copy or 0))
         if shuffle:
-            shard_files = shard_files.shuffle(max(num_shards, 1), seed=seed,
-                                              reshuffle_each_iteration=True)
+            shard_files = shuffle_each_epoch(shard_files, max(num_shards, 1), seed)
 
         def records(feature_file, label_file, feature_header, label_header):
             return tf.data.Dataset.zip((
@@ -476,8 +480,8 @@ class FeatureCache:
         if shuffle:
             buffer = max(1, min(self.num_examples,
                                 shuffle_buffer_bytes // max(feature_record + label_record, 1)))
-            dataset = dataset.shuffle(buffer, seed=seed, reshuffle_each_iteration=True)
-        dataset = dataset.batch(batch_size)
+            dataset = shuffle_each_epoch(dataset, buffer, seed)
+        dataset = dataset.batch(batch_size, drop_remainder=drop_remainder)
 
         def decode(feature_bytes, label_bytes):
             features = tf.reshape(tf.io.decode_raw(feature_bytes, feature_dtype),
@@ -486,7 +490,12 @@ class FeatureCache:
             return features, labels
 
         dataset = dataset.map(decode, num_parallel_calls=tf.data.AUTOTUNE)
-        batches = math.ceil(self.num_examples / batch_size)
+        batches = (self.num_examples // batch_size if drop_remainder
+                   else math.ceil(self.num_examples / batch_size))
+        if batches == 0:
+            raise DataError(f"Received batch_size={batch_size} with drop_remainder for a cache "
+                            f"of {self.num_examples} examples: no full batch. Lower the "
+                            "batch size.")
         dataset = dataset.apply(tf.data.experimental.assert_cardinality(batches))
         return dataset.prefetch(tf.data.AUTOTUNE)
 
@@ -640,6 +649,46 @@ def _feature_function(model, spec, augmentation=None):
     return functions[key]
 
 
+def _replicated(model, function, batch_size: int):
+    """`function` (a batch -> features) with every replica computing a share of the batch.
+
+    Under a strategy with several replicas (devices, workers or TPU cores)
+    each batch is padded to `batch_size` rows (one shape: TPUs compile for
+    it), cut into one equal slice per replica, run with `strategy.run`, and
+    the slices gathered back in order on every worker. Without one,
+    `function` itself.
+    """
+    from keras_transfer.distribute import is_multi_worker, is_tpu, strategy_of
+
+    strategy = strategy_of(model)
+    if strategy is None or (strategy.num_replicas_in_sync == 1
+                            and not (is_tpu(strategy) or is_multi_worker(strategy))):
+        return function
+    replicas = strategy.num_replicas_in_sync
+    share = math.ceil(batch_size / replicas)
+
+    @tf.function
+    def step(values):
+        # A plain function for `run`: each replica calls the traced one on its slice.
+        return strategy.gather(strategy.run(lambda v: function(v), args=(values,)), axis=0)
+
+    def run(inputs):
+        rows = tf.shape(tf.nest.flatten(inputs)[0])[0]
+
+        def pad(t):
+            padding = [[0, share * replicas - rows]] + [[0, 0]] * (len(t.shape) - 1)
+            return tf.pad(t, padding)
+
+        padded = tf.nest.map_structure(pad, inputs)
+        values = strategy.experimental_distribute_values_from_function(
+            lambda context: tf.nest.map_structure(
+                lambda t: t[context.replica_id_in_sync_group * share:
+                            (context.replica_id_in_sync_group + 1) * share], padded))
+        return step(values)[:rows]
+
+    return run
+
+
 def _say(message: str, verbose) -> None:
     logger.info(message)
     if verbose:
@@ -710,14 +759,19 @@ def extract_features(model, x, y=None, *, head: str | None = None, batch_size: i
         augment = as_augmentation(augmentation)
     started = time.perf_counter()
     # One pipeline, iterated twice on a miss: hashed first, then extracted.
-    dataset, has_labels = _plain_dataset(model, x, y, head,
-                                         max(batch_size, MIN_EXTRACTION_BATCH))
+    batch_size = max(batch_size, MIN_EXTRACTION_BATCH)
+    dataset, has_labels = _plain_dataset(model, x, y, head, batch_size)
     fingerprint, count = data_fingerprint(dataset)
     if count == 0:
         raise DataError("Received data that yields no examples; nothing to extract.")
     key = {"format": FORMAT_VERSION, "model": model_key(model), "data": fingerprint,
            "num_examples": count, "augmentation": _augmentation_key(augment, augmented_copies)}
     cache = find_cache(key, root)
+    # Several workers extract together (each a share): all reuse, or none does.
+    from keras_transfer.distribute import all_workers_agree, strategy_of
+
+    if not all_workers_agree(strategy_of(model), cache is not None):
+        cache = None
     if cache is not None:
         _say(f"Feature cache: reusing {cache.num_examples:,} cached backbone features "
              f"x {cache.copies} cop{'ies' if cache.copies > 1 else 'y'} from {cache.path} "
@@ -742,7 +796,7 @@ def extract_features(model, x, y=None, *, head: str | None = None, batch_size: i
          f"into {final}.", verbose)
     try:
         manifest = _extract(model, dataset, temporary, shard_size, augment,
-                            max(augmented_copies, 1), key, count, has_labels)
+                            max(augmented_copies, 1), key, count, has_labels, batch_size)
         if manifest["key"] != key:
             logger.warning(
                 "The data changed between two passes over it (a shuffled tf.data.Dataset?): "
@@ -783,11 +837,12 @@ def _plain_dataset(model, x, y, head, batch_size):
 
 
 def _extract(model, dataset, folder, shard_size, augment, copies, key, count,
-             has_labels) -> dict:
+             has_labels, batch_size) -> dict:
     """The extraction pass(es): writes shards into `folder`, returns the manifest."""
     spec = dataset.element_spec[0]
-    plain = _feature_function(model, spec)
-    augmented = _feature_function(model, spec, augment) if augment is not None else None
+    plain = _replicated(model, _feature_function(model, spec), batch_size)
+    augmented = None if augment is None else _replicated(
+        model, _feature_function(model, spec, augment), batch_size)
     shards: list[dict] = []
     fingerprint = _DataFingerprint()
     feature_info = label_info = None

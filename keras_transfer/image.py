@@ -163,7 +163,7 @@ class ImageBackbone(keras.layers.Layer):
 
     # ------------------------------------------------------------------ data
     def make_dataset(self, x, y=None, *, head, batch_size=32, shuffle=False,
-                     augmentation=None, seed=None):
+                     augmentation=None, seed=None, drop_remainder=False):
         """Labelled batches `(float32 images, labels)` for one head.
 
         Returns:
@@ -171,7 +171,8 @@ class ImageBackbone(keras.layers.Layer):
         """
         dataset, source = make_image_dataset(
             x, y, image_size=self.image_size, kind=head.kind, num_classes=head.num_classes,
-            batch_size=batch_size, shuffle=shuffle, augmentation=augmentation, seed=seed)
+            class_names=head.class_names, batch_size=batch_size, shuffle=shuffle,
+            augmentation=augmentation, seed=seed, drop_remainder=drop_remainder)
         if not source.has_labels:
             raise DataError("Received images without labels; give (images, labels) or a "
                             "dataset of (image, label) pairs.")
@@ -201,9 +202,9 @@ class ImageBackbone(keras.layers.Layer):
             "input_shape": list(self.input_shape_),
             "preprocessing": self.preprocessing,
             "inputs": {
-                "serving_default": "images: uint8 [batch, height, width, 3], raw RGB 0-255, "
-                                   "any size (resized inside)",
-                "serving_bytes": "image_bytes: string [batch], encoded JPEG/PNG/GIF/BMP",
+                "serving_default": "images: uint8 [batch, height, width, 3], raw RGB 0-255 "
+                                   "(or 1 channel, grayscale), any size (resized inside)",
+                "serving_bytes": "image_bytes: string [batch], encoded JPEG/PNG/GIF/BMP/WebP",
             },
         }
 
@@ -347,8 +348,19 @@ def resolve_image_backbone(backbone, weights, input_shape, cut_layer=None,
     return network, spec, spec.name, spec.preprocessing, input_shape, source
 
 
+# The leading bytes of every format `tf.io.decode_image` reads.
+_IMAGE_SIGNATURES = {"JPEG": [(0, b"\xff\xd8\xff")], "PNG": [(0, b"\x89PNG\r\n\x1a\n")],
+                     "GIF": [(0, b"GIF8")], "BMP": [(0, b"BM")],
+                     "WebP": [(0, b"RIFF"), (8, b"WEBP")]}
+SERVED_FORMATS = "JPEG, PNG, GIF, BMP or WebP"
+
+
 def image_serving_endpoints(image_size, predict) -> dict:
     """The two serving signatures of image models.
+
+    Both check what they receive and fail with a message that says what is
+    wrong (`tf.errors.InvalidArgumentError`): images of another rank, with
+    other than 1 or 3 channels, of size 0, or bytes that are no image.
 
     Args:
         image_size: `(height, width)` of the model input.
@@ -356,16 +368,33 @@ def image_serving_endpoints(image_size, predict) -> dict:
 
     Returns:
         `{"serving_default": ..., "serving_bytes": ...}` as
-        `(function, input_signature)` pairs: raw uint8 images of any size,
-        and encoded JPEG/PNG/GIF/BMP bytes.
+        `(function, input_signature)` pairs: raw uint8 images of any size
+        (RGB, or grayscale turned into RGB as `fit` does), and encoded
+        JPEG/PNG/GIF/BMP/WebP bytes.
     """
     height, width = image_size
 
     def serve_images(images):
+        # The checks come first, each as data the next step waits for, so a
+        # wrong input is reported by its message and never by a later op.
+        shape = tf.shape(images)
+        sizes = tf.concat([shape, tf.ones([4], tf.int32)], 0)  # safe for any rank
+        channels = sizes[3]
+        images = _check(images, tf.equal(tf.size(shape), 4), [
+            "serving_default takes images of shape [batch, height, width, channels] "
+            "(uint8 0-255); received this shape (add a batch axis for one image):", shape])
+        images = _check(images, tf.logical_or(tf.equal(channels, 1), tf.equal(channels, 3)), [
+            "serving_default takes RGB (3 channels) or grayscale (1 channel) images; "
+            "received this many channels (drop an alpha channel: images[..., :3]):",
+            channels])
+        images = _check(images, tf.reduce_all(sizes[1:3] > 0), [
+            "serving_default received images of size 0; height and width:", sizes[1:3]])
+        images = tf.ensure_shape(images, (None, None, None, None))
+        images = tf.cond(tf.equal(channels, 1), lambda: tf.tile(images, [1, 1, 1, 3]),
+                         lambda: images)  # grayscale to RGB, as fit does
+        images = tf.cast(tf.ensure_shape(images, (None, None, None, 3)), tf.float32)
         # Resize only when needed so same-size inputs are not resampled.
-        images = tf.cast(images, tf.float32)
-        same = tf.logical_and(tf.equal(tf.shape(images)[1], height),
-                              tf.equal(tf.shape(images)[2], width))
+        same = tf.logical_and(tf.equal(sizes[1], height), tf.equal(sizes[2], width))
         x = tf.cond(same, lambda: images, lambda: tf.image.resize(images, (height, width)))
         return predict(tf.ensure_shape(x, (None, height, width, 3)))
 
@@ -375,6 +404,17 @@ def image_serving_endpoints(image_size, predict) -> dict:
         return tf.image.resize(tf.cast(image, tf.float32), (height, width))
 
     def serve_bytes(encoded):
+        # Check the leading bytes first: garbage gets a message, not a decoder error.
+        padded = tf.strings.join([encoded, tf.constant(b"\0" * 12)])
+        known = tf.zeros(tf.shape(encoded), tf.bool)
+        for parts in _IMAGE_SIGNATURES.values():
+            match = tf.ones(tf.shape(encoded), tf.bool)
+            for offset, magic in parts:
+                match &= tf.equal(tf.strings.substr(padded, offset, len(magic)), magic)
+            known |= match
+        encoded = _check(encoded, tf.reduce_all(known), [
+            f"serving_bytes takes encoded {SERVED_FORMATS} images; these positions of "
+            "image_bytes hold something else:", tf.where(tf.logical_not(known))[:, 0]])
         # Every image is decoded and resized on its own: sizes may differ.
         images = tf.map_fn(decode_one, encoded,
                            fn_output_signature=tf.TensorSpec((height, width, 3), tf.float32))
@@ -382,9 +422,22 @@ def image_serving_endpoints(image_size, predict) -> dict:
 
     return {
         "serving_default": (serve_images,
-                            [tf.TensorSpec((None, None, None, 3), tf.uint8, name="images")]),
+                            [tf.TensorSpec(None, tf.uint8, name="images")]),
         "serving_bytes": (serve_bytes, [tf.TensorSpec((None,), tf.string, name="image_bytes")]),
     }
+
+
+def _check(value, condition, message):
+    """`value` when `condition` holds; otherwise an `InvalidArgumentError` with `message`.
+
+    The result is data that depends on the check (not a control dependency,
+    which graph optimisations may reorder), so nothing after it runs first.
+    """
+    def fail():
+        with tf.control_dependencies([tf.debugging.Assert(False, message, summarize=20)]):
+            return tf.identity(value)
+
+    return tf.cond(condition, lambda: tf.identity(value), fail)
 
 
 def _custom_backbone(model, cut_layer, preprocessing, input_shape):
@@ -406,10 +459,12 @@ def _custom_backbone(model, cut_layer, preprocessing, input_shape):
             "images (height, width, channels). Build it with keras.Input(shape=(H, W, 3))."
         )
     if input_shape is None:
+        if None in shape[:2]:
+            raise BackboneError(
+                f"Received a backbone model that takes images of any size {shape} and no "
+                "input_shape; pass input_shape=(height, width, 3), the size to train at.")
         input_shape = shape
-    if isinstance(input_shape, int):
-        input_shape = (input_shape, input_shape, 3)
-    input_shape = tuple(int(d) for d in input_shape)
+    input_shape = registry.as_input_shape(input_shape)
     if shape[-1] != 3 or input_shape[-1] != 3:
         raise BackboneError(
             f"Received a backbone that takes {shape[-1]} channels; transfer "

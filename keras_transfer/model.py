@@ -25,13 +25,21 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
+import tempfile
 
 import keras
 import numpy as np
 
 from keras_transfer import data as data_lib
 from keras_transfer import training
-from keras_transfer.distribute import get_strategy, model_scope, scope
+from keras_transfer.distribute import (
+    MultiWorkerFitMixin,
+    get_strategy,
+    is_chief,
+    model_scope,
+    scope,
+)
 from keras_transfer.errors import DataError
 from keras_transfer.heads import Head, as_head
 from keras_transfer.callbacks import head_of_key
@@ -43,7 +51,7 @@ SINGLE = "head"  # the key of the one head of a single-task model
 
 
 @keras.saving.register_keras_serializable(package="keras_transfer")
-class TransferModel(keras.Model):
+class TransferModel(MultiWorkerFitMixin, keras.Model):
     """A backbone component with one or several heads, trained in phases.
 
     Args:
@@ -58,8 +66,10 @@ class TransferModel(keras.Model):
             (every batch once per epoch, heads drawn in proportion to their
             data). See `data.task_schedule`.
         strategy: a `tf.distribute.Strategy` or a name (`"auto"`,
-            `"mirrored"`, `"cpu"`, `"tpu"`); heads, optimizers and metrics are
-            built in its scope.
+            `"mirrored"`, `"multi_worker"`, `"tpu"`, `"cpu"`; see
+            `distribute.get_strategy`); heads, optimizers and metrics are
+            built in its scope. Batch sizes are global (split over the
+            replicas).
         name: str, optional. Model name.
 
     Example:
@@ -285,13 +295,14 @@ class TransferModel(keras.Model):
         return dict(value)
 
     def head_dataset(self, name, x, y=None, *, batch_size=32, training=False,
-                     augmentation=None, seed=None):
+                     augmentation=None, seed=None, drop_remainder=False):
         """One head's labelled batches `(inputs, labels)`; adopts the class names the data gives."""
         spec = self.head_specs[name]
         try:
             dataset, class_names = self.backbone.make_dataset(
                 x, y, head=spec, batch_size=batch_size, shuffle=training,
-                augmentation=augmentation if training else None, seed=seed)
+                augmentation=augmentation if training else None, seed=seed,
+                drop_remainder=drop_remainder)
         except DataError as error:
             if self.single:
                 raise
@@ -371,9 +382,11 @@ class TransferModel(keras.Model):
         return self.join(datasets, training=training, seed=seed, class_weight=class_weight)
 
     # ------------------------------------------------------------- training
+    @data_lib.warns_once
     def fit(self, x=None, y=None, *, validation_data=None, phases=None, head_epochs=None,
             fine_tune_epochs=None, epochs=None, batch_size=32, augmentation=None,
-            callbacks=None, class_weight=None, shuffle=True, seed=None, verbose="auto"):
+            callbacks=None, class_weight=None, shuffle=True, seed=None, backup_dir=None,
+            verbose="auto"):
         """Trains in phases: the heads on the frozen backbone, then fine-tuning.
 
         Args:
@@ -390,14 +403,25 @@ class TransferModel(keras.Model):
             head_epochs: int. Shorthand for `phases=[HeadPhase(epochs=...)]`.
             fine_tune_epochs: int. Shorthand adding `FineTunePhase(epochs=...)`.
             epochs: int. Keras-style shorthand: the head phase only.
-            batch_size: int. Examples per batch.
+            batch_size: int. Examples per batch: the global batch, split over
+                the replicas of a strategy.
             augmentation: Keras layer(s) applied to training images.
             callbacks: list of Keras callbacks, used in every phase; they see
                 the whole model.
             class_weight: dict `{class index: weight}` (several heads:
                 `{head: {class index: weight}}`).
-            shuffle: bool. Shuffle the training data every epoch.
-            seed: int, optional. Shuffle and sampling seed.
+            shuffle: bool. Shuffle the training data every epoch (epoch e's
+                order depends on the seed and e only).
+            seed: int, optional. Shuffle and sampling seed (None: drawn from
+                Python's `random`, which `keras.utils.set_random_seed` seeds;
+                with several workers, 0).
+            backup_dir: str, optional. A folder (new, empty, or one this
+                method wrote before) where the run saves its state after
+                every epoch and phase. Run the same command again after a
+                crash and it goes on from the last saved epoch in the right
+                phase, with the optimizer, learning-rate schedule and history
+                restored (see `keras_transfer.backup`). Nothing else in the
+                folder is ever removed.
             verbose: as for `keras.Model.fit`.
 
         Returns:
@@ -419,15 +443,17 @@ class TransferModel(keras.Model):
             validation=None if validation_data is None else self.head_data(
                 *_split_xy(validation_data), arg="validation_data"),
             batch_size=batch_size, augmentation=augmentation, class_weight=class_weight,
-            shuffle=shuffle, seed=seed)
+            shuffle=shuffle, seed=seed, backup_dir=backup_dir)
         self._fitting = True
         try:
             history = training.run_phases(self, fit_data, phases, callbacks or [], verbose)
         finally:
             self._fitting = False
+            fit_data.close()
         self.history = history
         return history
 
+    @data_lib.warns_once
     def evaluate(self, x=None, y=None, *, batch_size=32, verbose=0, **kwargs):
         """Evaluates on data of any supported kind.
 
@@ -452,6 +478,7 @@ class TransferModel(keras.Model):
                 per_head[owner][key[len(owner) + 1:]] = float(value)
         return per_head
 
+    @data_lib.warns_once
     def predict(self, x, *, batch_size=32, verbose=0, **kwargs):
         """Predicts probabilities (regression: values).
 
@@ -500,8 +527,6 @@ class TransferModel(keras.Model):
 
     def load_adapters(self, path: str) -> None:
         """Loads adapters and heads saved by `save_adapters` into this model."""
-        import os
-
         import h5py
 
         if not os.path.isfile(path):
@@ -566,7 +591,10 @@ class TransferModel(keras.Model):
                 signatures before it replaces anything.
 
         Returns:
-            The path of the export.
+            The path of the export; None on a worker that is not the chief
+            of a multi-worker strategy (it writes to a temporary folder it
+            deletes: every worker takes part in saving, only the chief keeps
+            a copy).
 
         Example:
             >>> model.export("saved_models/flowers")
@@ -580,6 +608,11 @@ class TransferModel(keras.Model):
                 flat.update({f"{key}_{k}": v for k, v in value.items()})
             else:
                 flat[key] = value
+        if not is_chief(self.distribute_strategy):
+            with tempfile.TemporaryDirectory(prefix="keras_transfer-worker-export-") as scratch:
+                export_saved_model(self, os.path.join(scratch, "export"), metrics=flat,
+                                   verify=False)
+            return None
         return export_saved_model(self, path, overwrite=overwrite, metrics=flat, verify=verify)
 
     # ---------------------------------------------------------------- config

@@ -23,7 +23,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from keras_transfer.data import as_text_source, labels_for_head
+from keras_transfer.data import as_text_source, labels_for_head, shuffle_each_epoch
 from keras_transfer.errors import BackboneError, DataError, WeightsError
 from keras_transfer.model import TransferModel, check_tasks, heads_argument
 from keras_transfer.training import unfreeze as unfreeze_network
@@ -165,7 +165,8 @@ def resolve_text_backbone(backbone, preprocessor=None, *, sequence_length=128,
     keras_hub = keras_hub_module()
     if not isinstance(sequence_length, int) or isinstance(sequence_length, bool) \
             or sequence_length < 2:
-        raise ValueError(f"Received sequence_length={sequence_length!r}; expected an int >= 2.")
+        raise BackboneError(f"Received sequence_length={sequence_length!r}; expected an "
+                            "int >= 2.")
     if isinstance(backbone, dict):  # from_config
         backbone = keras.saving.deserialize_keras_object(backbone)
     if isinstance(preprocessor, dict):
@@ -188,6 +189,15 @@ def resolve_text_backbone(backbone, preprocessor=None, *, sequence_length=128,
         raise BackboneError(
             f"Received backbone of type {type(backbone).__name__}; expected a KerasHub "
             "preset name, a folder, or a keras_hub.models.Backbone.")
+    # Position embeddings stop at max_sequence_length: longer inputs would
+    # fail only at the first batch, far from this argument.
+    limit = getattr(network, "max_sequence_length", None)
+    if isinstance(limit, int) and sequence_length > limit:
+        raise BackboneError(
+            f"Received sequence_length={sequence_length}, but the backbone "
+            f"'{preset or network.name}' takes at most {limit} tokens (its "
+            f"max_sequence_length). Pass sequence_length={limit} or less; longer texts "
+            "are cut to it.")
     if hasattr(preprocessor, "sequence_length"):
         preprocessor.sequence_length = sequence_length
     return network, preprocessor, preset
@@ -386,7 +396,7 @@ class TextBackbone(keras.layers.Layer):
         return tf.data.Dataset.from_tensor_slices((source.texts, labels)), class_names
 
     def make_dataset(self, x, y=None, *, head, batch_size=32, shuffle=False,
-                     augmentation=None, seed=None):
+                     augmentation=None, seed=None, drop_remainder=False):
         """Labelled batches `(token dict, labels)` for one head.
 
         Returns:
@@ -395,17 +405,17 @@ class TextBackbone(keras.layers.Layer):
         if augmentation is not None:
             raise DataError("Received augmentation; it is for images, text models take none.")
         dataset, class_names = self._texts_and_labels(x, y, head)
-        return self._batches(dataset, batch_size, shuffle, seed), class_names
+        return self._batches(dataset, batch_size, shuffle, seed, drop_remainder), class_names
 
     def predict_dataset(self, x, *, batch_size=32):
         """Batches of token dicts (no labels) to predict on."""
         dataset, _ = self._texts_and_labels(x, None, None)
         return self._batches(dataset, batch_size, False, None).map(lambda tokens, _: tokens)
 
-    def _batches(self, dataset, batch_size, shuffle, seed):
+    def _batches(self, dataset, batch_size, shuffle, seed, drop_remainder=False):
         if shuffle:
-            dataset = dataset.shuffle(10_000, seed=seed)
-        dataset = dataset.batch(batch_size).map(
+            dataset = shuffle_each_epoch(dataset, 10_000, seed)
+        dataset = dataset.batch(batch_size, drop_remainder=drop_remainder).map(
             lambda texts, labels: (self.tokenize(texts), labels),
             num_parallel_calls=tf.data.AUTOTUNE)
         return dataset.prefetch(tf.data.AUTOTUNE)

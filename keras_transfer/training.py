@@ -34,6 +34,9 @@ import contextlib
 import dataclasses
 import logging
 import math
+import random
+import shutil
+import tempfile
 
 import keras
 import numpy as np
@@ -43,9 +46,18 @@ from keras_transfer.callbacks import (
     DropUnfedHeads,
     LearningRateLogger,
     RestoreBest,
+    ShuffleEpoch,
 )
 from keras_transfer.data import labels_for_head
-from keras_transfer.distribute import model_scope
+from keras_transfer.distribute import (
+    batch_message,
+    is_chief,
+    is_multi_worker,
+    is_tpu,
+    model_scope,
+    needs_full_batches,
+    strategy_of,
+)
 
 logger = logging.getLogger("keras_transfer")
 
@@ -137,6 +149,25 @@ def unfreeze(backbone, layers="all", train_batchnorm: bool = False) -> int:
     if hasattr(backbone, "network"):
         return backbone.unfreeze(layers, train_batchnorm)
     weighted = [layer for layer in leaf_layers(backbone) if layer.weights]
+    plan = unfreeze_plan(backbone, layers, train_batchnorm)
+    backbone.trainable = True
+    for layer, trains in zip(weighted, plan):
+        layer.trainable = trains
+    return sum(plan)
+
+
+def unfreeze_plan(network: keras.Model, layers="all", train_batchnorm: bool = False) -> list:
+    """Which of the network's layers with weights `unfreeze` would make trainable.
+
+    Args:
+        network: keras.Model. The pretrained network.
+        layers, train_batchnorm: as for `unfreeze`.
+
+    Returns:
+        One bool per layer with weights (in `leaf_layers` order); nothing
+        is changed.
+    """
+    weighted = [layer for layer in leaf_layers(network) if layer.weights]
     if layers == "all" or layers is None:
         start = 0
     elif isinstance(layers, bool):
@@ -146,28 +177,23 @@ def unfreeze(backbone, layers="all", train_batchnorm: bool = False) -> int:
             raise ValueError(f"Received unfreeze={layers}; expected a positive number of layers.")
         start = max(len(weighted) - layers, 0)
     elif isinstance(layers, str):
-        names = [layer.name for layer in leaf_layers(backbone)]
+        names = [layer.name for layer in leaf_layers(network)]
         if layers not in names:
             import difflib
 
             close = difflib.get_close_matches(layers, names, n=3)
             raise ValueError(
                 f"Received unfreeze={layers!r}, which is not a layer of "
-                f"'{backbone.name}'. Closest names: {close}. "
+                f"'{network.name}'. Closest names: {close}. "
                 "model.backbone.summary() lists them all."
             )
         cut = names.index(layers)
-        start = sum(1 for layer in leaf_layers(backbone)[:cut] if layer.weights)
+        start = sum(1 for layer in leaf_layers(network)[:cut] if layer.weights)
     else:
         raise ValueError(f"Received unfreeze={layers!r}; expected 'all', an int or a layer name.")
-
-    backbone.trainable = True
-    count = 0
-    for index, layer in enumerate(weighted):
-        is_bn = isinstance(layer, keras.layers.BatchNormalization)
-        layer.trainable = index >= start and (train_batchnorm or not is_bn)
-        count += layer.trainable
-    return count
+    return [index >= start and (train_batchnorm or
+                                not isinstance(layer, keras.layers.BatchNormalization))
+            for index, layer in enumerate(weighted)]
 
 
 
@@ -252,6 +278,10 @@ class HeadPhase:
                 "recompute them every epoch.")
         return not random
 
+    def prepare(self, model) -> None:
+        """The phase's change to the model before training: a frozen backbone."""
+        model.backbone.freeze()
+
     def run(self, model, data, callbacks, initial_epoch, verbose):
         """Trains the heads; returns `(PhaseRecord, keras History)`."""
         if not getattr(model.backbone, "pretrained", True):
@@ -260,7 +290,7 @@ class HeadPhase:
                  "transfer learning and accuracy is often near chance. Load pretrained "
                  "weights, or train end to end with kt.FineTunePhase.from_scratch() (what "
                  "fit does on a random backbone when no phases are given).", verbose)
-        model.backbone.freeze()
+        self.prepare(model)
         caches = self._caches(data, verbose)
         probed = {}
         if caches is not None and self.solver != "adam":
@@ -295,7 +325,7 @@ class HeadPhase:
             record, history = fit_phase(
                 model, self.name, train, validation, epochs,
                 lambda: keras.optimizers.Adam(self.learning_rate), callbacks, patience,
-                initial_epoch, verbose, self.learning_rate)
+                initial_epoch, verbose, self.learning_rate, backup=data.phase_backup)
         record.details.update(probed)
         return record, history
 
@@ -427,14 +457,16 @@ class FineTunePhase:
 
     Measured here after a converged probe (MiniLM on 100 yelp sentences,
     VGG16 on 5-shot textures, 3 seeds): about 100 optimiser steps at 1e-5
-    with warmup and cosine decay improved on the probe (yelp 0.863 -> 0.892)
-    or left it where it was; holding out a fifth of a small training set to
-    pick an epoch cost more (0.881) than it saved. So the default budget is
-    counted in steps, and an epoch is picked only on validation data.
+    with warmup and cosine decay improved on the probe in 9 runs of 9 (yelp
+    0.863 -> 0.892, 8 topics +0.010, textures +0.017); holding out a fifth of
+    a small training set to pick an epoch gained less (+0.011 against
+    +0.019) and lost to the probe twice, its 8-26 examples being noise; a
+    rate of 3e-5 lost 0.025 once. So the default budget is counted in steps,
+    and an epoch is picked only on validation data the user gives.
 
     Args:
         epochs: int, optional. Passes over the training data. None (default):
-            at least `min_steps` optimiser steps and at least 2 epochs.
+            at least `min_steps` optimiser steps and at least 3 epochs.
         learning_rate: float. Peak Adam learning rate, reached after warmup
             (default 1e-5: the pretrained weights are nudged, not rewritten;
             1e-4 with `lora_rank`).
@@ -531,18 +563,27 @@ class FineTunePhase:
         return 1e-4 if self.lora_rank else 1e-5
 
     def epochs_for(self, steps_per_epoch: int) -> int:
-        """The epochs run: `epochs`, or enough for `min_steps` (at least 2)."""
+        """The epochs run: `epochs`, or enough for `min_steps` (at least 3)."""
         if self.epochs is not None:
             return self.epochs
-        return max(math.ceil(self.min_steps / steps_per_epoch), 2)
+        return max(math.ceil(self.min_steps / steps_per_epoch), 3)
+
+    def prepare(self, model) -> None:
+        """The phase's change to the model: unfrozen layers or LoRA adapters.
+
+        Made in the strategy's scope: LoRA adapters are new variables.
+        """
+        with model_scope(model):
+            if self.lora_rank:
+                count = model.backbone.enable_lora(self.lora_rank, self.lora_targets)
+                logger.info("LoRA rank %d: %d adapter parameters train.", self.lora_rank,
+                            count)
+            else:
+                model.backbone.unfreeze(self.unfreeze, self.train_batchnorm)
 
     def run(self, model, data, callbacks, initial_epoch, verbose):
         """Unfreezes and fine-tunes; returns `(PhaseRecord, keras History)`."""
-        if self.lora_rank:
-            count = model.backbone.enable_lora(self.lora_rank, self.lora_targets)
-            logger.info("LoRA rank %d: %d adapter parameters train.", self.lora_rank, count)
-        else:
-            model.backbone.unfreeze(self.unfreeze, self.train_batchnorm)
+        self.prepare(model)
         (train, steps), validation = data.batches(), data.validation_batches()
         epochs = self.epochs_for(steps)
         total = steps * epochs
@@ -554,7 +595,7 @@ class FineTunePhase:
             record, history = fit_phase(
                 model, self.name, train, validation, epochs,
                 lambda: keras.optimizers.Adam(schedule), [*([best] if best else []), *callbacks],
-                self.early_stopping, initial_epoch, verbose, peak)
+                self.early_stopping, initial_epoch, verbose, peak, backup=data.phase_backup)
         if best is not None and best.restored is not None:
             record.details["restored"] = best.restored
             say(f"Phase '{self.name}': kept the weights of {best.restored} (lowest validation "
@@ -646,6 +687,11 @@ class FitData:
         train: `{head: (x, y)}`.
         validation: `{head: (x, y)}` or None.
         batch_size, augmentation, class_weight, shuffle, seed: as for `fit`.
+        backup_dir: str or None. The run's backup folder (`backup.RunBackup`).
+        shuffle_seed: `data.EpochSeed`. The training pipelines' shuffle seed:
+            epoch e's order depends on (seed, e) only.
+        drop_remainder: bool. Training batches all have `batch_size`
+            examples (TPUs, several workers).
     """
 
     model: object
@@ -656,16 +702,53 @@ class FitData:
     class_weight: object = None
     shuffle: bool = True
     seed: int | None = None
+    backup_dir: str | None = None
 
     def __post_init__(self):
+        from keras_transfer.backup import RunBackup
+        from keras_transfer.data import EpochSeed
+
         if isinstance(self.batch_size, bool) or not isinstance(self.batch_size, int) \
                 or self.batch_size < 1:
             raise ValueError(f"Received batch_size={self.batch_size!r}; expected a positive int.")
+        self.strategy = strategy_of(self.model)
+        self.multi_worker = is_multi_worker(self.strategy)
+        self.drop_remainder = needs_full_batches(self.strategy)
+        self.backup = None if self.backup_dir is None else RunBackup(
+            self.backup_dir, writer=is_chief(self.strategy))
+        self.seed = self._choose_seed(self.seed)
+        self.shuffle_seed = EpochSeed(self.seed)
+        self.phase_backup = None
+        self._temporary = []
         self._batches = None
         self._validation = None
         # Check every head's data (labels, class names) before anything trains.
         self.batches()
         self.validation_batches()
+
+    def _choose_seed(self, seed):
+        """The shuffle seed: given, stored in the backup, 0 on several workers, or drawn."""
+        if self.backup is not None:
+            seed = self.backup.choose_seed(seed)
+        if seed is None:
+            # Every worker must shuffle alike (each keeps its share of a batch).
+            seed = 0 if self.multi_worker else random.getrandbits(31)
+            if self.backup is not None:
+                self.backup.choose_seed(seed)
+        return int(seed)
+
+    def _distributable(self, dataset):
+        """`dataset` with the sharding several workers need."""
+        if not self.multi_worker:
+            return dataset
+        import tensorflow as tf
+
+        # Every worker runs the whole pipeline and keeps its part of each
+        # global batch; AUTO would try to shard by file (the cache's shards).
+        options = tf.data.Options()
+        options.experimental_distribute.auto_shard_policy = \
+            tf.data.experimental.AutoShardPolicy.DATA
+        return dataset.with_options(options)
 
     def batches(self):
         """`(training batches, steps per epoch)`, shuffled and augmented."""
@@ -673,31 +756,46 @@ class FitData:
             model = self.model
             datasets = {n: model.head_dataset(n, x, y, batch_size=self.batch_size,
                                               training=self.shuffle,
-                                              augmentation=self.augmentation, seed=self.seed)
+                                              augmentation=self.augmentation,
+                                              seed=self.shuffle_seed,
+                                              drop_remainder=self.drop_remainder)
                         for n, (x, y) in self.train.items()}
-            self._batches = model.join(datasets, training=True, seed=self.seed,
-                                       class_weight=self.class_weight)
+            dataset, steps = model.join(datasets, training=True, seed=self.shuffle_seed,
+                                        class_weight=self.class_weight)
+            self._batches = self._distributable(dataset), steps
         return self._batches
 
     def validation_batches(self):
         """Validation batches, or None."""
         if self.validation is not None and self._validation is None:
             model = self.model
-            datasets = {n: model.head_dataset(n, x, y, batch_size=self.batch_size)
+            full = is_tpu(self.strategy)  # one batch shape on a TPU
+            datasets = {n: model.head_dataset(n, x, y, batch_size=self.batch_size,
+                                              drop_remainder=full)
                         for n, (x, y) in self.validation.items()}
-            self._validation, _ = model.join(datasets)
+            self._validation = self._distributable(model.join(datasets)[0])
         return self._validation
 
     def feature_caches(self, phase: HeadPhase, verbose) -> dict:
-        """`{"train": {head: FeatureCache}, "validation": {...}}`: features extracted once."""
+        """`{"train": {head: FeatureCache}, "validation": {...}}`: features extracted once.
+
+        Under a strategy each replica extracts a share of every batch. Only
+        the chief writes to the cache folder; other workers of a multi-worker
+        run write their copy to a temporary folder removed by `close`.
+        """
         from keras_transfer.feature_cache import extract_features
+
+        cache_dir = phase.cache_dir
+        if not is_chief(self.strategy):
+            cache_dir = tempfile.mkdtemp(prefix="keras_transfer-worker-cache-")
+            self._temporary.append(cache_dir)
 
         def caches(data, training):
             found = {}
             for name, (x, y) in data.items():
                 found[name] = extract_features(
                     self.model, x, y, head=name, batch_size=self.batch_size,
-                    cache_dir=phase.cache_dir,
+                    cache_dir=cache_dir,
                     augmentation=self.augmentation if training else None,
                     augmented_copies=phase.augmented_copies if training else 0,
                     verbose=verbose)
@@ -710,27 +808,55 @@ class FitData:
     def cached_batches(self, caches: dict):
         """Training and validation batches of cached features (see `feature_caches`)."""
         model = self.model
-        train = {name: cache.dataset(self.batch_size, shuffle=self.shuffle, seed=self.seed)
+        train = {name: cache.dataset(self.batch_size, shuffle=self.shuffle,
+                                     seed=self.shuffle_seed, drop_remainder=self.drop_remainder)
                  for name, cache in caches["train"].items()}
-        train, _ = model.join(train, training=True, seed=self.seed,
+        train, _ = model.join(train, training=True, seed=self.shuffle_seed,
                               class_weight=self.class_weight)
         validation = None
         if caches["validation"] is not None:
-            validation, _ = model.join({name: cache.dataset(self.batch_size) for name, cache
-                                        in caches["validation"].items()})
-        return train, validation
+            full = is_tpu(self.strategy)
+            validation, _ = model.join({name: cache.dataset(self.batch_size, drop_remainder=full)
+                                        for name, cache in caches["validation"].items()})
+            validation = self._distributable(validation)
+        return self._distributable(train), validation
 
     def example_weights(self, head: str, labels):
         """Per-example weights from `class_weight` for one head's labels, or None."""
         tables = self.model._class_weight_tables(self.class_weight)
         return None if head not in tables else tables[head][np.asarray(labels, np.int64)]
 
+    def settings(self, phases) -> dict:
+        """What a backup must match to resume this run (see `backup.RunBackup`)."""
+        from keras_transfer.feature_cache import _config_digest
+
+        return {"phases": [repr(p) for p in phases], "batch_size": self.batch_size,
+                "shuffle": self.shuffle, "class_weight": repr(self.class_weight),
+                "augmentation": None if self.augmentation is None
+                else _config_digest(self.augmentation),
+                "heads": sorted(self.train), "steps": self.batches()[1],
+                "model": _config_digest(self.model)}
+
+    def close(self) -> None:
+        """Removes the temporary folders of this fit (a worker's feature caches)."""
+        for folder in self._temporary:
+            shutil.rmtree(folder, ignore_errors=True)
+        self._temporary.clear()
+
 
 # ------------------------------------------------------------- the loop
 def run_phases(model, data: FitData, phases, callbacks=(), verbose="auto") -> "TransferHistory":
-    """Runs `phases` in order on `model`; returns the combined history."""
+    """Runs `phases` in order on `model`; returns the combined history.
+
+    With a backup (`data.backup`), phases a previous run finished are not run
+    again (their weights, records and history come back), the phase in
+    progress resumes after its last saved epoch, and each epoch and phase
+    is saved as it ends (see `keras_transfer.backup`).
+    """
+    from keras_transfer.memory import warn_if_too_large
+
     history = TransferHistory()
-    callbacks = list(callbacks)
+    callbacks = [ShuffleEpoch(data.shuffle_seed), *callbacks]
     if not model.single:
         fed = list(data.train)
         validated = list(data.validation or {})
@@ -738,9 +864,32 @@ def run_phases(model, data: FitData, phases, callbacks=(), verbose="auto") -> "T
         if left_out:
             logger.info("Heads without training data (not trained): %s", left_out)
         callbacks.insert(0, DropUnfedHeads(model.head_names, fed, validated))
-    for phase in phases:
-        record, phase_history = phase.run(model, data, callbacks, len(history.epoch), verbose)
+    backup = data.backup
+    finished = 0
+    if backup is not None:
+        backup.check_settings(data.settings(phases))
+        finished = min(backup.finished_phases(), len(phases))
+        if backup.resuming:
+            say(f"Backup {backup.path}: resuming a run with {finished} of {len(phases)} "
+                "phase(s) finished.", verbose)
+    say(batch_message(data.batch_size, data.strategy), verbose)
+    warn_if_too_large(model, phases[finished:], data, verbose)
+    for index, phase in enumerate(phases):
+        if index < finished:  # done before a restart: its result, not its work
+            phase.prepare(model)
+            record, phase_history = backup.finished_phase(index)
+            if index == finished - 1:
+                backup.load_finished(model, index)
+            say(f"Phase '{phase.name}': finished before the restart; restored from the "
+                "backup.", verbose)
+        else:
+            data.phase_backup = None if backup is None else backup.phase(index, phase.name)
+            record, phase_history = phase.run(model, data, callbacks, len(history.epoch),
+                                              verbose)
+            if backup is not None:
+                backup.finish_phase(index, model, record, phase_history)
         history.extend(record, phase_history)
+    data.phase_backup = None
     warn_at_chance(model, data, history, verbose)
     return history
 
@@ -803,7 +952,8 @@ def majority_share(labels, head) -> float:
 
 
 def fit_phase(model, name, train, validation, epochs, make_optimizer, callbacks=(),
-              early_stopping=None, initial_epoch=0, verbose="auto", peak_learning_rate=None):
+              early_stopping=None, initial_epoch=0, verbose="auto", peak_learning_rate=None,
+              backup=None):
     """Compiles `model` with a fresh optimizer in its strategy's scope and fits one phase.
 
     Args:
@@ -819,6 +969,8 @@ def fit_phase(model, name, train, validation, epochs, make_optimizer, callbacks=
         initial_epoch: int. Epochs already run, so numbering continues.
         verbose: as for `fit`.
         peak_learning_rate: float. The phase's highest rate, for the record.
+        backup: `backup.PhaseBackup`, optional. Saves every epoch; a phase
+            saved before a restart resumes after its last saved epoch.
 
     Returns:
         `(PhaseRecord, keras.callbacks.History)`.
@@ -837,10 +989,19 @@ def fit_phase(model, name, train, validation, epochs, make_optimizer, callbacks=
             monitor="val_loss" if validation is not None else "loss",
             patience=int(early_stopping), restore_best_weights=True)
         phase_callbacks.append(stopper)
+    start = initial_epoch
+    if backup is not None:
+        start = backup.restore(model, phase_callbacks, initial_epoch, epochs)
+        if start > initial_epoch:
+            say(f"Phase '{name}': resuming after epoch {start - initial_epoch} of {epochs} "
+                "(weights, optimizer and schedule step from the backup).", verbose)
+        phase_callbacks.append(backup)  # last: it saves the logs the others wrote
     history = keras.Model.fit(
         model, train, validation_data=validation, epochs=initial_epoch + epochs,
-        initial_epoch=initial_epoch, callbacks=phase_callbacks, verbose=verbose,
+        initial_epoch=start, callbacks=phase_callbacks, verbose=verbose,
         shuffle=False)  # the pipeline shuffles
+    if backup is not None:
+        history = backup.full_history(history)
     record.stopped_early = bool(stopper and stopper.stopped_epoch)
     return record, history
 

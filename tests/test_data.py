@@ -1,5 +1,6 @@
 """Data in: folders, datasets and TFDS names become batched pipelines."""
 
+import logging
 import time
 
 import numpy as np
@@ -28,7 +29,7 @@ def test_model_learns_class_names_from_a_folder(image_folder):
     assert model.class_names == ["cat", "dog", "fox"]
     wrong = kt.ImageTransferModel("mobilenet_v2", 3, weights=None, input_shape=(32, 32, 3),
                                   class_names=["a", "b", "c"])
-    with pytest.raises(kt.DataError, match="built for"):
+    with pytest.raises(kt.DataError, match="class folders \\['cat', 'dog', 'fox'\\] that are not"):
         wrong.fit(str(image_folder), head_epochs=1, verbose=0)
 
 
@@ -109,3 +110,102 @@ def test_tfds_offline_fails_fast(tmp_path):
     with pytest.raises(kt.DataError, match="offline.*tfds build tf_flowers"):
         read_tfds("tfds:tf_flowers", data_dir=str(tmp_path))
     assert time.time() - start < 20
+
+
+# ------------------------------------------------- folders matched by name
+def _png(path, colour=0):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    image = np.full((20, 24, 3), 30, np.uint8)
+    image[..., colour] = 220
+    path.write_bytes(tf.io.encode_png(image).numpy())
+
+
+def _labels(dataset):
+    return sorted(np.concatenate([labels.numpy() for _, labels in dataset]).tolist())
+
+
+def test_evaluation_folder_with_a_subset_of_classes_maps_labels_by_name(image_folder, tmp_path):
+    model = kt.ImageTransferModel("mobilenet_v2", 3, weights=None, input_shape=(32, 32, 3))
+    model.fit(str(image_folder), head_epochs=1, verbose=0)
+    assert model.class_names == ["cat", "dog", "fox"]
+    subset = tmp_path / "only_fox_and_dog"
+    for name, colour in (("fox", 2), ("dog", 1)):
+        for i in range(2):
+            _png(subset / name / f"{i}.png", colour)
+    dataset, _ = model.make_dataset(str(subset), batch_size=8)
+    assert _labels(dataset) == [1, 1, 2, 2]  # dog is class 1, fox class 2 of the model
+    metrics = model.evaluate(str(subset))
+    expected = np.mean(model.predict(str(subset)).argmax(axis=1) == np.array([1, 1, 2, 2]))
+    assert metrics["accuracy"] == pytest.approx(expected)
+
+
+def test_class_folders_follow_the_models_class_order(image_folder):
+    dataset, source = make_image_dataset(str(image_folder), image_size=(32, 32), num_classes=3,
+                                         class_names=["fox", "cat", "dog"], batch_size=12)
+    assert source.class_names == ["fox", "cat", "dog"]
+    images, labels = next(iter(dataset))
+    # The fixture's cat images are red, dog green, fox blue.
+    colour = images.numpy().mean(axis=(1, 2)).argmax(axis=1)
+    assert [["fox", "cat", "dog"][i] for i in labels.numpy()] == \
+        [["cat", "dog", "fox"][c] for c in colour]
+
+
+def test_a_folder_naming_a_class_the_model_lacks_is_an_error(image_folder):
+    _png(image_folder / "wolf" / "0.png")
+    model = kt.ImageTransferModel("mobilenet_v2", 3, weights=None, input_shape=(32, 32, 3),
+                                  class_names=["cat", "dog", "fox"])
+    with pytest.raises(kt.DataError, match="class folders \\['wolf'\\] that are not among"):
+        model.evaluate(str(image_folder))
+    with pytest.raises(kt.DataError, match="\\['wolf'\\]"):
+        model.fit(str(image_folder), validation_data=str(image_folder), head_epochs=1,
+                  verbose=0)
+
+
+def test_webp_and_nested_images_are_read_and_other_files_named(tmp_path, caplog):
+    root = tmp_path / "data"
+    _png(root / "cat" / "a.png")
+    _png(root / "cat" / "day2" / "deeper" / "b.png")
+    (root / "dog").mkdir()
+    from PIL import Image
+
+    Image.new("RGB", (8, 8), (0, 200, 0)).save(root / "dog" / "c.webp")
+    Image.new("RGB", (8, 8), (0, 200, 0)).save(root / "dog" / "d.tiff")
+    (root / "dog" / ".DS_Store").write_bytes(b"\0")
+    _png(root / "stray.png")
+    with caplog.at_level(logging.WARNING, logger="keras_transfer"):
+        dataset, source = make_image_dataset(str(root), image_size=(16, 16), num_classes=2)
+    assert source.size == 3 and _labels(dataset) == [0, 0, 1]
+    message = " ".join(r.getMessage() for r in caplog.records)
+    assert "d.tiff" in message and "stray.png" in message and "Skipped 2 files" in message
+    assert ".DS_Store" not in message
+
+
+def test_an_empty_class_folder_is_named_in_a_warning(image_folder, caplog):
+    (image_folder / "wolf").mkdir()
+    with caplog.at_level(logging.WARNING, logger="keras_transfer"):
+        _, source = make_image_dataset(str(image_folder), image_size=(32, 32), num_classes=4)
+    assert source.class_names == ["cat", "dog", "fox", "wolf"]
+    assert any("['wolf']" in r.getMessage() and "no images" in r.getMessage()
+               for r in caplog.records)
+
+
+# ------------------------------------------------------------ CSV and TSV
+def test_csv_keeps_quoted_newlines_and_drops_a_byte_order_mark(tmp_path):
+    path = tmp_path / "reviews.csv"
+    path.write_bytes(b'\xef\xbb\xbftext,label\n"line one\nline two",pos\n"a, b",neg\n')
+    source = kt.data.read_text_file(str(path))
+    assert source.texts == ["line one\nline two", "a, b"]
+    assert source.labels == ["pos", "neg"]
+
+
+@pytest.mark.parametrize("rows, message", [
+    ("good,pos\nbad,\n", "missing or blank labels at positions \\[1\\]"),
+    ("good,pos\nbad,  \n", "missing or blank labels at positions \\[1\\]"),
+    ("good,pos\nbad\n", "fewer fields than its header, at lines \\[3\\]"),
+])
+def test_csv_rows_without_a_label_are_refused(tmp_path, rows, message):
+    path = tmp_path / "reviews.csv"
+    path.write_text("text,label\n" + rows, encoding="utf-8")
+    with pytest.raises(kt.DataError, match=message):
+        source = kt.data.read_text_file(str(path))
+        kt.data.labels_for_head(source.labels, kt.Head(2), what="texts")

@@ -129,3 +129,154 @@ def test_cli_export_and_metadata_loader(trained, tmp_path):
     assert kt.load_metadata(str(tmp_path / "out"))["num_classes"] == 3
     with pytest.raises(kt.ExportError, match="metadata.json"):
         kt.load_metadata(str(tmp_path))
+
+
+# ------------------------------------------------------- serving checks
+@pytest.fixture(scope="module")
+def served(trained, tmp_path_factory):
+    model, x = trained
+    path = model.export(str(tmp_path_factory.mktemp("served") / "export"))
+    return model, x, tf.saved_model.load(path).signatures
+
+
+@pytest.mark.parametrize("shape, message", [
+    ((32, 32, 3), "shape \\[batch, height, width, channels\\].*\\[32 32 3\\]"),
+    ((2, 32, 32, 4), "RGB \\(3 channels\\) or grayscale \\(1 channel\\).*\\[4\\]"),
+    ((2, 32, 32, 2), "RGB \\(3 channels\\) or grayscale \\(1 channel\\).*\\[2\\]"),
+    ((1, 0, 0, 3), "images of size 0"),
+    ((1, 32, 0, 1), "images of size 0"),
+])
+def test_serving_names_what_is_wrong_with_the_images(served, shape, message):
+    _, _, signatures = served
+    with pytest.raises(tf.errors.InvalidArgumentError, match=message):
+        signatures["serving_default"](images=tf.zeros(shape, tf.uint8))
+
+
+def test_serving_bytes_names_what_is_not_an_image(served):
+    _, x, signatures = served
+    png = tf.io.encode_png(x[0]).numpy()
+    with pytest.raises(tf.errors.InvalidArgumentError,
+                       match="JPEG, PNG, GIF, BMP or WebP.*image_bytes.*\\[1 2\\]"):
+        signatures["serving_bytes"](image_bytes=tf.constant([png, b"garbage", b""]))
+
+
+def test_serving_takes_grayscale_images_as_fit_does(served):
+    model, x, signatures = served
+    gray = x[:3, :, :, :1]
+    out = signatures["serving_default"](images=tf.constant(gray))["probabilities"].numpy()
+    np.testing.assert_allclose(out, model.predict(gray), atol=1e-5)
+    encoded = [tf.io.encode_png(image).numpy() for image in gray]
+    out = signatures["serving_bytes"](image_bytes=tf.constant(encoded))["probabilities"].numpy()
+    np.testing.assert_allclose(out, model.predict(gray), atol=1e-5)
+
+
+# ---------------------------------------------------- nothing ever lost
+@pytest.fixture(scope="module")
+def tiny():
+    """A model on a one-layer backbone, quick to export, and images for it."""
+    import keras
+
+    inputs = keras.Input((16, 16, 3))
+    backbone = keras.Model(inputs, keras.layers.Conv2D(2, 3, strides=4)(inputs))
+    model = kt.ImageTransferModel(backbone, 3, pooling="avg", class_names=["a", "b", "c"])
+    x = np.random.default_rng(0).integers(0, 256, (4, 16, 16, 3)).astype("uint8")
+    return model, x
+
+
+def test_a_nan_metric_is_written_as_null(tiny, tmp_path):
+    model, _ = tiny
+    path = model.export(str(tmp_path / "export"), metrics={"loss": float("nan"), "acc": 0.5})
+
+    def refuse(constant):
+        raise ValueError(f"{constant} is not JSON")
+
+    text = (tmp_path / "export" / "metadata.json").read_text()
+    assert json.loads(text, parse_constant=refuse)["metrics"] == {"loss": None, "acc": 0.5}
+    assert kt.load_metadata(path)["metrics"]["loss"] is None
+
+
+def test_overwrite_never_deletes_a_users_files(tiny, tmp_path):
+    model, _ = tiny
+    path = tmp_path / "export"
+    model.export(str(path))
+    (path / "notes.txt").write_text("my notes")
+    with pytest.raises(kt.ExportError, match="\\['notes.txt'\\].*Move them out"):
+        model.export(str(path), overwrite=True)
+    assert (path / "notes.txt").read_text() == "my notes"
+    tf.saved_model.load(str(path))  # the old export is untouched
+    (path / "notes.txt").unlink()
+    model.export(str(path), overwrite=True)
+
+
+KILLED_EXPORT = textwrap.dedent("""
+    import os, signal, sys
+    os.environ["TF_CPP_MIN_LOG_LEVEL"] = "3"
+    from keras_transfer import export
+    path, moment = sys.argv[1], sys.argv[2]
+
+    def die():
+        os.kill(os.getpid(), signal.SIGKILL)
+
+    def fake_write(model, folder, metrics):
+        os.makedirs(os.path.join(folder, "variables"))
+        open(os.path.join(folder, "saved_model.pb"), "wb").write(b"new")
+        if moment == "while writing":
+            die()
+
+    rename = os.rename
+
+    def rename_then_die(source, target):
+        rename(source, target)
+        if moment == "between renames" and ".old-" in target:
+            die()
+
+    export._write = fake_write
+    export.os.rename = rename_then_die
+    export.export_saved_model(None, path, overwrite=True, verify=False)
+""")
+
+
+def kill_an_export(folder, moment):
+    """Runs `export(overwrite=True)` to folder/export in a process killed at `moment`."""
+    script = folder / "killed.py"
+    script.write_text(KILLED_EXPORT)
+    result = subprocess.run([sys.executable, str(script), str(folder / "export"), moment],
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == -9, result.stderr[-2000:]  # killed by SIGKILL
+    return sorted(f.split("-")[0] for f in os.listdir(folder) if f.startswith(".export."))
+
+
+def test_an_export_killed_between_its_renames_is_put_back(tiny, tmp_path):
+    model, x = tiny
+    path = tmp_path / "export"
+    model.export(str(path))
+    assert kill_an_export(tmp_path, "between renames") == [".export.old", ".export.tmp"]
+    assert not path.exists()  # the moment the old code lost the export
+    # The next load puts the old export back ...
+    assert kt.load_metadata(str(path))["class_names"] == ["a", "b", "c"]
+    served = tf.saved_model.load(str(path)).signatures["serving_default"]
+    np.testing.assert_allclose(served(images=tf.constant(x))["probabilities"].numpy(),
+                               model.predict(x), atol=1e-5)
+    # ... so does the check the CLI makes before training (it then refuses to overwrite) ...
+    kill_an_export(tmp_path, "between renames")
+    with pytest.raises(kt.ExportError, match="already exists"):
+        export_module.check_export_path(str(path))
+    assert kt.load_metadata(str(path))["class_names"] == ["a", "b", "c"]
+    # ... and so does the next export, which also removes what the killed ones left
+    # (so a third killed export leaves only its own two folders).
+    assert kill_an_export(tmp_path, "between renames") == [".export.old", ".export.tmp"]
+    model.export(str(path), overwrite=True)
+    assert sorted(os.listdir(tmp_path)) == ["export", "killed.py"]
+    tf.saved_model.load(str(path))
+
+
+def test_an_export_killed_while_writing_leaves_the_old_one(tiny, tmp_path):
+    model, _ = tiny
+    path = tmp_path / "export"
+    model.export(str(path))
+    assert kill_an_export(tmp_path, "while writing") == [".export.tmp"]
+    assert kt.load_metadata(str(path))["class_names"] == ["a", "b", "c"]
+    running = tmp_path / f".export.tmp-{os.getppid()}-0000beef"  # a live process's
+    running.mkdir()
+    model.export(str(path), overwrite=True)
+    assert sorted(os.listdir(tmp_path)) == [running.name, "export", "killed.py"]

@@ -40,8 +40,9 @@ def test_the_default_head_phase_is_the_probe_on_the_cached_features():
     features = np.asarray(model.backbone(x.astype("float32"))).mean(axis=(1, 2))
     direct = fit_linear_probe(features, y, "classification", 3, seed=3)
     kernel, bias = model.head.layers[-1].get_weights()
-    np.testing.assert_allclose(kernel, direct.kernel, rtol=1e-4, atol=1e-5)
-    np.testing.assert_allclose(bias, direct.bias, rtol=1e-4, atol=1e-5)
+    # float32 weights against the float64 solve: the solver's tolerance, not bits.
+    np.testing.assert_allclose(kernel, direct.kernel, rtol=1e-3, atol=1e-4)
+    np.testing.assert_allclose(bias, direct.bias, rtol=1e-3, atol=1e-4)
     assert history.history["accuracy"][0] == pytest.approx(
         np.mean(direct.predict(features).argmax(1) == y))
     # The same data and seed choose the same regularisation: the same head.
@@ -131,24 +132,30 @@ def test_regression_and_multilabel_heads_are_probed_too():
 def test_the_default_fine_tune_budget_is_counted_in_steps():
     phase = kt.FineTunePhase()
     assert phase.epochs_for(steps_per_epoch=4) == 25  # 100 steps
-    assert phase.epochs_for(steps_per_epoch=300) == 2  # at least two passes
+    assert phase.epochs_for(steps_per_epoch=300) == 3  # at least three passes
     assert kt.FineTunePhase(epochs=3).epochs_for(4) == 3  # what the user asked
     assert kt.FineTunePhase(min_steps=10).epochs_for(4) == 3
 
 
 def test_a_fine_tune_that_hurts_is_rolled_back_to_the_best_epoch():
-    x, _ = images(seed=7)
+    x, y = images(seed=7)
     vx, vy = images(24, seed=8)
-    # Labels unrelated to the images: the probe learns (almost) nothing, and
-    # fine-tuning memorises them, which only hurts on the validation data.
-    y = np.random.default_rng(0).integers(0, 3, len(x))
     model = tiny_model(pooling="avg")
     model.fit(x, y, head_epochs=1, batch_size=8, verbose=0)
     before = [np.array(w) for w in model.get_weights()]
     probe_loss = model.evaluate(vx, vy)["loss"]
-    # A rate far too high for fine-tuning: every epoch is worse than the probe.
+
+    class Saboteur(keras.callbacks.Callback):
+        """Scrambles the head before every epoch: each epoch ends worse than the probe."""
+
+        def on_epoch_begin(self, epoch, logs=None):
+            dense = self.model.head.layers[-1]
+            noise = np.random.default_rng(epoch).normal(0, 5, dense.kernel.shape)
+            dense.kernel.assign(np.asarray(dense.kernel) + noise.astype("float32"))
+
     history = model.fit(x, y, validation_data=(vx, vy), batch_size=8, verbose=0,
-                        phases=[kt.FineTunePhase(epochs=3, learning_rate=0.5, warmup=0.0)])
+                        callbacks=[Saboteur()],
+                        phases=[kt.FineTunePhase(epochs=3, warmup=0.0)])
     record = history.phases[0]
     assert min(history.history["val_loss"]) > probe_loss
     assert record.details["restored"] == "the weights before this phase"

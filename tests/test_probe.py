@@ -221,7 +221,11 @@ def test_cross_validation_is_deterministic_for_a_seed():
     assert len(a.report.fold_scores) == 5
     assert len(a.report.mean_scores) == len(a.report.grid) == len(a.report.fold_scores[0])
     assert a.report.C in a.report.grid
-    assert a.report.mean_scores[a.report.grid.index(a.report.C)] == min(a.report.mean_scores)
+    assert a.report.scoring == "accuracy"  # higher is better
+    assert a.report.mean_scores[a.report.grid.index(a.report.C)] == max(a.report.mean_scores)
+    by_loss = fit_linear_probe(x, y, "classification", 3, seed=1, scoring="log_loss")
+    assert by_loss.report.mean_scores[by_loss.report.grid.index(by_loss.report.C)] == min(
+        by_loss.report.mean_scores)
 
 
 @pytest.mark.parametrize("kind", ["classification", "multilabel", "regression"])
@@ -236,8 +240,9 @@ def test_every_kind_picks_the_best_c_of_its_grid(kind):
     }[kind]
     probe = fit_linear_probe(x, targets, kind)
     report = probe.report
-    assert report.scoring == {"regression": "mse"}.get(kind, "log_loss")
-    assert report.mean_scores[report.grid.index(report.C)] == min(report.mean_scores)
+    assert report.scoring == {"regression": "mse", "classification": "accuracy"}.get(kind, "log_loss")
+    best = max if report.scoring == "accuracy" else min  # accuracy: higher is better
+    assert report.mean_scores[report.grid.index(report.C)] == best(report.mean_scores)
     assert probe.kernel.shape == (6, 3) and probe.bias.shape == (3,)
     if kind == "regression":
         assert np.mean((probe.predict(x) - targets) ** 2) < 0.05
@@ -289,12 +294,15 @@ def test_cv_scores_are_held_out_scores():
         assert score == pytest.approx(errors.mean(), rel=1e-8)
 
 
-def test_accuracy_ties_go_to_the_stronger_regularization():
+def test_accuracy_ties_are_broken_by_the_held_out_log_loss():
     x, y = blobs(80, 4, 2, spread=10.0)  # separable: accuracy 1 over most of the grid
     probe = fit_linear_probe(x, y, "classification", 2, scoring="accuracy")
     scores = np.array(probe.report.mean_scores)
-    assert probe.report.C == probe.report.grid[np.flatnonzero(scores == scores.max())[0]]
-    assert probe.report.C < probe.report.grid[-1]
+    ties = [c for c, s in zip(probe.report.grid, scores) if s == scores.max()]
+    assert len(ties) > 1 and probe.report.C in ties
+    losses = fit_linear_probe(x, y, "classification", 2, scoring="log_loss",
+                              grid=ties).report.mean_scores
+    assert probe.report.C == ties[int(np.argmin(losses))]
 
 
 def test_tiny_data_uses_leave_one_out():

