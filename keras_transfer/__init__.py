@@ -35,7 +35,7 @@ _MODULES = {
     ),
     "heads": ("Head",),
     "image": ("ImageBackbone", "ImagePreprocessing", "ImageTransferModel", "MultiTaskModel"),
-    "imagenet": ("imagenet_class_names", "imagenet_top_k"),
+    "imagenet": ("imagenet_class_names", "imagenet_predict", "imagenet_top_k"),
     "insight": (
         "ClassificationReport", "classification_report", "confusion_matrix", "grad_cam",
         "head_logits", "last_conv_layer", "model_grad_cam", "overlay_heatmap",
