@@ -22,7 +22,7 @@ import sys
 _MODULES = {
     "backbones": ("BackboneSpec", "get_backbone_spec", "list_backbones"),
     "causal_lm": ("adapt_causal_lm",),
-    "data": ("default_augmentation", "make_image_dataset", "task_schedule"),
+    "data": ("task_schedule",),
     "distribute": ("get_strategy",),
     "errors": (
         "BackboneError", "DataError", "ExportError", "KerasTransferError",
@@ -35,6 +35,7 @@ _MODULES = {
     ),
     "heads": ("Head",),
     "image": ("ImageBackbone", "ImagePreprocessing", "ImageTransferModel", "MultiTaskModel"),
+    "image_data": ("default_augmentation", "make_image_dataset"),
     "imagenet": ("imagenet_class_names", "imagenet_top_k"),
     "insight": (
         "ClassificationReport", "classification_report", "confusion_matrix", "grad_cam",

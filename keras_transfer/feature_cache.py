@@ -754,7 +754,7 @@ def extract_features(model, x, y=None, *, head: str | None = None, batch_size: i
     root = default_cache_dir(cache_dir)
     augment = None
     if augmentation is not None:
-        from keras_transfer.data import as_augmentation
+        from keras_transfer.image_data import as_augmentation
 
         augment = as_augmentation(augmentation)
     started = time.perf_counter()
