@@ -45,6 +45,7 @@ _MODULES = {
     ),
     "memory": ("MemoryEstimate", "estimate_backbone_memory", "estimate_memory"),
     "model": ("TransferModel",),
+    "phases": ("FineTunePhase", "HeadPhase"),
     "plots": ("plot_forgetting", "plot_history"),
     "text": (
         "TextBackbone", "TextMultiTaskModel", "TextPooling", "TextTransferModel", "minilm_path",
@@ -55,7 +56,7 @@ _MODULES = {
         "load_torch_weights", "mobilenet_v2_imagenet_checkpoint", "torchvision_eval_crop",
         "torchvision_mobilenet_v2",
     ),
-    "training": ("FineTunePhase", "HeadPhase", "TransferHistory", "WarmupDecay", "unfreeze"),
+    "training": ("TransferHistory", "WarmupDecay", "unfreeze"),
     "weights": ("WeightsLoadReport", "load_weights_by_name"),
 }
 _EXPORTS = {name: module for module, names in _MODULES.items() for name in names}

@@ -43,6 +43,7 @@ from keras_transfer.distribute import (
 from keras_transfer.errors import DataError
 from keras_transfer.heads import Head, as_head
 from keras_transfer.callbacks import head_of_key
+from keras_transfer.phases import resolve_phases
 from keras_transfer.training import scale_loss_for_replicas
 
 logger = logging.getLogger("keras_transfer")
@@ -435,7 +436,7 @@ class TransferModel(MultiWorkerFitMixin, keras.Model):
             ...     kt.HeadPhase(epochs=5),
             ...     kt.FineTunePhase(epochs=10, learning_rate=2e-5, unfreeze=20)])
         """
-        phases = training.resolve_phases(phases, head_epochs, fine_tune_epochs, epochs,
+        phases = resolve_phases(phases, head_epochs, fine_tune_epochs, epochs,
                                          pretrained=getattr(self.backbone, "pretrained", True),
                                          verbose=verbose)
         fit_data = training.FitData(
