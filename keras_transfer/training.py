@@ -329,7 +329,7 @@ class FitData:
 
     def settings(self, phases) -> dict:
         """What a backup must match to resume this run (see `backup.RunBackup`)."""
-        from keras_transfer.feature_cache import _config_digest
+        from keras_transfer.cache_key import _config_digest
 
         return {"phases": [repr(p) for p in phases], "batch_size": self.batch_size,
                 "shuffle": self.shuffle, "class_weight": repr(self.class_weight),
