@@ -38,15 +38,18 @@ _MODULES = {
     "image_data": ("default_augmentation", "make_image_dataset"),
     "imagenet": ("imagenet_class_names", "imagenet_top_k"),
     "insight": (
-        "ClassificationReport", "classification_report", "confusion_matrix", "grad_cam",
-        "head_logits", "last_conv_layer", "model_grad_cam", "overlay_heatmap",
-        "plot_confusion_matrix", "plot_grad_cam", "plot_worst_images", "top_k",
-        "worst_predictions", "worst_texts_table",
+        "ClassificationReport", "classification_report", "confusion_matrix",
+        "plot_confusion_matrix", "plot_worst_images", "top_k", "worst_predictions",
+        "worst_texts_table",
     ),
     "memory": ("MemoryEstimate", "estimate_backbone_memory", "estimate_memory"),
     "model": ("TransferModel",),
     "phases": ("FineTunePhase", "HeadPhase"),
     "plots": ("plot_forgetting", "plot_history"),
+    "saliency": (
+        "grad_cam", "head_logits", "last_conv_layer", "model_grad_cam", "overlay_heatmap",
+        "plot_grad_cam",
+    ),
     "text": (
         "TextBackbone", "TextMultiTaskModel", "TextPooling", "TextTransferModel", "minilm_path",
         "text_presets",
