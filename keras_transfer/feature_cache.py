@@ -3,8 +3,9 @@
 The second way of transfer learning (the first being a frozen backbone
 inside `fit`): pass the data through the preprocessing and the frozen
 backbone once, write the features to disk, and train the heads on them
-(`training.HeadPhase` does this by itself). This module holds the cache key,
-the writer, the reader and the atomic publish; nothing about training.
+(`phases.HeadPhase` does this by itself). This module holds the writer, the
+reader and the atomic publish (the cache key is in `cache_key`); nothing about
+training.
 
 The cache on disk::
 

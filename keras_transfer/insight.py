@@ -5,7 +5,7 @@
 - `top_k`: the k most probable classes of each example, with their names;
 - `worst_predictions`, `plot_worst_images`, `worst_texts_table`: the most
   confidently wrong examples, as an image grid or a text table;
-- `grad_cam`, `overlay_heatmap`, `plot_grad_cam`: Grad-CAM heat maps of
+- `grad_cam`, `overlay_heatmap`, `plot_grad_cam` (in `saliency`): Grad-CAM heat maps of
   where an image model looked (by default weighted per position, as
   LayerCAM does, which stays right for Flatten heads).
 

@@ -10,7 +10,7 @@ its data is `(x, y)`. With several heads, data is `{head: (x, y)}`, each
 batch trains one head (see `data.join_heads`), metrics are prefixed
 (`digits_accuracy`) and `predict` returns `{head: array}`.
 
-`fit` runs training phases (`training.HeadPhase`, `training.FineTunePhase`)
+`fit` runs training phases (`phases.HeadPhase`, `phases.FineTunePhase`)
 one after the other and returns one `TransferHistory`.
 
 A batch flows like this:
