@@ -16,9 +16,10 @@ import tensorflow as tf
 
 from keras_transfer import training
 from keras_transfer.callbacks import DivergenceGuard
-from keras_transfer.data import as_text_source, read_utf8_lines, steps_of
+from keras_transfer.data import steps_of
 from keras_transfer.errors import BackboneError
 from keras_transfer.text import keras_hub_module, load_preset
+from keras_transfer.text_data import as_text_source, read_utf8_lines
 
 logger = logging.getLogger("keras_transfer")
 

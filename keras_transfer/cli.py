@@ -100,7 +100,7 @@ def _train(args) -> int:
     _import_tensorflow(args.debug)
     strategy = _strategy(args)  # before any op: a multi-worker strategy must come first
     import keras_transfer as kt
-    from keras_transfer.data import TFDS_PREFIX, folder_class_names, read_tfds
+    from keras_transfer.image_data import TFDS_PREFIX, folder_class_names, read_tfds
     from keras_transfer.distribute import is_chief
 
     # Only the class names are needed here: fit reads and checks the images.

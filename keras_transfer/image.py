@@ -12,7 +12,7 @@ import keras
 import tensorflow as tf
 
 from keras_transfer import backbones as registry
-from keras_transfer.data import make_image_dataset
+from keras_transfer.image_data import make_image_dataset
 from keras_transfer.errors import BackboneError, DataError
 from keras_transfer.model import TransferModel, check_tasks, heads_argument
 from keras_transfer.training import unfreeze as unfreeze_network

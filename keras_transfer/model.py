@@ -10,7 +10,7 @@ its data is `(x, y)`. With several heads, data is `{head: (x, y)}`, each
 batch trains one head (see `data.join_heads`), metrics are prefixed
 (`digits_accuracy`) and `predict` returns `{head: array}`.
 
-`fit` runs training phases (`training.HeadPhase`, `training.FineTunePhase`)
+`fit` runs training phases (`phases.HeadPhase`, `phases.FineTunePhase`)
 one after the other and returns one `TransferHistory`.
 
 A batch flows like this:
@@ -43,6 +43,7 @@ from keras_transfer.distribute import (
 from keras_transfer.errors import DataError
 from keras_transfer.heads import Head, as_head
 from keras_transfer.callbacks import head_of_key
+from keras_transfer.phases import resolve_phases
 from keras_transfer.training import scale_loss_for_replicas
 
 logger = logging.getLogger("keras_transfer")
@@ -436,7 +437,7 @@ class TransferModel(MultiWorkerFitMixin, keras.Model):
             ...     kt.HeadPhase(epochs=5),
             ...     kt.FineTunePhase(epochs=10, learning_rate=2e-5, unfreeze=20)], verbose=0)
         """
-        phases = training.resolve_phases(phases, head_epochs, fine_tune_epochs, epochs,
+        phases = resolve_phases(phases, head_epochs, fine_tune_epochs, epochs,
                                          pretrained=getattr(self.backbone, "pretrained", True),
                                          verbose=verbose)
         fit_data = training.FitData(

@@ -23,9 +23,10 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from keras_transfer.data import as_text_source, labels_for_head, shuffle_each_epoch
+from keras_transfer.data import labels_for_head, shuffle_each_epoch
 from keras_transfer.errors import BackboneError, DataError, WeightsError
 from keras_transfer.model import TransferModel, check_tasks, heads_argument
+from keras_transfer.text_data import as_text_source
 from keras_transfer.training import unfreeze as unfreeze_network
 
 logger = logging.getLogger("keras_transfer")
