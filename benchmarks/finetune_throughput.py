@@ -270,7 +270,7 @@ def main(argv: list[str] | None = None) -> None:
     dataset, _ = kt.make_image_dataset(
         x, y, image_size=input_shape[:2], num_classes=args.classes,
         batch_size=args.batch_size, shuffle=True, seed=args.seed)
-    steps = kt.training.steps_per_epoch(dataset)
+    steps = kt.data.steps_of(dataset)
 
     print(f"keras {keras.__version__}, tensorflow {tf.__version__}, "
           f"{os.cpu_count()} CPU cores, GPUs: {len(tf.config.list_physical_devices('GPU'))}")

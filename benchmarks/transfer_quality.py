@@ -30,7 +30,8 @@ What it measures
     fine-tuned >= 0.89; textures head >= 0.85). Figures come from one run;
     nothing is asserted.
 
-Run: `python benchmarks/transfer_quality.py [--tasks yelp topics textures digits] [--seeds 0 1 2]`.
+Run: `python benchmarks/transfer_quality.py [--tasks yelp topics textures digits] [--seeds 0 1 2]
+[--batch-size N]`. Both phases run with `fit`'s defaults (batch 32) unless `--batch-size` is given.
 """
 
 from __future__ import annotations
@@ -102,11 +103,10 @@ def topics(seed):
 
 
 def textures(seed):
-    from keras_transfer.demo import texture_patches
+    from keras_transfer.demo import VGG_PATCH, VGG_PHOTOGRAPHS, photo_patches
 
-    x_train, y_train, x_test, y_test = texture_patches(5, 50, seed)
-    keep_train, keep_test = y_train < 6, y_test < 6
-    return x_train[keep_train], y_train[keep_train], x_test[keep_test], y_test[keep_test]
+    # The first six photographs of the demo's VGG16 example, 5 patches each.
+    return photo_patches(5, 50, seed, names=VGG_PHOTOGRAPHS[:6], patch=VGG_PATCH, gray=True)
 
 
 def digits(seed):
@@ -125,11 +125,16 @@ def text_model(num_classes):
 
 
 def vgg16_textures(num_classes):
-    import keras_transfer as kt
-    from keras_transfer.demo import CUT_LAYER, _vgg16
+    import keras
 
-    return kt.ImageTransferModel(_vgg16(True), num_classes, cut_layer=CUT_LAYER,
-                                 preprocessing="caffe", pooling="avg")
+    import keras_transfer as kt
+    from keras_transfer.demo import CUT_LAYER, VGG_PATCH, hed_vgg16_weights
+
+    vgg = keras.applications.VGG16(include_top=False, weights=None,
+                                   input_shape=(VGG_PATCH, VGG_PATCH, 3))
+    kt.load_weights_by_name(vgg, hed_vgg16_weights(), require_all=True)
+    return kt.ImageTransferModel(vgg, num_classes, cut_layer=CUT_LAYER, preprocessing="caffe",
+                                 pooling="avg")
 
 
 def mobilenet_digits(num_classes):
@@ -176,7 +181,7 @@ def pooled_features(model, x, y):
     return features.reshape(len(features), -1)
 
 
-def run(task: str, seed: int) -> dict | None:
+def run(task: str, seed: int, batch_size: dict) -> dict | None:
     import keras
     from sklearn.linear_model import LogisticRegression
 
@@ -196,14 +201,13 @@ def run(task: str, seed: int) -> dict | None:
     result["probe"] = float(probe.score(pooled_features(model, x_test, y_test), y_test))
     result["probe_s"] = time.perf_counter() - start
     start = time.perf_counter()
-    history = model.fit(x_train, y_train, phases=[kt.HeadPhase()], batch_size=32, seed=seed,
-                        verbose=0)
+    history = model.fit(x_train, y_train, phases=[kt.HeadPhase()], seed=seed, verbose=0,
+                        **batch_size)
     result["head_s"] = time.perf_counter() - start
     result["head"] = model.evaluate(x_test, y_test, batch_size=64)["accuracy"]
     result["C"] = history.phases[0].details.get("head", {}).get("C", float("nan"))
     start = time.perf_counter()
-    model.fit(x_train, y_train, phases=[kt.FineTunePhase()], batch_size=32, seed=seed,
-              verbose=0)
+    model.fit(x_train, y_train, phases=[kt.FineTunePhase()], seed=seed, verbose=0, **batch_size)
     result["fine_tune_s"] = time.perf_counter() - start
     result["fine_tuned"] = model.evaluate(x_test, y_test, batch_size=64)["accuracy"]
     return result
@@ -243,13 +247,16 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--tasks", nargs="+", default=list(TASKS), choices=list(TASKS))
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    parser.add_argument("--batch-size", type=int,
+                        help="batch size of both phases (default: fit's own default)")
     args = parser.parse_args()
     print_load()
     misses = []
     for task in args.tasks:
         rows = []
         for seed in args.seeds:
-            row = run(task, seed)
+            row = run(task, seed, {} if args.batch_size is None else
+                      {"batch_size": args.batch_size})
             if row is None:
                 print(f"{task}: skipped (its data is not installed here)")
                 break

@@ -22,7 +22,7 @@ import sys
 _MODULES = {
     "backbones": ("BackboneSpec", "get_backbone_spec", "list_backbones"),
     "causal_lm": ("adapt_causal_lm",),
-    "data": ("default_augmentation", "make_image_dataset", "task_schedule"),
+    "data": ("task_schedule",),
     "distribute": ("get_strategy",),
     "errors": (
         "BackboneError", "DataError", "ExportError", "KerasTransferError",
@@ -35,16 +35,21 @@ _MODULES = {
     ),
     "heads": ("Head",),
     "image": ("ImageBackbone", "ImagePreprocessing", "ImageTransferModel", "MultiTaskModel"),
-    "imagenet": ("imagenet_class_names", "imagenet_top_k"),
+    "image_data": ("default_augmentation", "make_image_dataset"),
+    "imagenet": ("imagenet_class_names", "imagenet_predict", "imagenet_top_k"),
     "insight": (
-        "ClassificationReport", "classification_report", "confusion_matrix", "grad_cam",
-        "head_logits", "last_conv_layer", "model_grad_cam", "overlay_heatmap",
-        "plot_confusion_matrix", "plot_grad_cam", "plot_worst_images", "top_k",
-        "worst_predictions", "worst_texts_table",
+        "ClassificationReport", "classification_report", "confusion_matrix",
+        "plot_confusion_matrix", "plot_worst_images", "top_k", "worst_predictions",
+        "worst_texts_table",
     ),
     "memory": ("MemoryEstimate", "estimate_backbone_memory", "estimate_memory"),
     "model": ("TransferModel",),
+    "phases": ("FineTunePhase", "HeadPhase"),
     "plots": ("plot_forgetting", "plot_history"),
+    "saliency": (
+        "grad_cam", "head_logits", "last_conv_layer", "model_grad_cam", "overlay_heatmap",
+        "plot_grad_cam",
+    ),
     "text": (
         "TextBackbone", "TextMultiTaskModel", "TextPooling", "TextTransferModel", "minilm_path",
         "text_presets",
@@ -54,7 +59,7 @@ _MODULES = {
         "load_torch_weights", "mobilenet_v2_imagenet_checkpoint", "torchvision_eval_crop",
         "torchvision_mobilenet_v2",
     ),
-    "training": ("FineTunePhase", "HeadPhase", "TransferHistory", "WarmupDecay", "unfreeze"),
+    "training": ("TransferHistory", "WarmupDecay", "unfreeze"),
     "weights": ("WeightsLoadReport", "load_weights_by_name"),
 }
 _EXPORTS = {name: module for module, names in _MODULES.items() for name in names}

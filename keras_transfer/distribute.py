@@ -78,7 +78,7 @@ def get_strategy(strategy=None) -> tf.distribute.Strategy | None:
             or `"tpu"` where no TPU can be found or initialised.
 
     Example:
-        >>> model = kt.ImageTransferModel("resnet50", 10, strategy="auto")
+        >>> model = kt.ImageTransferModel("resnet50", 10, weights=None, strategy="auto")
     """
     if strategy is None or isinstance(strategy, tf.distribute.Strategy):
         return strategy

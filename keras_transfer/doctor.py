@@ -5,6 +5,7 @@
 Example:
     >>> report = system_report(backbone="resnet50", input_size=224, batch_size=32)
     >>> print(format_report(report))
+    Versions: keras_transfer ...
 """
 
 from __future__ import annotations

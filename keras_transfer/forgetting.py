@@ -52,8 +52,9 @@ def snapshot_backbone(model) -> keras.Model:
 
     Example:
         >>> original = kt.snapshot_backbone(model)   # before fine-tuning
-        >>> model.fit(data, head_epochs=2, fine_tune_epochs=3)
-        >>> print(kt.forgetting_report(original, model, probe_images))
+        >>> history = model.fit(x_train, y_train, head_epochs=2, fine_tune_epochs=3, verbose=0)
+        >>> print(kt.forgetting_report(original, model, x_test))
+        Forgetting ...
     """
     backbone = _network(model)
     if not isinstance(backbone, keras.Model):
@@ -140,7 +141,9 @@ def block_layers(backbone: keras.Model, max_blocks: int = 8) -> list[str]:
     Example:
         >>> block_layers(keras.applications.VGG16(weights=None, include_top=False))
         ['block1_pool', 'block2_pool', 'block3_pool', 'block4_pool', 'block5_pool']
-        >>> block_layers(keras_hub.models.BertBackbone(..., num_layers=4), max_blocks=2)
+        >>> block_layers(keras_hub.models.BertBackbone(
+        ...     vocabulary_size=10, num_layers=4, num_heads=1, hidden_dim=4,
+        ...     intermediate_dim=8), max_blocks=2)
         ['transformer_layer_0', 'transformer_layer_2', 'transformer_layer_3']
     """
     layers = [layer for layer in backbone.layers
@@ -515,14 +518,14 @@ def forgetting_report(original_backbone, finetuned_backbone, probe_images, *,
 
     Example:
         >>> original = kt.snapshot_backbone(model)
-        >>> model.fit(data_b, head_epochs=2, fine_tune_epochs=5)
+        >>> history = model.fit(x_train, y_train, head_epochs=2, fine_tune_epochs=5, verbose=0)
         >>> report = kt.forgetting_report(original, model, x_test[:256],
         ...                               earlier_task=(head_a, xa_test, ya_test))
-        >>> report.summary()["retained"], report.mean_cka
+        >>> retained, cka = report.summary()["retained"], report.mean_cka
         >>> # text: TextTransferModel (or TextMultiTaskModel) and strings
         >>> original = kt.snapshot_backbone(text_model)
-        >>> text_model.fit(texts_b, labels_b, head_epochs=2, fine_tune_epochs=2)
-        >>> kt.forgetting_report(original, text_model, test_texts[:256])
+        >>> history = text_model.fit(texts, labels, head_epochs=2, fine_tune_epochs=2, verbose=0)
+        >>> report = kt.forgetting_report(original, text_model, texts[:256])
     """
     pre_original, original = _parts(original_backbone)
     pre_finetuned, finetuned = _parts(finetuned_backbone)

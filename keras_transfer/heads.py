@@ -57,6 +57,8 @@ class Head:
 
     Example:
         >>> kt.Head(num_classes=1, kind="regression", loss_weight=0.5)
+        Head(num_classes=1, kind='regression', loss_weight=0.5, class_names=None,
+             pooling='flatten', hidden_units=(), dropout=0.0)
     """
 
     num_classes: int

@@ -12,7 +12,7 @@ import keras
 import tensorflow as tf
 
 from keras_transfer import backbones as registry
-from keras_transfer.data import make_image_dataset
+from keras_transfer.image_data import make_image_dataset
 from keras_transfer.errors import BackboneError, DataError
 from keras_transfer.model import TransferModel, check_tasks, heads_argument
 from keras_transfer.training import unfreeze as unfreeze_network
@@ -32,7 +32,8 @@ class ImagePreprocessing(keras.layers.Layer):
             std) or `"none"` (the backbone normalises its own input).
 
     Example:
-        >>> ImagePreprocessing("tf")(np.full((1, 2, 2, 3), 255.0))  # all 1.0
+        >>> ImagePreprocessing("tf")(np.full((1, 2, 2, 3), 255.0))[0, 0, 0]
+        <tf.Tensor: shape=(3,), dtype=float32, numpy=array([1., 1., 1.], dtype=float32)>
     """
 
     def __init__(self, mode="none", **kwargs):
@@ -263,8 +264,10 @@ class ImageTransferModel(TransferModel):
     Example:
         >>> model = kt.ImageTransferModel("mobilenet_v2", num_classes=5,
         ...                               weights=None, input_shape=(96, 96, 3))
-        >>> model.fit(x_train, y_train, head_epochs=2, fine_tune_epochs=1)
+        >>> history = model.fit(x_train, y_train, head_epochs=2, fine_tune_epochs=1, verbose=0)
         >>> probabilities = model.predict(x_test)
+        >>> probabilities.shape
+        (8, 5)
     """
 
     def __init__(self, backbone="mobilenet_v2", num_classes=None, *, weights="imagenet",
@@ -307,9 +310,11 @@ class MultiTaskModel(ImageTransferModel):
         ...     "size": kt.Head(num_classes=1, kind="regression", loss_weight=0.5),
         ... }, weights=None, input_shape=(32, 32, 3))
         >>> history = model.fit({"digits": (x1, y1), "tags": (x2, y2)},
-        ...                     head_epochs=2, fine_tune_epochs=1)
-        >>> history.history["digits_accuracy"], history.history["tags_loss"]
+        ...                     head_epochs=2, fine_tune_epochs=1, verbose=0)
+        >>> "digits_accuracy" in history.history, "tags_loss" in history.history
+        (True, True)
         >>> model.predict(x1)["digits"].shape     # (N, 10)
+        (12, 10)
     """
 
     def __init__(self, backbone="mobilenet_v2", tasks=None, **kwargs):

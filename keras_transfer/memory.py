@@ -44,7 +44,12 @@ here (no GPU was lent).
 Example:
     >>> estimate = kt.estimate_memory(model, batch_size=32, phase="fine_tune")
     >>> print(estimate.summary())
-    >>> estimate_backbone_memory("resnet50", input_size=224, batch_size=32).total
+    Phase 'fine_tune', 32 examples per replica:
+      weights ... MiB
+      ...
+      total ... MiB
+    >>> round(estimate_backbone_memory("resnet50", input_size=224, batch_size=32).total / 2**30, 1)
+    2.3
 """
 
 from __future__ import annotations
@@ -242,7 +247,8 @@ def estimate_memory(model, batch_size: int, phase="fine_tune", *, cached: bool =
         A `MemoryEstimate` per replica. The model is not changed.
     """
     from keras_transfer.feature_cache import MIN_EXTRACTION_BATCH
-    from keras_transfer.training import FineTunePhase, HeadPhase, leaf_layers, unfreeze_plan
+    from keras_transfer.phases import FineTunePhase, HeadPhase
+    from keras_transfer.training import leaf_layers, unfreeze_plan
 
     if isinstance(phase, str):
         if phase not in ("head", "fine_tune"):
@@ -333,7 +339,7 @@ def estimate_backbone_memory(backbone: str = "mobilenet_v2", *, input_size: int 
         A `MemoryEstimate`.
     """
     from keras_transfer.image import ImageTransferModel
-    from keras_transfer.training import FineTunePhase, HeadPhase
+    from keras_transfer.phases import FineTunePhase, HeadPhase
 
     shape = None if input_size is None else (int(input_size), int(input_size), 3)
     model = ImageTransferModel(backbone, num_classes, weights=None, input_shape=shape,
@@ -405,7 +411,7 @@ def warn_if_too_large(model, phases, data, verbose=0) -> list[MemoryEstimate]:
     import tensorflow as tf
 
     from keras_transfer.distribute import num_replicas
-    from keras_transfer.training import HeadPhase
+    from keras_transfer.phases import HeadPhase
 
     device = "GPU" if tf.config.list_logical_devices("GPU") else "CPU"
     available, source = available_memory(device)

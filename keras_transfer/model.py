@@ -10,7 +10,7 @@ its data is `(x, y)`. With several heads, data is `{head: (x, y)}`, each
 batch trains one head (see `data.join_heads`), metrics are prefixed
 (`digits_accuracy`) and `predict` returns `{head: array}`.
 
-`fit` runs training phases (`training.HeadPhase`, `training.FineTunePhase`)
+`fit` runs training phases (`phases.HeadPhase`, `phases.FineTunePhase`)
 one after the other and returns one `TransferHistory`.
 
 A batch flows like this:
@@ -43,6 +43,7 @@ from keras_transfer.distribute import (
 from keras_transfer.errors import DataError
 from keras_transfer.heads import Head, as_head
 from keras_transfer.callbacks import head_of_key
+from keras_transfer.phases import resolve_phases
 from keras_transfer.training import scale_loss_for_replicas
 
 logger = logging.getLogger("keras_transfer")
@@ -76,7 +77,7 @@ class TransferModel(MultiWorkerFitMixin, keras.Model):
         >>> backbone = kt.ImageBackbone("mobilenet_v2", weights=None, input_shape=(96, 96, 3))
         >>> model = kt.TransferModel(backbone, {"species": kt.Head(10),
         ...                                     "tags": kt.Head(5, kind="multilabel")})
-        >>> model.fit({"species": (x1, y1), "tags": (x2, y2)}, head_epochs=3)
+        >>> history = model.fit({"species": (x1, y1), "tags": (x2, y2)}, head_epochs=3, verbose=0)
     """
 
     def __init__(self, backbone, heads, *, sampling="round_robin", strategy=None, name=None,
@@ -428,14 +429,15 @@ class TransferModel(MultiWorkerFitMixin, keras.Model):
             A `TransferHistory` covering every phase.
 
         Example:
-            >>> model = kt.ImageTransferModel("mobilenet_v2", num_classes=5)
+            >>> model = kt.ImageTransferModel("mobilenet_v2", num_classes=5, weights=None,
+            ...                               input_shape=(32, 32, 3))
             >>> history = model.fit(train, validation_data=val,
-            ...                     head_epochs=5, fine_tune_epochs=5)
+            ...                     head_epochs=5, fine_tune_epochs=5, verbose=0)
             >>> history = model.fit(train, phases=[
             ...     kt.HeadPhase(epochs=5),
-            ...     kt.FineTunePhase(epochs=10, learning_rate=2e-5, unfreeze=20)])
+            ...     kt.FineTunePhase(epochs=10, learning_rate=2e-5, unfreeze=20)], verbose=0)
         """
-        phases = training.resolve_phases(phases, head_epochs, fine_tune_epochs, epochs,
+        phases = resolve_phases(phases, head_epochs, fine_tune_epochs, epochs,
                                          pretrained=getattr(self.backbone, "pretrained", True),
                                          verbose=verbose)
         fit_data = training.FitData(
@@ -598,6 +600,7 @@ class TransferModel(MultiWorkerFitMixin, keras.Model):
 
         Example:
             >>> model.export("saved_models/flowers")
+            '.../saved_models/flowers'
             >>> serve = tf.saved_model.load("saved_models/flowers").signatures["serving_default"]
         """
         from keras_transfer.export import export_saved_model

@@ -64,8 +64,9 @@ def plot_history(history, metrics=None, path=None, title=None):
         The `matplotlib.figure.Figure`.
 
     Example:
-        >>> history = model.fit(data, head_epochs=5, fine_tune_epochs=5)
+        >>> history = model.fit(x_train, y_train, head_epochs=5, fine_tune_epochs=5, verbose=0)
         >>> kt.plot_history(history, ["loss", "accuracy"], path="curves.png")
+        <Figure size ... Axes>
     """
     values, phases = _history_dict(history)
     names = [k for k in values if not k.startswith("val_")]
@@ -144,8 +145,10 @@ def plot_forgetting(report, path=None, title=None):
         The `matplotlib.figure.Figure`.
 
     Example:
-        >>> report = kt.forgetting_report(original, model, probe_images)
+        >>> original = kt.snapshot_backbone(model)
+        >>> report = kt.forgetting_report(original, model, x_test)
         >>> report.plot("forgetting.png")
+        <Figure size ... Axes>
     """
     rows = report.blocks
     if not rows:

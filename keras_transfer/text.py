@@ -23,9 +23,10 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from keras_transfer.data import as_text_source, labels_for_head, shuffle_each_epoch
+from keras_transfer.data import labels_for_head, shuffle_each_epoch
 from keras_transfer.errors import BackboneError, DataError, WeightsError
 from keras_transfer.model import TransferModel, check_tasks, heads_argument
+from keras_transfer.text_data import as_text_source
 from keras_transfer.training import unfreeze as unfreeze_network
 
 logger = logging.getLogger("keras_transfer")
@@ -489,8 +490,9 @@ class TextTransferModel(TransferModel):
 
     Example:
         >>> model = kt.TextTransferModel(kt.minilm_path(), num_classes=2)
-        >>> model.fit(texts, labels, head_epochs=5, fine_tune_epochs=2)
+        >>> history = model.fit(texts, labels, head_epochs=5, fine_tune_epochs=2, verbose=0)
         >>> model.export("saved_models/reviews")
+        '.../saved_models/reviews'
     """
 
     def __init__(self, backbone="bert_tiny_en_uncased", num_classes=None, *,
@@ -529,9 +531,10 @@ class TextMultiTaskModel(TextTransferModel):
         ...     "sentiment": kt.Head(num_classes=2),
         ...     "topics": kt.Head(num_classes=5, kind="multilabel"),
         ... }, sequence_length=64)
-        >>> model.fit({"sentiment": (texts1, labels1), "topics": (texts2, tags2)},
-        ...           head_epochs=3, fine_tune_epochs=1)
+        >>> history = model.fit({"sentiment": (texts1, labels1), "topics": (texts2, tags2)},
+        ...                     head_epochs=3, fine_tune_epochs=1, verbose=0)
         >>> model.predict(["great food"])["sentiment"].shape   # (1, 2)
+        (1, 2)
     """
 
     def __init__(self, backbone="bert_tiny_en_uncased", tasks=None, **kwargs):

@@ -482,6 +482,7 @@ def load_torch_checkpoint(path: str | os.PathLike) -> Any:
     Example:
         >>> checkpoint = load_torch_checkpoint("checkpoint.pth")
         >>> checkpoint["epoch"], checkpoint["state_dict"]["fc.bias"].shape
+        (90, (10,))
     """
     path = os.fspath(path)
     if not os.path.isfile(path):

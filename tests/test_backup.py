@@ -97,7 +97,7 @@ def test_a_finished_run_is_not_trained_again(tmp_path):
 
 
 def test_the_probe_result_is_saved_not_recomputed(tmp_path, monkeypatch):
-    from keras_transfer import training
+    from keras_transfer import phases as phases_module
 
     phases = [kt.HeadPhase(), kt.FineTunePhase(epochs=2, learning_rate=1e-3)]
     with pytest.raises(KeyboardInterrupt):
@@ -106,7 +106,7 @@ def test_the_probe_result_is_saved_not_recomputed(tmp_path, monkeypatch):
     def no_probe(*args, **kwargs):
         raise AssertionError("the probe ran again")
 
-    monkeypatch.setattr(training, "solve_linear_heads", no_probe)
+    monkeypatch.setattr(phases_module, "solve_linear_heads", no_probe)
     resumed = run(tmp_path / "backup", phases=phases)
     assert resumed[1].phases[0].details["head"]["solver"] == "probe"
     monkeypatch.undo()

@@ -8,7 +8,7 @@ import pytest
 import tensorflow as tf
 
 import keras_transfer as kt
-from keras_transfer.data import make_image_dataset, read_tfds
+from keras_transfer.image_data import make_image_dataset, read_tfds
 
 
 def test_image_folder_gives_class_names_and_resized_batches(image_folder):
@@ -193,7 +193,7 @@ def test_an_empty_class_folder_is_named_in_a_warning(image_folder, caplog):
 def test_csv_keeps_quoted_newlines_and_drops_a_byte_order_mark(tmp_path):
     path = tmp_path / "reviews.csv"
     path.write_bytes(b'\xef\xbb\xbftext,label\n"line one\nline two",pos\n"a, b",neg\n')
-    source = kt.data.read_text_file(str(path))
+    source = kt.text_data.read_text_file(str(path))
     assert source.texts == ["line one\nline two", "a, b"]
     assert source.labels == ["pos", "neg"]
 
@@ -207,5 +207,5 @@ def test_csv_rows_without_a_label_are_refused(tmp_path, rows, message):
     path = tmp_path / "reviews.csv"
     path.write_text("text,label\n" + rows, encoding="utf-8")
     with pytest.raises(kt.DataError, match=message):
-        source = kt.data.read_text_file(str(path))
+        source = kt.text_data.read_text_file(str(path))
         kt.data.labels_for_head(source.labels, kt.Head(2), what="texts")

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 import keras_transfer as kt
-from keras_transfer import training
+from keras_transfer import phases, training
 
 
 def small_model(**kwargs):
@@ -35,12 +35,12 @@ def test_pretrained_flag_follows_the_weights():
 
 
 def test_default_phases_depend_on_the_weights(capsys):
-    assert training.resolve_phases() == [kt.HeadPhase(), kt.FineTunePhase()]
-    assert training.resolve_phases(pretrained=False, verbose=True) == \
+    assert phases.resolve_phases() == [kt.HeadPhase(), kt.FineTunePhase()]
+    assert phases.resolve_phases(pretrained=False, verbose=True) == \
         [kt.FineTunePhase.from_scratch()]
     assert "end to end from scratch" in capsys.readouterr().out
     # What the user asks for is run as asked, random weights or not.
-    assert training.resolve_phases(head_epochs=2, pretrained=False) == [kt.HeadPhase(epochs=2)]
+    assert phases.resolve_phases(head_epochs=2, pretrained=False) == [kt.HeadPhase(epochs=2)]
     phase = kt.FineTunePhase.from_scratch()
     assert (phase.learning_rate, phase.train_batchnorm, phase.batchnorm_momentum,
             phase.name) == (1e-3, True, 0.9, "from_scratch")

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from matplotlib.figure import Figure
 
-from keras_transfer import insight
+from keras_transfer import insight, saliency
 from keras_transfer.errors import DataError
 from keras_transfer.plots import plot_history
 
@@ -262,13 +262,13 @@ def peak_quadrants(heatmaps):
     return (rows >= SIZE // 2) * 2 + (cols >= SIZE // 2)
 
 
-@pytest.mark.parametrize("method", insight.CAM_METHODS)
+@pytest.mark.parametrize("method", saliency.CAM_METHODS)
 def test_grad_cam_peaks_on_the_region_that_decides_the_class(method):
     network, head = detector_network(), quadrant_head()
     images, square, checker = square_and_checkerboard_images(24)
     np.testing.assert_array_equal(head(network(images)).numpy().argmax(1), square)
-    assert insight.last_conv_layer(network) == "detect"
-    heatmaps = insight.grad_cam(network, None, insight.head_logits(head), images, method=method)
+    assert saliency.last_conv_layer(network) == "detect"
+    heatmaps = saliency.grad_cam(network, None, saliency.head_logits(head), images, method=method)
     assert heatmaps.shape == (24, SIZE, SIZE) and heatmaps.dtype == np.float32
     assert heatmaps.min() >= 0 and np.allclose(heatmaps.max(axis=(1, 2)), 1.0)
     assert np.mean(peak_quadrants(heatmaps) == square) >= 0.9
@@ -277,7 +277,7 @@ def test_grad_cam_peaks_on_the_region_that_decides_the_class(method):
     assert np.mean(peak_quadrants(activations) == checker) >= 0.9
 
 
-@pytest.mark.parametrize("method", insight.CAM_METHODS)
+@pytest.mark.parametrize("method", saliency.CAM_METHODS)
 def test_grad_cam_follows_the_class_asked_for(method):
     network = detector_network()
 
@@ -285,7 +285,7 @@ def test_grad_cam_follows_the_class_asked_for(method):
         return keras.ops.sum(features, axis=(1, 2))
 
     images, square, checker = square_and_checkerboard_images(12, seed=1)
-    cam = functools.partial(insight.grad_cam, network, "detect", head_fn, images, method=method)
+    cam = functools.partial(saliency.grad_cam, network, "detect", head_fn, images, method=method)
     predicted = cam(batch_size=5)
     assert np.mean(peak_quadrants(predicted) == checker) >= 0.9
     squares = cam(class_index=0)
@@ -312,50 +312,50 @@ def test_grad_cam_finds_what_a_trained_flatten_head_looks_at():
                   metrics=["accuracy"])
     model.fit(images[:400], square[:400], epochs=8, batch_size=32, verbose=0)
     assert model.evaluate(images[400:], square[400:], verbose=0)[1] >= 0.9
-    heatmaps = insight.grad_cam(network, None, insight.head_logits(head), images[400:])
+    heatmaps = saliency.grad_cam(network, None, saliency.head_logits(head), images[400:])
     assert np.mean(peak_quadrants(heatmaps) == square[400:]) >= 0.8
     with pytest.raises(ValueError, match="method='cam'"):
-        insight.grad_cam(network, None, insight.head_logits(head), images[:1], method="cam")
+        saliency.grad_cam(network, None, saliency.head_logits(head), images[:1], method="cam")
 
 
 def test_head_logits_are_the_scores_before_softmax():
     head = quadrant_head()
     features = np.random.default_rng(0).uniform(0, 1, (3, SIZE, SIZE, 2)).astype("float32")
-    logits = keras.ops.convert_to_numpy(insight.head_logits(head)(features))
+    logits = keras.ops.convert_to_numpy(saliency.head_logits(head)(features))
     np.testing.assert_allclose(keras.ops.convert_to_numpy(keras.ops.softmax(logits)),
                                head(features).numpy(), rtol=1e-5)
     with pytest.raises(ValueError, match="Dense"):
-        insight.head_logits(keras.Sequential([keras.layers.Flatten()]))
+        saliency.head_logits(keras.Sequential([keras.layers.Flatten()]))
 
 
 def test_last_conv_layer_skips_pooling_and_needs_a_feature_map():
     inputs = keras.Input((8, 8, 3))
     x = keras.layers.Conv2D(4, 3, name="conv")(inputs)
     x = keras.layers.GlobalAveragePooling2D()(x)
-    assert insight.last_conv_layer(keras.Model(inputs, x)) == "conv"
+    assert saliency.last_conv_layer(keras.Model(inputs, x)) == "conv"
     flat = keras.Input((5,))
     with pytest.raises(ValueError, match="no layer with a 4-D"):
-        insight.last_conv_layer(keras.Model(flat, keras.layers.Dense(2)(flat)))
+        saliency.last_conv_layer(keras.Model(flat, keras.layers.Dense(2)(flat)))
 
 
 def test_overlay_and_grad_cam_grid(tmp_path):
     heatmap = np.array([[1.0, 0.0], [0.0, 0.0]], "float32")
     black = np.zeros((20, 30), np.uint8)
-    blended = insight.overlay_heatmap(black, heatmap, alpha=1.0)
+    blended = saliency.overlay_heatmap(black, heatmap, alpha=1.0)
     assert blended.shape == (20, 30, 3) and blended.dtype == np.uint8
     # upsampled: the hot corner is red, the far corner the colour of 0 (blue)
     assert blended[0, 0, 0] > 100 and blended[0, 0, 2] < 50
     assert blended[-1, -1, 2] > 100 and blended[-1, -1, 0] < 50
     images, *_ = square_and_checkerboard_images(5)
-    heatmaps = insight.grad_cam(detector_network(), None,
-                                insight.head_logits(quadrant_head()), images)
+    heatmaps = saliency.grad_cam(detector_network(), None,
+                                saliency.head_logits(quadrant_head()), images)
     path = tmp_path / "cam.png"
-    figure = insight.plot_grad_cam(images * 255, heatmaps, [f"q{i}" for i in range(5)],
+    figure = saliency.plot_grad_cam(images * 255, heatmaps, [f"q{i}" for i in range(5)],
                                    path=str(path))
     assert isinstance(figure, Figure) and path.stat().st_size > 1000
     assert [a.get_title() for a in figure.axes if a.images] == [f"q{i}" for i in range(5)]
     with pytest.raises(DataError, match="5 images and 4 heat maps"):
-        insight.plot_grad_cam(images, heatmaps[:4])
+        saliency.plot_grad_cam(images, heatmaps[:4])
 
 
 def two_phase_history(rate_start=0.0):
@@ -403,7 +403,7 @@ def test_model_grad_cam_explains_a_transfer_model_on_raw_images():
     images = np.random.default_rng(0).integers(0, 256, (3, 16, 16, 3)).astype("float32")
     heatmaps = kt.model_grad_cam(model, images)
     assert heatmaps.shape == (3, 16, 16) and 0 <= heatmaps.min() and heatmaps.max() <= 1
-    direct = insight.grad_cam(model.backbone.network, "conv", model.head, images / 127.5 - 1)
+    direct = saliency.grad_cam(model.backbone.network, "conv", model.head, images / 127.5 - 1)
     np.testing.assert_allclose(heatmaps, direct, atol=1e-5)
     with pytest.raises(ValueError, match="image transfer model"):
         kt.model_grad_cam(keras.Sequential([keras.layers.Dense(2)]), images)

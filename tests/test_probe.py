@@ -12,6 +12,7 @@ from sklearn.linear_model import LogisticRegression, LogisticRegressionCV, Ridge
 from sklearn.preprocessing import StandardScaler
 
 from keras_transfer import probe as probe_module
+from keras_transfer import probe_solver
 from keras_transfer.errors import DataError
 from keras_transfer.probe import LinearProbe, fit_linear_probe
 
@@ -53,7 +54,7 @@ def test_softmax_matches_sklearn_for_the_same_c(n, d):
 
 def test_unrotated_route_matches_sklearn(monkeypatch):
     """Large D with N >= D skips the rotation; the solution must be the same."""
-    monkeypatch.setattr(probe_module, "_COVARIANCE_MAX_FEATURES", 5)
+    monkeypatch.setattr(probe_solver, "_COVARIANCE_MAX_FEATURES", 5)
     x, y = blobs(200, 30, 3, spread=0.5)
     probe = fit_linear_probe(x, y, "classification", 3, regularization=0.3, tol=1e-9,
                              scaling="per_feature")
@@ -255,7 +256,7 @@ def test_every_kind_picks_the_best_c_of_its_grid(kind):
 
 def test_stratified_folds_spread_every_class():
     labels = np.repeat([0, 1, 2], [50, 20, 3])
-    fold_of, cv = probe_module._assign_folds(len(labels), labels, 5, seed=0)
+    fold_of, cv = probe_solver._assign_folds(len(labels), labels, 5, seed=0)
     assert cv == "5-fold stratified"
     sizes = np.bincount(fold_of)
     assert sizes.max() - sizes.min() <= 1
@@ -265,9 +266,9 @@ def test_stratified_folds_spread_every_class():
 
 
 def test_large_data_cross_validates_a_stratified_subset(monkeypatch):
-    monkeypatch.setattr(probe_module, "CV_MAX_EXAMPLES", 100)
+    monkeypatch.setattr(probe_solver, "CV_MAX_EXAMPLES", 100)
     labels = np.repeat([0, 1, 2], [200, 80, 20])
-    fold_of, cv = probe_module._assign_folds(len(labels), labels, 5, seed=0)
+    fold_of, cv = probe_solver._assign_folds(len(labels), labels, 5, seed=0)
     assert cv == "5-fold stratified on 100 of 300 rows"
     assert np.count_nonzero(fold_of >= 0) == 100
     np.testing.assert_allclose(np.bincount(labels[fold_of >= 0]), [66.7, 26.7, 6.7], atol=1)
@@ -283,7 +284,7 @@ def test_cv_scores_are_held_out_scores():
     x = rng.normal(size=(80, 5))
     y = x @ rng.normal(size=5) + rng.normal(size=80)
     probe = fit_linear_probe(x, y, "regression", grid=[0.01, 1.0], seed=3, scaling="per_feature")
-    fold_of, _ = probe_module._assign_folds(80, None, 5, seed=3)
+    fold_of, _ = probe_solver._assign_folds(80, None, 5, seed=3)
     xs = standardized(x)
     for c, score in zip(probe.report.grid, probe.report.mean_scores):
         errors = np.empty(80)

@@ -81,7 +81,7 @@ def test_csv_and_tsv_files(tmp_path):
     model = tiny_model()
     with pytest.raises(kt.DataError, match="no column 'text'.*sentence"):
         model.fit(str(tsv), head_epochs=1, verbose=0)
-    source = kt.data.read_text_file(str(tsv), "sentence", "sentiment")
+    source = kt.text_data.read_text_file(str(tsv), "sentence", "sentiment")
     assert len(source.texts) == len(TEXTS) and set(source.labels) == {"neg", "pos"}
     labels, names = kt.data.labels_for_head(source.labels, kt.Head(2))
     assert names == ["neg", "pos"] and labels.tolist() == LABELS
@@ -91,7 +91,7 @@ def test_non_utf8_file_names_the_line(tmp_path):
     path = tmp_path / "bad.csv"
     path.write_bytes(b"text,label\ngood food,1\n\xff\xfe broken,0\n")
     with pytest.raises(kt.DataError, match="not valid UTF-8 at line 3"):
-        kt.data.read_text_file(str(path))
+        kt.text_data.read_text_file(str(path))
 
 
 @pytest.mark.parametrize("texts, labels, message", [

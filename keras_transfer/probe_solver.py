@@ -1,0 +1,399 @@
+"""The linear probe's solver: standardisation, principal axes, L-BFGS, cross-validation.
+
+`probe.fit_linear_probe` checks its inputs and reports; this module does the
+numerical work it describes: standardise the features (`_standardize`),
+change to the principal axes of the rows (`_Basis`), fit each C by
+preconditioned L-BFGS or in closed form (`_Problem`), and pick C by k-fold
+cross-validation (`_assign_folds`, `_cross_validate`). NumPy and SciPy only.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import numpy as np
+import scipy.linalg
+import scipy.optimize
+import scipy.special
+
+from keras_transfer.errors import DataError
+
+# The log-loss path stops after this many values of C without improvement.
+PATIENCE = 2
+# Below this many examples, cross-validation is leave-one-out: each fold then
+# trains on N - 1 rows, closest to the final fit, and fits are tiny.
+LOO_MAX_EXAMPLES = 50
+# Above this many examples, C is cross-validated on a stratified subset of this size.
+CV_MAX_EXAMPLES = 5_000
+# Held-out probabilities are clipped here before the log (a class absent from a
+# fold's training rows has probability 0).
+_PROB_FLOOR = 1e-15
+# Cross-validation fits stop at this multiple of `tol` (scores change in the 6th digit).
+_CV_TOL_FACTOR = 10.0
+# Largest N x N Gram matrix we build (its eigendecomposition is O(N^3)).
+_GRAM_MAX_EXAMPLES = 12_000
+# Largest D x D covariance we build when N >= D.
+_COVARIANCE_MAX_FEATURES = 4_096
+
+
+# --- Standardisation and the axes the problem is solved in -------------------------
+
+
+def _standardize(x: np.ndarray, scaling: str):
+    """Float64 copy, centred and scaled in place; constant columns are left at 0.
+
+    Returns:
+        `(xs, mean, scale, constant)`: `xs = (x - mean) / scale` and the mask of
+        constant columns.
+    """
+    n = len(x)
+    xs = np.array(x, dtype=np.float64)  # one copy; reads a memmap once
+    mean = xs.mean(axis=0)
+    if not np.all(np.isfinite(mean)):
+        bad = np.flatnonzero(~np.isfinite(xs).all(axis=1))
+        raise DataError(
+            f"features contain NaN or infinite values ({bad.size} of {n} rows, e.g. rows "
+            f"{bad[:5].tolist()}). Check the backbone's outputs or drop those rows.")
+    xs -= mean
+    scale = np.sqrt(np.einsum("ij,ij->j", xs, xs) / n)
+    # Columns whose spread is only rounding error of their mean are constant.
+    constant = (scale <= 1e-10 * np.abs(mean)) | (scale == 0)
+    xs[:, constant] = 0.0
+    if scaling == "global":  # one unit for all columns: their root-mean-square std
+        scale[:] = np.sqrt(np.mean(scale[~constant] ** 2)) if not constant.all() else 1.0
+    else:
+        scale[constant] = 1.0
+    xs /= scale
+    return xs, mean, scale, constant
+
+
+class _Basis:
+    """Coordinates `z = xs V` of the rows in the principal axes of the data.
+
+    The optimal kernel is `W = V B` with `B` the optimal coefficients in these
+    coordinates (the penalty is unchanged as V has orthonormal columns, and
+    directions outside the rows' span only add penalty).
+
+    Attributes:
+        z: (N, r) coordinates.
+        eigenvalues: (r,) sums of squares of z's columns.
+        to_kernel: maps coefficients (r, K) to the kernel (D, K) on `xs`.
+        name: which axes, for the report.
+    """
+
+    def __init__(self, xs: np.ndarray):
+        n, d = xs.shape
+        if n < d and n <= _GRAM_MAX_EXAMPLES:
+            # Gram route: xs xs^T = U L U^T, z = U sqrt(L), V = xs^T U / sqrt(L).
+            values, vectors = _eigh_descending(xs @ xs.T)
+            root = np.sqrt(values)
+            self.z = vectors * root
+            self.to_kernel = lambda coef: xs.T @ (vectors @ (coef / root[:, None]))
+            self.name = f"Gram axes (r={values.size})"
+        elif d <= _COVARIANCE_MAX_FEATURES:
+            values, vectors = _eigh_descending(xs.T @ xs)
+            self.z = xs @ vectors
+            self.to_kernel = lambda coef: vectors @ coef
+            self.name = f"principal axes (r={values.size})"
+        else:  # too big to rotate: the scaled features as they are
+            values = np.einsum("ij,ij->j", xs, xs)
+            self.z = xs
+            self.to_kernel = lambda coef: coef
+            self.name = "feature axes"
+        self.eigenvalues = values
+
+
+def _eigh_descending(matrix: np.ndarray):
+    values, vectors = scipy.linalg.eigh(matrix, overwrite_a=True, check_finite=False)
+    values, vectors = values[::-1], vectors[:, ::-1]
+    # Directions whose variance is rounding error of the largest carry no signal.
+    keep = values > max(values[0] * 1e-10, 0.0)
+    return values[keep], np.ascontiguousarray(vectors[:, keep])
+
+
+# --- Solving -----------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class _Solution:
+    coef: np.ndarray  # (r, K) in the basis' coordinates
+    intercept: np.ndarray  # (K,); -inf / +inf for outputs absent from the rows
+    iterations: int = 0
+    converged: bool = True
+
+    @property
+    def absent(self) -> list[int]:
+        return np.flatnonzero(~np.isfinite(self.intercept)).tolist()
+
+
+class _Problem:
+    """The data of one probe; fits any subset of its rows for a given C."""
+
+    def __init__(self, kind, z, y, k, weights, max_iter, tol):
+        self.kind, self.z, self.y, self.k = kind, z, y, k
+        self.weights, self.max_iter, self.tol = weights, max_iter, tol
+        self.r = z.shape[1]
+
+    def _rows(self, rows: np.ndarray):
+        rows = rows[self.weights[rows] > 0]
+        return rows, self.z[rows], self.y[rows], self.weights[rows]
+
+    def fit(self, rows: np.ndarray, c: float, warm: _Solution | None = None,
+            tol: float | None = None) -> _Solution:
+        """Fits rows for one C (warm-started from `warm` if given; `tol` overrides)."""
+        if self.kind == "regression":
+            return self.ridge_path(rows, (c,))[0]
+        rows, z, y, w = self._rows(rows)
+        if rows.size == 0:  # every training row has weight 0: nothing to learn
+            return _Solution(np.zeros((self.r, self.k)), np.full(self.k, -np.inf))
+        fit = self._fit_softmax if self.kind == "classification" else self._fit_sigmoid
+        return fit(z, y, w, c, warm, tol or self.tol)
+
+    def _fit_softmax(self, z, y, w, c, warm, tol):
+        k, r = self.k, self.r
+        counts = np.bincount(y, minlength=k)
+        present = np.flatnonzero(counts > 0)
+        coef, intercept = np.zeros((r, k)), np.full(k, -np.inf)
+        if present.size < 2:
+            intercept[present] = 0.0
+            return _Solution(coef, intercept)
+        labels = np.searchsorted(present, y)
+        m = present.size
+        x0 = None if warm is None else (warm.coef[:, present], warm.intercept[present])
+        rows = np.arange(len(y))
+
+        def loss_and_grad(logits, wn):
+            shifted = logits - logits.max(axis=1, keepdims=True)
+            log_norm = np.log(np.exp(shifted).sum(axis=1, keepdims=True))
+            log_p = shifted - log_norm
+            loss = -(wn @ log_p[rows, labels])
+            g = np.exp(log_p)
+            g[rows, labels] -= 1.0
+            g *= wn[:, None]
+            return loss, g
+
+        b, bias, its, ok = _lbfgs(
+            z, w, c, m, _softmax_curvature, loss_and_grad, x0, self.max_iter, tol)
+        coef[:, present] = b
+        intercept[present] = bias - bias.mean()  # softmax ignores a common shift
+        return _Solution(coef, intercept, its, ok)
+
+    def _fit_sigmoid(self, z, y, w, c, warm, tol):
+        k, r = self.k, self.r
+        positive = w @ y
+        varying = np.flatnonzero((y.min(axis=0) < 1) & (y.max(axis=0) > 0))
+        coef = np.zeros((r, k))
+        intercept = np.where(positive > 0, np.inf, -np.inf)
+        if varying.size == 0:
+            return _Solution(coef, intercept)
+        targets = y[:, varying]
+        x0 = None if warm is None else (
+            warm.coef[:, varying], np.nan_to_num(warm.intercept[varying], posinf=0, neginf=0))
+
+        def loss_and_grad(logits, wn):
+            # log(1 + e^z) - y z, and its derivative sigmoid(z) - y
+            loss = wn @ (np.logaddexp(0.0, logits) - targets * logits).sum(axis=1)
+            g = scipy.special.expit(logits) - targets
+            g *= wn[:, None]
+            return loss, g
+
+        b, bias, its, ok = _lbfgs(
+            z, w, c, varying.size, _sigmoid_curvature, loss_and_grad, x0, self.max_iter, tol)
+        coef[:, varying] = b
+        intercept[varying] = bias
+        return _Solution(coef, intercept, its, ok)
+
+    def ridge_path(self, rows: np.ndarray, cs) -> list[_Solution]:
+        """Closed-form weighted ridge for every C, from one eigendecomposition."""
+        rows, z, y, w = self._rows(rows)
+        if rows.size == 0:
+            return [_Solution(np.zeros((self.r, self.k)), np.zeros(self.k)) for _ in cs]
+        total = w.sum()
+        z_mean, y_mean = (w @ z) / total, (w @ y) / total
+        root = np.sqrt(w)[:, None]
+        a, t = (z - z_mean) * root, (y - y_mean) * root
+        if len(a) >= self.r:  # (r x r): A^T A = V L V^T, B = V (V^T A^T t) / (L + alpha)
+            values, vectors = scipy.linalg.eigh(a.T @ a, check_finite=False)
+            projected = vectors.T @ (a.T @ t)
+            to_coef = lambda p: vectors @ p  # noqa: E731
+        else:  # (n x n): A A^T = U L U^T, B = A^T U (U^T t) / (L + alpha)
+            values, vectors = scipy.linalg.eigh(a @ a.T, check_finite=False)
+            projected = vectors.T @ t
+            to_coef = lambda p: a.T @ (vectors @ p)  # noqa: E731
+        values = np.maximum(values, 0.0)[:, None]
+        out = []
+        for c in cs:
+            coef = to_coef(projected / (values + 1.0 / c))
+            out.append(_Solution(coef, y_mean - z_mean @ coef))
+        return out
+
+    def losses(self, solution: _Solution, rows: np.ndarray, scoring: str) -> np.ndarray:
+        """Per-row held-out loss (lower is better; accuracy is scored as 1 - correct)."""
+        logits = self.z[rows] @ solution.coef + solution.intercept
+        y = self.y[rows]
+        floor = -math.log(_PROB_FLOOR)
+        if self.kind == "regression":
+            return ((logits - y) ** 2).mean(axis=1)
+        if self.kind == "multilabel":
+            loss = -np.where(y > 0, scipy.special.log_expit(logits),
+                             scipy.special.log_expit(-logits))
+            return np.minimum(loss, floor).mean(axis=1)
+        if scoring == "accuracy":
+            return (logits.argmax(axis=1) != y).astype(np.float64)
+        with np.errstate(invalid="ignore"):  # no class in the training rows: -inf - -inf
+            log_p = logits - scipy.special.logsumexp(logits, axis=1, keepdims=True)
+        loss = -log_p[np.arange(len(y)), y]
+        return np.minimum(np.nan_to_num(loss, nan=floor), floor)
+
+
+def _lbfgs(z, w, c, k, curvature, loss_and_grad, x0, max_iter, tol):
+    """Minimises mean weighted loss + ||B||^2 / (2 C sum(w)) over (B, b) by L-BFGS.
+
+    Runs on rescaled coordinates `B~ = sqrt(h) * B`, `b~ = sqrt(hb) * b`, with
+    `h` and `hb` the diagonal of the Hessian at the starting point (the loss's
+    curvature per row and output from `curvature(logits)`). In principal axes
+    that diagonal is most of the Hessian, so the rescaled problem is well
+    conditioned. The stopping test is then on a gradient scaled like
+    sqrt(f - f*), whatever the features' scale.
+    """
+    r = z.shape[1]
+    wn = w / w.sum()
+    alpha = 1.0 / (c * w.sum())
+    if x0 is None:
+        x0 = (np.zeros((r, k)), np.zeros(k))
+    curv = curvature(z @ x0[0] + x0[1]) * wn[:, None]  # (n, k)
+    h = np.sqrt((z * z).T @ curv + alpha)  # (r, k)
+    hb = np.sqrt(np.maximum(curv.sum(axis=0), 1e-6))
+
+    def objective(params):
+        coef = params[: r * k].reshape(r, k) / h
+        bias = params[r * k:] / hb
+        loss, g = loss_and_grad(z @ coef + bias, wn)
+        grad_coef = z.T @ g + alpha * coef
+        value = loss + 0.5 * alpha * np.sum(coef * coef)
+        grad = np.concatenate([(grad_coef / h).ravel(), g.sum(axis=0) / hb])
+        return value, grad
+
+    params = np.concatenate([(x0[0] * h).ravel(), x0[1] * hb])
+    result = scipy.optimize.minimize(
+        objective, params, jac=True, method="L-BFGS-B",
+        options={"maxiter": max_iter, "gtol": tol, "ftol": 1e-15, "maxcor": 20})
+    converged = bool(result.success) or (
+        result.nit < max_iter and np.max(np.abs(result.jac), initial=0.0) <= 10 * tol)
+    params = result.x
+    return (params[: r * k].reshape(r, k) / h, params[r * k:] / hb,
+            int(result.nit), converged)
+
+
+def _softmax_curvature(logits: np.ndarray) -> np.ndarray:
+    p = scipy.special.softmax(logits, axis=1)
+    return p * (1.0 - p)
+
+
+def _sigmoid_curvature(logits: np.ndarray) -> np.ndarray:
+    p = scipy.special.expit(logits)
+    return p * (1.0 - p)
+
+
+# --- Cross-validation ----------------------------------------------------------------
+
+
+def _assign_folds(n: int, labels: np.ndarray | None, folds: int, seed: int):
+    """Fold index per row (-1: not used), and a description of the split.
+
+    Leave-one-out up to `LOO_MAX_EXAMPLES` rows. Otherwise the rows are
+    shuffled, grouped by class (stratified), and dealt out to the folds in
+    turn, so that each class's members go to as many folds as it has members.
+    Above `CV_MAX_EXAMPLES` rows, an evenly spread, class-proportional subset
+    of that many rows is cross-validated (C in this convention does not
+    drift with N), and the final fit still uses every row.
+    """
+    if n <= LOO_MAX_EXAMPLES or folds >= n:
+        return np.arange(n), "leave-one-out"
+    order = np.random.default_rng(seed).permutation(n)
+    if labels is not None:
+        order = order[np.argsort(labels[order], kind="stable")]
+    used = min(n, CV_MAX_EXAMPLES)
+    order = order[(np.arange(used) * n) // used]
+    fold_of = np.full(n, -1, dtype=np.int64)
+    fold_of[order] = np.arange(used) % folds
+    cv = f"{folds}-fold" + (" stratified" if labels is not None else "")
+    return fold_of, cv + (f" on {used} of {n} rows" if used < n else "")
+
+
+def _cross_validate(problem: _Problem, fold_of: np.ndarray, cs, scoring: str):
+    """Held-out scores of every C on every fold; the C to use and a warm start for it.
+
+    Classification and multilabel walk the grid from strong to weak
+    regularisation, each fold starting from its solution at the previous C.
+    With the log-loss, the walk stops once `PATIENCE` values in a row have
+    not improved the best mean score: held-out log-loss is unimodal in C in
+    practice, and the weak end is where fits cost the most iterations.
+    """
+    n_folds = int(fold_of.max()) + 1
+    splits = [(np.flatnonzero((fold_of != f) & (fold_of >= 0)), np.flatnonzero(fold_of == f))
+              for f in range(n_folds)]
+    used = np.flatnonzero(fold_of >= 0)
+    weights = problem.weights[used]
+    row_loss = np.full((len(cs), len(fold_of)), np.nan)
+    # Accuracy is a step function of C with many ties on small data: the
+    # held-out log-loss breaks them.
+    row_tiebreak = np.full((len(cs), len(fold_of)), np.nan) if scoring == "accuracy" else None
+    iterations = unconverged = 0
+    best_solutions = None
+    if problem.kind == "regression":
+        for train, held in splits:
+            for i, solution in enumerate(problem.ridge_path(train, cs)):
+                row_loss[i, held] = problem.losses(solution, held, scoring)
+    else:
+        states: list[_Solution | None] = [None] * n_folds
+        best, since_best = math.inf, 0
+        for i, c in enumerate(cs):
+            for f, (train, held) in enumerate(splits):
+                # Scores need 4 digits, not the weights' 6: a looser stop.
+                states[f] = problem.fit(train, c, states[f], tol=_CV_TOL_FACTOR * problem.tol)
+                iterations += states[f].iterations
+                unconverged += not states[f].converged
+                row_loss[i, held] = problem.losses(states[f], held, scoring)
+                if row_tiebreak is not None:
+                    row_tiebreak[i, held] = problem.losses(states[f], held, "log_loss")
+            score = _weighted_mean(row_loss[i, used], weights)
+            if best == math.inf or score < best - _tie(best):
+                best, best_solutions, since_best = score, list(states), 0
+            else:
+                since_best += 1
+            if scoring == "log_loss" and since_best >= PATIENCE:
+                row_loss = row_loss[: i + 1]
+                break
+    cs = tuple(cs[: len(row_loss)])
+    mean_scores = np.array([_weighted_mean(row[used], weights) for row in row_loss])
+    fold_scores = np.array([[_weighted_mean(row[held], problem.weights[held])
+                             for row in row_loss] for _, held in splits])
+    ties = np.flatnonzero(mean_scores <= mean_scores.min() + _tie(mean_scores.min()))
+    if row_tiebreak is not None:  # the lowest held-out log-loss among the ties
+        tiebreak = np.array([_weighted_mean(row_tiebreak[i, used], weights) for i in ties])
+        chosen = int(ties[np.argmin(tiebreak)])
+    else:  # the smallest C (strongest regularisation) among the ties
+        chosen = int(ties[0])
+    if scoring == "accuracy":
+        mean_scores, fold_scores = 1.0 - mean_scores, 1.0 - fold_scores
+    warm = _average(best_solutions) if best_solutions else None
+    return cs[chosen], cs, fold_scores, mean_scores, warm, (iterations, unconverged)
+
+
+def _tie(score: float) -> float:
+    return 1e-9 * max(1.0, abs(score))
+
+
+def _weighted_mean(values: np.ndarray, weights: np.ndarray) -> float:
+    total = weights.sum()
+    return float(weights @ values / total) if total > 0 else math.nan
+
+
+def _average(solutions: list[_Solution]) -> _Solution:
+    """Mean of the folds' solutions: a warm start for the final fit."""
+    coef = np.mean([s.coef for s in solutions], axis=0)
+    intercept = np.mean([np.where(np.isfinite(s.intercept), s.intercept, 0.0)
+                         for s in solutions], axis=0)
+    return _Solution(coef, intercept)
