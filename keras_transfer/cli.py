@@ -388,24 +388,22 @@ def _count(minimum: int):
     return parse
 
 
-def _positive_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, received {text!r}")
-    if not math.isfinite(value) or value <= 0:
-        raise argparse.ArgumentTypeError(f"expected a positive number, received {text!r}")
-    return value
+def _number_that_is(accept, expected: str):
+    """An argparse type: a float that `accept` allows, else an error naming `expected`."""
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a number, received {text!r}")
+        if not accept(value):
+            raise argparse.ArgumentTypeError(f"expected {expected}, received {text!r}")
+        return value
+
+    return parse
 
 
-def _rate(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, received {text!r}")
-    if not 0.0 <= value < 1.0:
-        raise argparse.ArgumentTypeError(f"expected a rate in [0, 1), received {text!r}")
-    return value
+_positive_float = _number_that_is(lambda v: math.isfinite(v) and v > 0, "a positive number")
+_rate = _number_that_is(lambda v: 0.0 <= v < 1.0, "a rate in [0, 1)")
 
 
 class _Parser(argparse.ArgumentParser):

@@ -3,9 +3,9 @@
 The second way of transfer learning (the first being a frozen backbone
 inside `fit`): pass the data through the preprocessing and the frozen
 backbone once, write the features to disk, and train the heads on them
-(`phases.HeadPhase` does this by itself). This module holds the writer, the
-reader and the atomic publish (the cache key is in `cache_key`); nothing about
-training.
+(`phases.HeadPhase` does this by itself). This module holds the reader, the
+lookup and the atomic publish (the key is in `cache_key`, the shard writer in
+`shard_writer`); nothing about training.
 
 The cache on disk::
 
@@ -82,6 +82,7 @@ from keras_transfer.cache_key import (
 )
 from keras_transfer.data import EpochSeed, shuffle_each_epoch
 from keras_transfer.errors import DataError
+from keras_transfer.shard_writer import ShardWriter
 
 logger = logging.getLogger("keras_transfer")
 
@@ -90,7 +91,6 @@ CACHE_ENV_VAR = "KERAS_TRANSFER_CACHE"
 DEFAULT_CACHE_DIR = os.path.join("~", ".cache", "keras_transfer", "features")
 MANIFEST = "manifest.json"
 # Shards are cut at about this many bytes of features, whatever the dataset size.
-DEFAULT_SHARD_BYTES = 64 * 1024 * 1024
 # The shuffle buffer of `FeatureCache.dataset` holds at most this many bytes.
 DEFAULT_SHUFFLE_BYTES = 64 * 1024 * 1024
 # The backbone runs on batches of at least this many examples while extracting.
@@ -110,89 +110,6 @@ def default_cache_dir(cache_dir: str | os.PathLike | None = None) -> str:
     """
     root = cache_dir if cache_dir is not None else os.environ.get(CACHE_ENV_VAR)
     return os.path.abspath(os.path.expanduser(os.fspath(root or DEFAULT_CACHE_DIR)))
-
-
-# ------------------------------------------------------- writing shards
-class _ShardWriter:
-    """Writes `(features, labels)` rows into `.npy` shards of `shard_size` rows.
-
-    The number of rows is known before extraction (the fingerprint pass
-    counted them), so each shard is created at its final size with
-    `np.lib.format.open_memmap` and filled in place; memory holds one batch.
-    The data part of every file is hashed as it is written.
-    """
-
-    def __init__(self, folder: str, total: int, shard_size: int | None, copy: int):
-        self.folder = folder
-        self.total = total
-        self.shard_size = shard_size
-        self.copy = copy
-        self.written = 0
-        self.shards: list[dict] = []
-        self._open = None  # [(memmap, sha256, file name), ...] for features and labels
-        self._row = 0
-
-    def _name(self, kind: str) -> str:
-        prefix = f"copy{self.copy:02d}-" if self.copy else ""
-        return f"{prefix}{kind}-{len(self.shards):05d}.npy"
-
-    def write(self, features: np.ndarray, labels: np.ndarray) -> None:
-        if self.shard_size is None:  # decided by the first batch: about DEFAULT_SHARD_BYTES
-            self.shard_size = max(1, DEFAULT_SHARD_BYTES // max(features[0].nbytes, 1))
-        if self.written + len(features) > self.total:
-            raise DataError(
-                f"The data yielded more than the {self.total:,} examples counted on the "
-                "first pass: it changes between passes. Give data that yields the same "
-                "examples on every pass.")
-        start = 0
-        while start < len(features):
-            if self._open is None:
-                rows = min(self.shard_size, self.total - self.written)
-                self._open = [self._create(kind, rows, part) for kind, part in
-                              (("features", features), ("labels", labels))]
-                self._row = 0
-            rows = len(self._open[0][0])
-            take = min(rows - self._row, len(features) - start)
-            for (array, sha, _), part in zip(self._open, (features, labels)):
-                block = np.ascontiguousarray(part[start:start + take], dtype=array.dtype)
-                if block.shape[1:] != array.shape[1:]:
-                    raise DataError(
-                        f"Received a batch of shape {block.shape[1:]} where earlier batches "
-                        f"had {array.shape[1:]}; features must have one shape. Give the "
-                        "model inputs of one size.")
-                array[self._row:self._row + take] = block
-                sha.update(block.tobytes())
-            self._row += take
-            self.written += take
-            start += take
-            if self._row == rows:
-                self._close_shard()
-
-    def _create(self, kind, rows, part):
-        name = self._name(kind)
-        dtype = np.dtype(part.dtype).newbyteorder("<")
-        array = np.lib.format.open_memmap(os.path.join(self.folder, name), mode="w+",
-                                          dtype=dtype, shape=(rows, *part.shape[1:]))
-        return array, hashlib.sha256(), name
-
-    def _close_shard(self) -> None:
-        parts = {}
-        for kind, (array, sha, name) in zip(("features", "labels"), self._open):
-            array.flush()
-            parts[kind] = {"file": name, "count": len(array), "header_bytes": int(array.offset),
-                           "bytes": os.path.getsize(os.path.join(self.folder, name)),
-                           "sha256": sha.hexdigest()}
-            del array
-        self._open = None
-        self.shards.append({"copy": self.copy, "count": parts["features"]["count"], **parts})
-
-    def finish(self) -> list[dict]:
-        if self._open is not None or self.written != self.total:
-            raise DataError(
-                f"The data yielded {self.written:,} examples where the first pass counted "
-                f"{self.total:,}: it changes between passes. Give data that yields the same "
-                "examples on every pass.")
-        return self.shards
 
 
 # ---------------------------------------------------------- the cache
@@ -683,7 +600,7 @@ def _extract(model, dataset, folder, shard_size, augment, copies, key, count,
     fingerprint = _DataFingerprint()
     feature_info = label_info = None
     for copy in range(copies):
-        writer = _ShardWriter(folder, count, shard_size, copy)
+        writer = ShardWriter(folder, count, shard_size, copy)
         for inputs, labels in dataset:
             if copy == 0:
                 fingerprint.update(inputs, labels)
