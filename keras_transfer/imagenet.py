@@ -97,8 +97,11 @@ def imagenet_predict(images, k: int = 5, weights="imagenet") -> list:
         WeightsError: when the weights cannot be found.
 
     Example:
-        >>> imagenet_predict(skimage.data.chelsea(), k=1)
-        [(285, 'Egyptian_cat', 0.72)]
+        >>> import skimage
+        >>> for index, name, p in kt.imagenet_predict(skimage.data.chelsea(), k=2):
+        ...     print(index, name, round(p, 2))
+        285 Egyptian_cat 0.72
+        282 tiger_cat 0.15
     """
     from keras_transfer.torchvision_models import torchvision_eval_crop
 

@@ -473,11 +473,14 @@ def worst_texts_table(texts: Sequence[str], probabilities, y_true,
         `predicted` (class names) and `confidence`; `table` is a str.
 
     Example:
-        >>> rows, table = kt.worst_texts_table(texts, text_model.predict(texts), labels,
+        >>> reviews = ["Great food.", "Cold and slow.", "Not bad at all."]
+        >>> probabilities = np.array([[0.1, 0.9], [0.8, 0.2], [0.95, 0.05]])  # model.predict
+        >>> rows, table = kt.worst_texts_table(reviews, probabilities, [1, 0, 1],
         ...                                    ["negative", "positive"])
         >>> print(table)
         index  true      predicted  confidence  text
-        -----  --------  ---------  ----------  ...
+        -----  --------  ---------  ----------  ---------------
+        2      positive  negative   95.0%       Not bad at all.
     """
     probabilities = _probabilities(probabilities)
     if len(texts) != len(probabilities):
