@@ -206,6 +206,9 @@ class FeatureCache:
                     np.array([s["features"]["header_bytes"] for s in shards], np.int64),
                     np.array([s["labels"]["header_bytes"] for s in shards], np.int64))
 
+        if (copy is not None or self.copies == 1) and \
+                self.num_examples * (feature_record + label_record) <= shuffle_buffer_bytes:
+            return self._in_memory(batch_size, shuffle, seed, copy or 0, drop_remainder)
         if copy is not None or self.copies == 1:
             shard_files = tf.data.Dataset.from_tensor_slices(files(copy or 0))
         else:
@@ -249,6 +252,28 @@ class FeatureCache:
             raise DataError(f"Received batch_size={batch_size} with drop_remainder for a cache "
                             f"of {self.num_examples} examples: no full batch. Lower the "
                             "batch size.")
+        dataset = dataset.apply(tf.data.experimental.assert_cardinality(batches))
+        return dataset.prefetch(tf.data.AUTOTUNE)
+
+    def _in_memory(self, batch_size, shuffle, seed, copy, drop_remainder) -> tf.data.Dataset:
+        """`dataset()` for a copy that fits the shuffle budget: read once, batches gathered.
+
+        The shuffle buffer would hold all of it anyway; shuffling indices and
+        gathering whole batches costs a few operations a batch instead of a
+        few a record, which is most of a head epoch on cached features.
+        """
+        features, labels = (tf.constant(part) for part in self.load(copy))
+        order = tf.data.Dataset.range(self.num_examples)
+        if shuffle:
+            order = shuffle_each_epoch(order, max(self.num_examples, 1), seed)
+        batches = (self.num_examples // batch_size if drop_remainder
+                   else math.ceil(self.num_examples / batch_size))
+        if batches == 0:
+            raise DataError(f"Received batch_size={batch_size} with drop_remainder for a cache "
+                            f"of {self.num_examples} examples: no full batch. Lower the "
+                            "batch size.")
+        dataset = order.batch(batch_size, drop_remainder=drop_remainder).map(
+            lambda index: (tf.gather(features, index), tf.gather(labels, index)))
         dataset = dataset.apply(tf.data.experimental.assert_cardinality(batches))
         return dataset.prefetch(tf.data.AUTOTUNE)
 

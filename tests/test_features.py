@@ -88,12 +88,17 @@ def test_features_are_the_backbone_outputs_streamed_back_from_shards(backbone_ru
     first = cache.manifest["shards"][0]
     np.testing.assert_allclose(np.load(os.path.join(cache.path, first["features"]["file"])),
                                expected[:5], atol=1e-6)
-    streamed = list(cache.dataset(batch_size=4))
-    assert len(streamed) == 6 == int(cache.dataset(batch_size=4).cardinality())
-    np.testing.assert_array_equal(np.concatenate([f for f, _ in streamed]), stored)
-    shuffled = list(cache.dataset(batch_size=4, shuffle=True, seed=1))
-    order = np.concatenate([label for _, label in shuffled])
-    assert sorted(order.tolist()) == sorted(y.tolist())
+    # Read into memory (the cache fits the shuffle budget) or streamed record by
+    # record from the shards (a budget of one byte): the same batches.
+    for budget in ({}, {"shuffle_buffer_bytes": 1}):
+        streamed = list(cache.dataset(batch_size=4, **budget))
+        assert len(streamed) == 6 == int(cache.dataset(batch_size=4, **budget).cardinality())
+        np.testing.assert_array_equal(np.concatenate([f for f, _ in streamed]), stored)
+        np.testing.assert_array_equal(np.concatenate([label for _, label in streamed]), y)
+        shuffled = list(cache.dataset(batch_size=4, shuffle=True, seed=1, **budget))
+        order = np.concatenate([label for _, label in shuffled])
+        assert sorted(order.tolist()) == sorted(y.tolist())
+        assert len(list(cache.dataset(batch_size=4, drop_remainder=True, **budget))) == 5
     cache.verify()
     manifest = json.loads(open(os.path.join(cache.path, "manifest.json")).read())
     assert manifest["complete"] and set(manifest["key"]) >= {"model", "data", "num_examples"}
