@@ -246,14 +246,7 @@ class FeatureCache:
             return features, labels
 
         dataset = dataset.map(decode, num_parallel_calls=tf.data.AUTOTUNE)
-        batches = (self.num_examples // batch_size if drop_remainder
-                   else math.ceil(self.num_examples / batch_size))
-        if batches == 0:
-            raise DataError(f"Received batch_size={batch_size} with drop_remainder for a cache "
-                            f"of {self.num_examples} examples: no full batch. Lower the "
-                            "batch size.")
-        dataset = dataset.apply(tf.data.experimental.assert_cardinality(batches))
-        return dataset.prefetch(tf.data.AUTOTUNE)
+        return self._counted(dataset, batch_size, drop_remainder)
 
     def _in_memory(self, batch_size, shuffle, seed, copy, drop_remainder) -> tf.data.Dataset:
         """`dataset()` for a copy that fits the shuffle budget: read once, batches gathered.
@@ -266,14 +259,18 @@ class FeatureCache:
         order = tf.data.Dataset.range(self.num_examples)
         if shuffle:
             order = shuffle_each_epoch(order, max(self.num_examples, 1), seed)
+        dataset = order.batch(batch_size, drop_remainder=drop_remainder).map(
+            lambda index: (tf.gather(features, index), tf.gather(labels, index)))
+        return self._counted(dataset, batch_size, drop_remainder)
+
+    def _counted(self, dataset, batch_size, drop_remainder) -> tf.data.Dataset:
+        """The batches with their number asserted (Keras needs it), prefetched."""
         batches = (self.num_examples // batch_size if drop_remainder
                    else math.ceil(self.num_examples / batch_size))
         if batches == 0:
             raise DataError(f"Received batch_size={batch_size} with drop_remainder for a cache "
                             f"of {self.num_examples} examples: no full batch. Lower the "
                             "batch size.")
-        dataset = order.batch(batch_size, drop_remainder=drop_remainder).map(
-            lambda index: (tf.gather(features, index), tf.gather(labels, index)))
         dataset = dataset.apply(tf.data.experimental.assert_cardinality(batches))
         return dataset.prefetch(tf.data.AUTOTUNE)
 
