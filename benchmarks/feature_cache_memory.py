@@ -49,13 +49,9 @@ ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), ".."))
 
 def memory_mib() -> dict:
     """`{"peak": VmHWM, "now": VmRSS}` of this process, in MiB."""
-    values = {}
-    with open("/proc/self/status") as status:
-        for line in status:
-            if line.startswith(("VmHWM:", "VmRSS:")):
-                name, amount, _unit = line.split()
-                values["peak" if name == "VmHWM:" else "now"] = int(amount) / 1024
-    return values
+    from keras_transfer.memory import process_memory
+
+    return {k: v / 2**20 for k, v in process_memory().items()}
 
 
 def image_dataset(n: int, size: int):

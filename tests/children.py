@@ -166,33 +166,13 @@ def resume(out, backup_dir):
                    "phases": history.phase_of_epoch()}, f)
 
 
-def _peak_rss() -> int:
-    """This process's peak resident memory in bytes.
-
-    Linux keeps `ru_maxrss` across `exec`: a child started by a large pytest
-    process reports the parent's size (5 GB where this run used 0.5). The
-    kernel's high-water mark of the process's own memory map, `VmHWM`, starts
-    afresh at `exec`.
-    """
-    import resource
-
-    try:
-        with open("/proc/self/status", encoding="ascii") as status:
-            for line in status:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) * 1024  # kB
-    except OSError:
-        pass
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
-
-
 def memory(out, backbone, size, batch, phase):
     """Peak resident memory of one training phase, and the estimate for it."""
     import numpy as np
     import psutil
 
     import keras_transfer as kt
-    from keras_transfer.memory import estimate_memory
+    from keras_transfer.memory import estimate_memory, process_memory
 
     size, batch = int(size), int(batch)
     rng = np.random.default_rng(0)
@@ -205,7 +185,7 @@ def memory(out, backbone, size, batch, phase):
               else kt.FineTunePhase(epochs=1, learning_rate=1e-4))
     estimate = estimate_memory(model, batch, chosen)
     model.fit(x, y, phases=[chosen], batch_size=batch, verbose=0)
-    peak = _peak_rss()
+    peak = process_memory()["peak"]  # VmHWM: ru_maxrss would be the parent's
     with open(os.path.join(out, f"memory-{backbone}-{phase}.json"), "w") as f:
         json.dump({"measured": peak - baseline, "baseline": baseline, "peak": peak,
                    "estimate": estimate.as_dict()}, f)

@@ -76,3 +76,11 @@ def test_estimate_is_within_a_factor_1_5_of_measured_peak_memory(tmp_path):
                              f"memory-{backbone}-{phase}.json").read_text())
         ratio = result["estimate"]["total"] / result["measured"]
         assert 1 / 1.5 <= ratio <= 1.5, (backbone, phase, result)
+
+
+def test_process_memory_reads_this_process():
+    before = memory.process_memory()
+    block = bytearray(64 * 2**20)  # touched: 64 MiB resident
+    after = memory.process_memory()
+    assert after["peak"] >= after["now"] >= before["now"] + 60 * 2**20
+    del block
