@@ -25,7 +25,7 @@ _MODULES = {
     "data": ("task_schedule",),
     "distribute": ("get_strategy",),
     "errors": (
-        "BackboneError", "DataError", "ExportError", "KerasTransferError",
+        "BackboneError", "BackendError", "DataError", "ExportError", "KerasTransferError",
         "TrainingDivergedError", "WeightsError",
     ),
     "export": ("load_metadata",),

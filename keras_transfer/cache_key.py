@@ -15,7 +15,6 @@ import json
 
 import keras
 import numpy as np
-import tensorflow as tf
 
 
 def _digest(*parts) -> str:
@@ -141,7 +140,7 @@ def _update_hash(h, structure) -> str:
     caller hashes once.
     """
     layout = []
-    for tensor in tf.nest.flatten(structure):
+    for tensor in keras.tree.flatten(structure):
         value = tensor.numpy() if hasattr(tensor, "numpy") else np.asarray(tensor)
         if value.dtype == object:  # strings: length-prefixed, so "ab","c" != "a","bc"
             for item in value.reshape(-1):
@@ -165,14 +164,14 @@ class _DataFingerprint:
     def update(self, inputs, labels) -> None:
         layout = _update_hash(self.inputs, inputs) + "|" + _update_hash(self.labels, labels)
         self.layouts.add(layout)
-        self.count += int(tf.nest.flatten(labels)[0].shape[0])
+        self.count += int(keras.tree.flatten(labels)[0].shape[0])
 
     def hexdigest(self) -> str:
         return _digest(self.inputs.hexdigest(), self.labels.hexdigest(), self.count,
                        sorted(self.layouts))
 
 
-def data_fingerprint(dataset: tf.data.Dataset) -> tuple[str, int]:
+def data_fingerprint(dataset) -> tuple[str, int]:
     """Hashes the inputs and labels the backbone would see, without running it.
 
     Args:

@@ -47,8 +47,10 @@ class DivergenceGuard(keras.callbacks.Callback):
         if loss is None:
             return
         loss = float(loss)
-        if self._first is None and math.isfinite(loss):
-            self._first = max(abs(loss), 1e-2)
+        # The reference is the first loss above 0: a first batch of a head with
+        # loss_weight=0 (several heads) gives 0, and would make any loss a divergence.
+        if self._first is None and math.isfinite(loss) and loss > 0:
+            self._first = max(loss, 1e-2)
         if math.isfinite(loss) and (self._first is None or loss <= self.factor * self._first):
             return
         self.model.stop_training = True

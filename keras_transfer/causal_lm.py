@@ -12,9 +12,8 @@ import logging
 import os
 
 import keras
-import tensorflow as tf
 
-from keras_transfer import training
+from keras_transfer import backend, training
 from keras_transfer.callbacks import DivergenceGuard
 from keras_transfer.data import steps_of
 from keras_transfer.errors import BackboneError
@@ -64,6 +63,7 @@ def adapt_causal_lm(causal_lm, texts, *, epochs=1, batch_size=8, sequence_length
     source = as_text_source(list(texts))
     if sequence_length is not None:
         causal_lm.preprocessor.sequence_length = sequence_length
+    tf = backend.tensorflow("adapt_causal_lm")
     dataset = tf.data.Dataset.from_tensor_slices(source.texts).shuffle(
         len(source.texts)).batch(batch_size)
     steps = steps_of(dataset)

@@ -14,8 +14,9 @@ import functools
 import logging
 
 import numpy as np
-import tensorflow as tf
 
+from keras_transfer import backend
+from keras_transfer.batches import JoinedBatches, is_batches
 from keras_transfer.errors import DataError
 
 logger = logging.getLogger("keras_transfer")
@@ -197,15 +198,22 @@ class EpochSeed:
 
     def __init__(self, seed: int):
         self.seed = int(seed)
-        with tf.init_scope():
-            self.epoch = tf.Variable(0, dtype=tf.int64, trainable=False, name="shuffle_epoch")
+        self.epoch_number = 0
+        self._variable = None  # the epoch for tf.data pipelines, made when one needs it
 
     def set_epoch(self, epoch: int) -> None:
-        self.epoch.assign(int(epoch))
+        self.epoch_number = int(epoch)
+        if self._variable is not None:
+            self._variable.assign(self.epoch_number)
 
-    def tensor(self) -> tf.Tensor:
+    def tensor(self):
         """This pass's seed; read inside a dataset function, when the pass starts."""
-        return tf.constant(self.seed, tf.int64) * 1_000_003 + self.epoch.read_value()
+        tf = backend.tensorflow("tf.data pipelines")
+        if self._variable is None:
+            with tf.init_scope():
+                self._variable = tf.Variable(self.epoch_number, dtype=tf.int64,
+                                             trainable=False, name="shuffle_epoch")
+        return tf.constant(self.seed, tf.int64) * 1_000_003 + self._variable.read_value()
 
     def __int__(self) -> int:
         return self.seed
@@ -214,7 +222,7 @@ class EpochSeed:
         return f"EpochSeed({self.seed})"
 
 
-def shuffle_each_epoch(dataset: tf.data.Dataset, buffer_size: int, seed=None):
+def shuffle_each_epoch(dataset, buffer_size: int, seed=None):
     """`dataset.shuffle` in a new order every pass.
 
     Args:
@@ -226,6 +234,7 @@ def shuffle_each_epoch(dataset: tf.data.Dataset, buffer_size: int, seed=None):
     Returns:
         The shuffled dataset, with the cardinality of `dataset`.
     """
+    tf = backend.tensorflow("tf.data pipelines")
     if not isinstance(seed, EpochSeed):
         return dataset.shuffle(buffer_size, seed=seed, reshuffle_each_iteration=True)
     cardinality = int(dataset.cardinality())
@@ -288,7 +297,7 @@ def check_sampling(sampling) -> str:
 
 
 def join_heads(datasets: dict, heads: dict, *, training: bool, sampling: str = "round_robin",
-               seed=None, class_weights: dict | None = None) -> tuple[tf.data.Dataset, int]:
+               seed=None, class_weights: dict | None = None) -> tuple:
     """Joins each head's batches into the one pipeline a model with N heads trains on.
 
     Every batch holds the data of ONE head, with targets for all heads and a
@@ -313,6 +322,10 @@ def join_heads(datasets: dict, heads: dict, *, training: bool, sampling: str = "
         {head: mask})`, and the number of batches in one pass.
     """
     class_weights = class_weights or {}
+    names = [name for name in heads if name in datasets]
+    if is_batches(datasets[names[0]]):
+        return _join_batches(datasets, names, heads, training, sampling, seed, class_weights)
+    tf = backend.tensorflow("tf.data pipelines")
 
     def router(name):
         table = class_weights.get(name)
@@ -337,7 +350,6 @@ def join_heads(datasets: dict, heads: dict, *, training: bool, sampling: str = "
 
         return route
 
-    names = [name for name in heads if name in datasets]
     routed = [datasets[n].map(router(n), num_parallel_calls=tf.data.AUTOTUNE) for n in names]
     batches = {n: steps_of(datasets[n], n) for n in names}
     if not training or len(names) == 1:
@@ -360,20 +372,64 @@ def join_heads(datasets: dict, heads: dict, *, training: bool, sampling: str = "
     return joint.prefetch(tf.data.AUTOTUNE), steps
 
 
-def weigh_classes(dataset: tf.data.Dataset, class_weight) -> tf.data.Dataset:
+def _join_batches(datasets, names, heads, training, sampling, seed, class_weights):
+    """`join_heads` for NumPy `Batches` (the data path off TensorFlow)."""
+    def router(name):
+        table = class_weights.get(name)
+
+        def route(inputs, labels):
+            n = len(labels)
+            targets, masks = {}, {}
+            for other, spec in heads.items():
+                shape = (n,) if spec.kind == "classification" else (n, spec.num_classes)
+                dtype = np.int64 if spec.kind == "classification" else np.float32
+                if other == name:
+                    targets[other] = np.asarray(labels, dtype).reshape(shape)
+                    masks[other] = (np.ones(n, np.float32) if table is None else
+                                    np.asarray(table, np.float32)[targets[other]])
+                else:
+                    targets[other] = np.zeros(shape, dtype)
+                    masks[other] = np.zeros(n, np.float32)
+            return inputs, targets, masks
+
+        return route
+
+    routed = [datasets[n].map(router(n)) for n in names]
+    batches = {n: steps_of(datasets[n], n) for n in names}
+    if not training or len(names) == 1:
+        schedule = [i for i, n in enumerate(names) for _ in range(batches[n])]
+        joint = JoinedBatches(routed, schedule)
+    else:
+        order = task_schedule(batches, sampling, None if seed is None else int(seed))
+        joint = JoinedBatches(routed, [names.index(n) for n in order],
+                              reshuffle_seed=seed if sampling == "proportional" else None)
+    return joint, len(joint)
+
+
+def weigh_classes(dataset, class_weight):
     """Adds Keras sample weights `class_weight[label]` to `(inputs, labels)` batches."""
+    if is_batches(dataset):
+        table = np.asarray(class_weight, np.float32)
+        return dataset.map(lambda inputs, labels: (inputs, labels,
+                                                   table[np.asarray(labels, np.int64)]))
+    tf = backend.tensorflow("tf.data pipelines")
     table = tf.constant(class_weight, tf.float32)
     return dataset.map(lambda inputs, labels: (inputs, labels, tf.gather(table, labels)),
                        num_parallel_calls=tf.data.AUTOTUNE)
 
 
-def steps_of(dataset: tf.data.Dataset, name: str | None = None) -> int:
+def steps_of(dataset, name: str | None = None) -> int:
     """Batches in one pass of a finite dataset (counted if unknown).
 
     Raises:
         DataError: for an infinite or empty dataset, naming the head.
     """
     where = f"Head {name!r}: " if name else ""
+    if is_batches(dataset):
+        if len(dataset) == 0:
+            raise DataError(f"{where}The data is empty: it yields no batches.")
+        return len(dataset)
+    tf = backend.tensorflow("tf.data pipelines")
     n = int(dataset.cardinality())
     if n == tf.data.INFINITE_CARDINALITY:
         raise DataError(f"{where}Received an infinite dataset; repeat() is not needed, "

@@ -1,4 +1,4 @@
-"""Choosing and using a `tf.distribute` strategy: devices, TPUs, many workers.
+"""Choosing and using a distribution: `tf.distribute` strategies, `keras.distribution` on JAX.
 
 A Keras model must be built and compiled inside the scope of the strategy it
 trains with. Transfer models take `strategy=` at construction, build every
@@ -34,6 +34,15 @@ pipeline and file writes run on the remote TPU host: image folders must be
 on storage it reads (GCS), and SavedModel exports to a local disk would need
 `experimental_io_device` (not set here). Not run here: no TPU was lent;
 without one, `"tpu"` fails at once with a message that says where it looked.
+
+On JAX, the same names map to Keras's own distributed engine for that
+backend, `keras.distribution`: `"auto"`, `"mirrored"` and `"tpu"` give
+`DataParallel` over the local accelerators (variables replicated, every
+batch split over them; nothing when there is one device), `"cpu"` and
+`"default"` none; a `keras.distribution.Distribution` is used as given.
+`"multi_worker"` is TensorFlow's (call `keras.distribution.initialize()`
+on every host and pass `DataParallel()` for JAX across machines).
+TensorFlow is imported only for `tf.distribute` (see `backend.py`).
 """
 
 from __future__ import annotations
@@ -44,7 +53,9 @@ import json
 import logging
 import os
 
-import tensorflow as tf
+import keras
+
+from keras_transfer import backend
 
 logger = logging.getLogger("keras_transfer")
 
@@ -57,7 +68,11 @@ _MULTI_WORKER = None
 _TPU = None
 
 
-def get_strategy(strategy=None) -> tf.distribute.Strategy | None:
+def _tf():
+    return backend.tensorflow("tf.distribute strategies")
+
+
+def get_strategy(strategy=None):
     """Resolves a strategy argument.
 
     Args:
@@ -71,7 +86,8 @@ def get_strategy(strategy=None) -> tf.distribute.Strategy | None:
             device) or `"default"` (same as None).
 
     Returns:
-        A `tf.distribute.Strategy`, or None for the default.
+        A `tf.distribute.Strategy` (TensorFlow), a
+        `keras.distribution.Distribution` (other backends), or None.
 
     Raises:
         RuntimeError: `"multi_worker"` after TensorFlow has run operations,
@@ -80,8 +96,12 @@ def get_strategy(strategy=None) -> tf.distribute.Strategy | None:
     Example:
         >>> model = kt.ImageTransferModel("resnet50", 10, weights=None, strategy="auto")
     """
-    if strategy is None or isinstance(strategy, tf.distribute.Strategy):
+    if strategy is None or backend.is_tf_strategy(strategy) \
+            or is_keras_distribution(strategy):
         return strategy
+    if not backend.is_tensorflow():
+        return _keras_distribution(strategy)
+    tf = _tf()
     if strategy == "default":
         return None
     if strategy == "cpu":
@@ -105,8 +125,34 @@ def get_strategy(strategy=None) -> tf.distribute.Strategy | None:
     )
 
 
+def is_keras_distribution(value) -> bool:
+    """Whether `value` is a `keras.distribution` (DataParallel, ModelParallel)."""
+    # Keras exports no base class of its distributions; these two make one.
+    return hasattr(value, "device_mesh") and hasattr(value, "get_data_layout")
+
+
+def _keras_distribution(strategy):
+    """`strategy` (a name) as a `keras.distribution` on a backend other than TensorFlow."""
+    if strategy in ("default", "cpu"):
+        return None
+    if strategy == "multi_worker":
+        raise ValueError(
+            f"Received strategy='multi_worker' on the {backend.name()!r} backend; it is "
+            "TensorFlow's MultiWorkerMirroredStrategy. On JAX, call "
+            "keras.distribution.initialize() on every host and pass "
+            "strategy=keras.distribution.DataParallel().")
+    if strategy not in STRATEGY_NAMES:
+        raise ValueError(f"Received strategy={strategy!r}; expected a "
+                         f"keras.distribution.Distribution, None, or one of {STRATEGY_NAMES}.")
+    devices = keras.distribution.list_devices()
+    if len(devices) < 2:
+        return None  # one device: nothing to distribute
+    return keras.distribution.DataParallel(devices=devices)
+
+
 def _multi_worker_strategy():
     global _MULTI_WORKER
+    tf = _tf()
     if _MULTI_WORKER is not None:
         return _MULTI_WORKER
     if "TF_CONFIG" not in os.environ:
@@ -129,7 +175,7 @@ def _multi_worker_strategy():
     return _MULTI_WORKER
 
 
-def find_tpu() -> tf.distribute.cluster_resolver.TPUClusterResolver | None:
+def find_tpu():
     """A resolver for the TPU this machine can use, or None without one.
 
     It looks only where a TPU can be: `TPU_NAME` (a TPU node or pod, the way
@@ -144,11 +190,12 @@ def find_tpu() -> tf.distribute.cluster_resolver.TPUClusterResolver | None:
         if not (glob.glob("/dev/accel*") or glob.glob("/dev/vfio/[0-9]*")):
             return None
         name = "local"  # a TPU VM: the chips are attached to this host
-    return tf.distribute.cluster_resolver.TPUClusterResolver(tpu=name)
+    return _tf().distribute.cluster_resolver.TPUClusterResolver(tpu=name)
 
 
 def _tpu_strategy(required: bool):
     global _TPU
+    tf = _tf()
     if _TPU is not None:
         return _TPU
     where = ("Checked $TPU_NAME, $KUBE_GOOGLE_CLOUD_TPU_ENDPOINTS, $COLAB_TPU_ADDR and the "
@@ -184,18 +231,27 @@ def _tpu_strategy(required: bool):
 # ------------------------------------------------------------------ queries
 def num_replicas(strategy=None) -> int:
     """Replicas that train in sync (1 without a strategy)."""
-    return 1 if strategy is None else int(strategy.num_replicas_in_sync)
+    if strategy is None:
+        return 1
+    if is_keras_distribution(strategy):
+        return int(strategy.device_mesh.devices.size)
+    return int(strategy.num_replicas_in_sync)
 
 
 def is_multi_worker(strategy) -> bool:
     """Whether `strategy` spans several worker processes."""
+    if not backend.is_tf_strategy(strategy):
+        return False
     # More replicas in sync than this process has devices: others elsewhere.
-    return (isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy)
+    return (isinstance(strategy, _tf().distribute.MultiWorkerMirroredStrategy)
             and strategy.num_replicas_in_sync > len(strategy.extended.worker_devices))
 
 
 def is_tpu(strategy) -> bool:
     """Whether `strategy` trains on TPU cores."""
+    if not backend.is_tf_strategy(strategy):
+        return False
+    tf = _tf()
     return isinstance(strategy, (tf.distribute.TPUStrategy,
                                  tf.distribute.experimental.TPUStrategy))
 
@@ -205,8 +261,11 @@ def needs_full_batches(strategy) -> bool:
 
     TPUs compile for one batch shape. With several workers a last partial
     batch is split unevenly, and a replica's loss, a mean over its own
-    examples scaled by 1/replicas, then weighs that step wrongly.
+    examples scaled by 1/replicas, then weighs that step wrongly. A
+    `keras.distribution` on several devices splits every batch evenly.
     """
+    if is_keras_distribution(strategy):
+        return num_replicas(strategy) > 1
     return is_multi_worker(strategy) or is_tpu(strategy)
 
 
@@ -250,6 +309,7 @@ def all_workers_agree(strategy, flag: bool) -> bool:
     """True only where `flag` is true on every worker (a collective: call it on all)."""
     if not is_multi_worker(strategy):
         return bool(flag)
+    tf = _tf()
     value = strategy.run(tf.function(lambda: tf.constant(1.0 if flag else 0.0)))
     # Only SUM and MEAN reduce: every replica says yes when the sum is the count.
     total = float(strategy.reduce("SUM", value, axis=None))
@@ -258,19 +318,20 @@ def all_workers_agree(strategy, flag: bool) -> bool:
 
 # ------------------------------------------------------------------ scopes
 def scope(strategy):
-    """The strategy's scope, or a no-op context for None."""
+    """The strategy's (or Keras distribution's) scope, or a no-op context for None."""
     return strategy.scope() if strategy is not None else contextlib.nullcontext()
 
 
 def model_scope(model):
-    """The scope of the strategy `model` was built in (a no-op off TensorFlow)."""
-    strategy = getattr(model, "distribute_strategy", None)
-    return strategy.scope() if strategy is not None else contextlib.nullcontext()
+    """The scope of the strategy or Keras distribution `model` was built in."""
+    return scope(strategy_of(model))
 
 
 def strategy_of(model):
-    """The strategy `model` was built in, or None (the default strategy)."""
-    return getattr(model, "_distribute_strategy", None)
+    """The strategy (TensorFlow) or Keras distribution (JAX) `model` was built in, or None."""
+    if backend.is_tensorflow():
+        return getattr(model, "_distribute_strategy", None)
+    return getattr(model, "_keras_distribution", None)
 
 
 # -------------------------------------------------------- Keras fit, N workers
@@ -302,14 +363,18 @@ class MultiWorkerFitMixin:
             iterator = None
         return super()._maybe_symbolic_build(iterator=iterator, data_batch=data_batch)
 
-    def train_step(self, data):
-        return _logs_as_vectors(super().train_step(data))
+    # `*args`: JAX's steps take `(state, data)` and return `(logs, state)`, left as they are.
+    def train_step(self, *args):
+        return _logs_as_vectors(super().train_step(*args))
 
-    def test_step(self, data):
-        return _logs_as_vectors(super().test_step(data))
+    def test_step(self, *args):
+        return _logs_as_vectors(super().test_step(*args))
 
 
 def _logs_as_vectors(logs):
+    if not backend.is_tensorflow():
+        return logs
+    tf = _tf()
     if is_multi_worker(tf.distribute.get_strategy()):
         return tf.nest.map_structure(lambda v: tf.reshape(v, (1,)), logs)
     return logs

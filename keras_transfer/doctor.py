@@ -69,23 +69,14 @@ def system_report(backbone: str | None = "mobilenet_v2", input_size: int | None 
     """
     import keras
     import numpy as np
-    import tensorflow as tf
 
     from keras_transfer import __version__
-    from keras_transfer.distribute import find_tpu
 
-    gpus = []
-    totals = gpu_memory_totals()
-    for index, device in enumerate(tf.config.list_physical_devices("GPU")):
-        details = tf.config.experimental.get_device_details(device)
-        gpus.append({"name": details.get("device_name", device.name),
-                     "compute_capability": details.get("compute_capability"),
-                     "memory": totals[index] if index < len(totals) else None})
-    try:
-        tpu = find_tpu()
-        tpu_found = None if tpu is None else (tpu.master() or "local TPU VM")
-    except (ValueError, RuntimeError) as error:
-        tpu_found = f"a TPU is named but cannot be resolved: {error}"
+    if keras.backend.backend() == "tensorflow":
+        devices = _tensorflow_devices()
+    else:
+        devices = _keras_devices()
+    gpus, tpu_found, tf_version, built_with_cuda = devices
     ram, ram_source = available_memory("CPU")
     try:
         import psutil
@@ -93,17 +84,20 @@ def system_report(backbone: str | None = "mobilenet_v2", input_size: int | None 
         ram_total = int(psutil.virtual_memory().total)
     except ImportError:
         ram_total = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    on_tensorflow = keras.backend.backend() == "tensorflow"
     if tpu_found:
-        auto = "TPUStrategy"
+        auto = "TPUStrategy" if on_tensorflow else "keras.distribution.DataParallel over the TPU"
     elif len(gpus) > 1:
-        auto = f"MirroredStrategy over {len(gpus)} GPUs"
+        auto = (f"MirroredStrategy over {len(gpus)} GPUs" if on_tensorflow else
+                f"keras.distribution.DataParallel over {len(gpus)} GPUs")
     else:
         auto = "the default strategy (one device)"
     report = {
-        "versions": {"keras_transfer": __version__, "tensorflow": tf.__version__,
-                     "keras": keras.__version__, "keras_hub": _version("keras-hub"),
-                     "numpy": np.__version__, "python": platform.python_version(),
-                     "tensorflow_built_with_cuda": tf.test.is_built_with_cuda()},
+        "versions": {"keras_transfer": __version__, "keras_backend": keras.backend.backend(),
+                     "tensorflow": tf_version, "keras": keras.__version__,
+                     "keras_hub": _version("keras-hub"), "numpy": np.__version__,
+                     "python": platform.python_version(),
+                     "tensorflow_built_with_cuda": built_with_cuda},
         "cpu": cpu_info(),
         "memory": {"total": ram_total, "available": ram, "source": ram_source},
         "gpus": gpus,
@@ -129,6 +123,40 @@ def system_report(backbone: str | None = "mobilenet_v2", input_size: int | None 
     return report
 
 
+def _tensorflow_devices():
+    """`(gpus, tpu, TensorFlow version, built with CUDA)` as TensorFlow sees them."""
+    import tensorflow as tf
+
+    from keras_transfer.distribute import find_tpu
+
+    gpus = []
+    totals = gpu_memory_totals()
+    for index, device in enumerate(tf.config.list_physical_devices("GPU")):
+        details = tf.config.experimental.get_device_details(device)
+        gpus.append({"name": details.get("device_name", device.name),
+                     "compute_capability": details.get("compute_capability"),
+                     "memory": totals[index] if index < len(totals) else None})
+    try:
+        tpu = find_tpu()
+        tpu_found = None if tpu is None else (tpu.master() or "local TPU VM")
+    except (ValueError, RuntimeError) as error:
+        tpu_found = f"a TPU is named but cannot be resolved: {error}"
+    return gpus, tpu_found, tf.__version__, tf.test.is_built_with_cuda()
+
+
+def _keras_devices():
+    """The same as `_tensorflow_devices`, from the devices another Keras backend sees."""
+    import keras
+
+    devices = keras.distribution.list_devices()
+    totals = gpu_memory_totals()
+    gpus = [{"name": name, "compute_capability": None,
+             "memory": totals[i] if i < len(totals) else None}
+            for i, name in enumerate(d for d in devices if d.lower().startswith("gpu"))]
+    tpus = [d for d in devices if d.lower().startswith("tpu")]
+    return gpus, f"{len(tpus)} TPU cores" if tpus else None, _version("tensorflow"), None
+
+
 def format_report(report: dict) -> str:
     """The report as the lines `keras-transfer doctor` prints."""
     v, cpu, ram = report["versions"], report["cpu"], report["memory"]
@@ -136,7 +164,9 @@ def format_report(report: dict) -> str:
         "Versions: " + ", ".join(f"{k} {v[k]}" for k in
                                  ("keras_transfer", "tensorflow", "keras", "keras_hub",
                                   "numpy", "python")),
-        f"  TensorFlow built with CUDA: {'yes' if v['tensorflow_built_with_cuda'] else 'no'}",
+        f"  Keras backend: {v['keras_backend']}"
+        + ("" if v["tensorflow_built_with_cuda"] is None else
+           f"; TensorFlow built with CUDA: {'yes' if v['tensorflow_built_with_cuda'] else 'no'}"),
         f"CPU: {cpu['name']}, {cpu['cores']} cores for this process",
         "  features: " + (", ".join(cpu["features"]) or "unknown")
         + (f" (not: {', '.join(cpu['missing'])})" if cpu["missing"] else ""),
@@ -150,7 +180,7 @@ def format_report(report: dict) -> str:
             lines.append(f"GPU {i}: {gpu['name']}, compute capability "
                          f"{gpu['compute_capability']}, {memory}")
     else:
-        lines.append("GPUs: none seen by TensorFlow")
+        lines.append(f"GPUs: none seen by {v['keras_backend']}")
     lines.append(f"TPU: {report['tpu'] or 'none found'}")
     lines.append(f"strategy='auto' would use {report['auto_strategy']}.")
     for e in report["estimates"]:

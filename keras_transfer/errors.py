@@ -28,3 +28,7 @@ class TrainingDivergedError(KerasTransferError, RuntimeError):
 
 class ExportError(KerasTransferError, FileExistsError):
     """An export that would overwrite or lose an existing one."""
+
+
+class BackendError(KerasTransferError, RuntimeError):
+    """A feature that needs TensorFlow, used without it or on another Keras backend."""

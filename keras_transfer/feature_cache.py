@@ -71,8 +71,9 @@ import uuid
 
 import keras
 import numpy as np
-import tensorflow as tf
 
+from keras_transfer import backend
+from keras_transfer.batches import ExampleBatches, is_batches
 from keras_transfer.cache_key import (
     _augmentation_key,
     _DataFingerprint,
@@ -161,7 +162,7 @@ class FeatureCache:
     def dataset(self, batch_size: int = 32, shuffle: bool = False, seed=None,
                 copy: int | None = None,
                 shuffle_buffer_bytes: int = DEFAULT_SHUFFLE_BYTES,
-                drop_remainder: bool = False) -> tf.data.Dataset:
+                drop_remainder: bool = False):
         """Streams `(features, labels)` batches from the shards.
 
         Args:
@@ -178,8 +179,9 @@ class FeatureCache:
             drop_remainder: bool. Drop a last partial batch.
 
         Returns:
-            A `tf.data.Dataset` of `(features, labels)` batches with a known
-            number of batches.
+            `(features, labels)` batches with a known number of batches: a
+            `tf.data.Dataset` on TensorFlow, a `batches.ExampleBatches` of
+            memory-mapped shards elsewhere.
 
         Example:
             >>> cache = extract_features(model, x, y)
@@ -192,6 +194,9 @@ class FeatureCache:
         manifest = self.manifest
         if copy is not None and not 0 <= copy < self.copies:
             raise ValueError(f"Received copy={copy}; this cache holds copies 0..{self.copies - 1}.")
+        if not backend.is_tensorflow():
+            return self._numpy_batches(batch_size, shuffle, seed, copy, drop_remainder)
+        tf = backend.tensorflow("tf.data pipelines")
         feature_dtype = np.dtype(manifest["feature_dtype"])
         label_dtype = np.dtype(manifest["label_dtype"])
         feature_shape = tuple(manifest["feature_shape"])
@@ -215,7 +220,7 @@ class FeatureCache:
             passes = itertools.count()  # a new pass (an epoch) takes the next copy
 
             def next_copy():
-                epoch = int(seed.epoch.numpy()) if isinstance(seed, EpochSeed) else next(passes)
+                epoch = seed.epoch_number if isinstance(seed, EpochSeed) else next(passes)
                 yield from zip(*files(epoch % self.copies))
 
             spec = (tf.TensorSpec((), tf.string), tf.TensorSpec((), tf.string),
@@ -248,13 +253,45 @@ class FeatureCache:
         dataset = dataset.map(decode, num_parallel_calls=tf.data.AUTOTUNE)
         return self._counted(dataset, batch_size, drop_remainder)
 
-    def _in_memory(self, batch_size, shuffle, seed, copy, drop_remainder) -> tf.data.Dataset:
+    def _numpy_batches(self, batch_size, shuffle, seed, copy, drop_remainder):
+        """`dataset()` off TensorFlow: rows gathered from the memory-mapped shards.
+
+        The whole cache is shuffled (reading rows of a memory map in any
+        order costs what reading them in order does once they are in the
+        page cache); epoch i reads copy `i % copies` unless `copy` is given.
+        """
+        copies = {}
+
+        def rows(copy_index):
+            if copy_index not in copies:
+                copies[copy_index] = _ShardRows(self.path, self._shards(copy_index))
+            return copies[copy_index]
+
+        class CacheBatches(ExampleBatches):
+            def batch(self, index, epoch):
+                (chosen,) = super().batch(index, epoch)
+                return rows(copy if copy is not None else epoch % cache_copies).take(chosen)
+
+        cache_copies = self.copies
+        batches = CacheBatches((np.arange(self.num_examples),), batch_size, shuffle=shuffle,
+                               seed=seed, drop_remainder=drop_remainder)
+        if len(batches) == 0:
+            self._no_full_batch(batch_size)
+        return batches
+
+    def _no_full_batch(self, batch_size):
+        raise DataError(f"Received batch_size={batch_size} with drop_remainder for a cache "
+                        f"of {self.num_examples} examples: no full batch. Lower the "
+                        "batch size.")
+
+    def _in_memory(self, batch_size, shuffle, seed, copy, drop_remainder):
         """`dataset()` for a copy that fits the shuffle budget: read once, batches gathered.
 
         The shuffle buffer would hold all of it anyway; shuffling indices and
         gathering whole batches costs a few operations a batch instead of a
         few a record, which is most of a head epoch on cached features.
         """
+        tf = backend.tensorflow("tf.data pipelines")
         features, labels = (tf.constant(part) for part in self.load(copy))
         order = tf.data.Dataset.range(self.num_examples)
         if shuffle:
@@ -263,14 +300,13 @@ class FeatureCache:
             lambda index: (tf.gather(features, index), tf.gather(labels, index)))
         return self._counted(dataset, batch_size, drop_remainder)
 
-    def _counted(self, dataset, batch_size, drop_remainder) -> tf.data.Dataset:
+    def _counted(self, dataset, batch_size, drop_remainder):
         """The batches with their number asserted (Keras needs it), prefetched."""
+        tf = backend.tensorflow("tf.data pipelines")
         batches = (self.num_examples // batch_size if drop_remainder
                    else math.ceil(self.num_examples / batch_size))
         if batches == 0:
-            raise DataError(f"Received batch_size={batch_size} with drop_remainder for a cache "
-                            f"of {self.num_examples} examples: no full batch. Lower the "
-                            "batch size.")
+            self._no_full_batch(batch_size)
         dataset = dataset.apply(tf.data.experimental.assert_cardinality(batches))
         return dataset.prefetch(tf.data.AUTOTUNE)
 
@@ -403,16 +439,63 @@ def _pid_alive(pid: int) -> bool:
 
 
 
-def _feature_function(model, spec, augmentation=None):
-    """One traced function: a raw input batch -> the features the heads take.
+class _ShardRows:
+    """The rows of one copy's shards, memory-mapped, gathered by example index."""
 
-    The backbone always runs in inference mode. The function is traced once
-    for any batch size (the batch dimension of `spec` is left open) and kept
+    def __init__(self, folder: str, shards: list[dict]):
+        def mapped(part):
+            return [np.load(os.path.join(folder, s[part]["file"]), mmap_mode="r")
+                    for s in shards]
+
+        self.features, self.labels = mapped("features"), mapped("labels")
+        self.starts = np.cumsum([0] + [len(f) for f in self.features])
+
+    def take(self, indices: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        shard = np.searchsorted(self.starts, indices, side="right") - 1
+        parts = []
+        for values in (self.features, self.labels):
+            out = np.empty((len(indices), *values[0].shape[1:]), values[0].dtype)
+            for s in np.unique(shard):
+                where = shard == s
+                out[where] = values[s][indices[where] - self.starts[s]]
+            parts.append(out)
+        return tuple(parts)
+
+
+class _FeatureModel(keras.Model):
+    """The backbone in inference mode (after augmentation) as a model Keras compiles.
+
+    Off TensorFlow, `predict_on_batch` of this model is the compiled
+    feature function (a `jax.jit` on JAX), with the augmentation's random
+    state carried between calls.
+    """
+
+    def __init__(self, backbone, augmentation=None):
+        super().__init__(name="feature_extractor")
+        self.backbone = backbone
+        self.augmentation = augmentation
+
+    def call(self, inputs):
+        if self.augmentation is not None:
+            inputs = self.augmentation(inputs, training=True)
+        return self.backbone(inputs, training=False)
+
+
+def _feature_function(model, spec, augmentation=None):
+    """One compiled function: a raw input batch -> the features the heads take.
+
+    The backbone always runs in inference mode. On TensorFlow the function
+    is traced once for any batch size (the batch dimension of `spec` is left
+    open); elsewhere Keras compiles `_FeatureModel`'s prediction. It is kept
     on the model, so the training and validation data share it.
     """
     key = ("_feature_functions", id(augmentation))
     functions = model.__dict__.setdefault("_feature_functions", {})
+    if key not in functions and not backend.is_tensorflow():
+        functions[key] = _FeatureModel(model.backbone, augmentation).predict_on_batch
     if key not in functions:
+        tf = backend.tensorflow("tf.function")
+
         def features(inputs):
             if augmentation is not None:
                 inputs = augmentation(inputs, training=True)
@@ -436,9 +519,10 @@ def _replicated(model, function, batch_size: int):
     from keras_transfer.distribute import is_multi_worker, is_tpu, strategy_of
 
     strategy = strategy_of(model)
-    if strategy is None or (strategy.num_replicas_in_sync == 1
+    if strategy is None or not backend.is_tensorflow() or (strategy.num_replicas_in_sync == 1
                             and not (is_tpu(strategy) or is_multi_worker(strategy))):
         return function
+    tf = backend.tensorflow("tf.distribute strategies")
     replicas = strategy.num_replicas_in_sync
     share = math.ceil(batch_size / replicas)
 
@@ -603,9 +687,13 @@ def _plain_dataset(model, x, y, head, batch_size):
         raise TypeError(f"Received a {type(model).__name__}; feature extraction needs a "
                         "keras_transfer TransferModel (e.g. kt.ImageTransferModel).")
     head = model.resolve_head(head, "whose labels these are")
-    labels_inside = isinstance(x, (str, os.PathLike, tf.data.Dataset))
+    labels_inside = isinstance(x, (str, os.PathLike)) or backend.is_tf_dataset(x)
     if y is None and not labels_inside:
         dataset = model.backbone.predict_dataset(x, batch_size=batch_size)
+        if is_batches(dataset):
+            return dataset.map(lambda inputs: (inputs, np.full(
+                len(keras.tree.flatten(inputs)[0]), -1, np.int64))), False
+        tf = backend.tensorflow("tf.data pipelines")
         return dataset.map(lambda inputs: (inputs, tf.fill(
             tf.shape(tf.nest.flatten(inputs)[0])[:1], tf.constant(-1, tf.int64)))), False
     return model.head_dataset(head, x, y, batch_size=batch_size), True
@@ -614,7 +702,7 @@ def _plain_dataset(model, x, y, head, batch_size):
 def _extract(model, dataset, folder, shard_size, augment, copies, key, count,
              has_labels, batch_size) -> dict:
     """The extraction pass(es): writes shards into `folder`, returns the manifest."""
-    spec = dataset.element_spec[0]
+    spec = None if is_batches(dataset) else dataset.element_spec[0]
     plain = _replicated(model, _feature_function(model, spec), batch_size)
     augmented = None if augment is None else _replicated(
         model, _feature_function(model, spec, augment), batch_size)
@@ -627,10 +715,10 @@ def _extract(model, dataset, folder, shard_size, augment, copies, key, count,
             if copy == 0:
                 fingerprint.update(inputs, labels)
             features = (augmented or plain)(inputs)
-            if tf.nest.is_nested(features):
+            if keras.tree.is_nested(features):
                 raise DataError(
                     "The backbone returns several outputs "
-                    f"({[tuple(t.shape) for t in tf.nest.flatten(features)]}); feature "
+                    f"({[tuple(t.shape) for t in keras.tree.flatten(features)]}); feature "
                     "caching needs the one tensor the heads take. Cut the backbone at one "
                     "layer (cut_layer=).")
             features = keras.ops.convert_to_numpy(features)

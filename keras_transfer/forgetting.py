@@ -26,7 +26,6 @@ import re
 
 import keras
 import numpy as np
-import tensorflow as tf
 
 from keras_transfer.errors import BackboneError, DataError
 from keras_transfer.image import ImagePreprocessing
@@ -391,7 +390,7 @@ def _as_texts(texts, name="probe_images") -> list[str]:
 
 def _tokens(tokenize, texts, keys, batch_size) -> dict:
     """Token arrays `{input name: (N, sequence)}` of texts, in batches."""
-    parts = [tokenize(tf.constant(texts[i:i + batch_size]))
+    parts = [tokenize(list(texts[i:i + batch_size]))
              for i in range(0, len(texts), batch_size)]
     missing = [k for k in keys if k not in parts[0]]
     if missing:
@@ -434,7 +433,7 @@ def _as_images(images, backbone, name="probe_images") -> np.ndarray:
         images = np.repeat(images, 3, axis=-1)
     size = tuple(expected[1:3])
     if None not in size and tuple(images.shape[1:3]) != size:
-        images = tf.image.resize(images, size).numpy()
+        images = keras.ops.convert_to_numpy(keras.ops.image.resize(images, size))
     return images
 
 

@@ -9,9 +9,9 @@ from __future__ import annotations
 
 
 import keras
-import tensorflow as tf
 
 from keras_transfer import backbones as registry
+from keras_transfer.backend import tensorflow
 from keras_transfer.image_data import make_image_dataset
 from keras_transfer.errors import BackboneError, DataError
 from keras_transfer.model import TransferModel, check_tasks, heads_argument
@@ -32,8 +32,8 @@ class ImagePreprocessing(keras.layers.Layer):
             std) or `"none"` (the backbone normalises its own input).
 
     Example:
-        >>> ImagePreprocessing("tf")(np.full((1, 2, 2, 3), 255.0))[0, 0, 0]
-        <tf.Tensor: shape=(3,), dtype=float32, numpy=array([1., 1., 1.], dtype=float32)>
+        >>> keras.ops.convert_to_numpy(ImagePreprocessing("tf")(np.full((1, 2, 2, 3), 255.0)))[0, 0, 0]
+        array([1., 1., 1.], dtype=float32)
     """
 
     def __init__(self, mode="none", **kwargs):
@@ -377,6 +377,7 @@ def image_serving_endpoints(image_size, predict) -> dict:
         (RGB, or grayscale turned into RGB as `fit` does), and encoded
         JPEG/PNG/GIF/BMP/WebP bytes.
     """
+    tf = tensorflow("SavedModel export")
     height, width = image_size
 
     def serve_images(images):
@@ -438,6 +439,7 @@ def _check(value, condition, message):
     The result is data that depends on the check (not a control dependency,
     which graph optimisations may reorder), so nothing after it runs first.
     """
+    tf = tensorflow("SavedModel export")
     def fail():
         with tf.control_dependencies([tf.debugging.Assert(False, message, summarize=20)]):
             return tf.identity(value)

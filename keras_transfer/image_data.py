@@ -1,4 +1,4 @@
-"""Turning what a user has into batched `tf.data` pipelines of images.
+"""Turning what a user has into batched pipelines of images.
 
 Sources: numpy arrays `(N, H, W)`, `(N, H, W, 1)` or `(N, H, W, 3)`; a
 `tf.data.Dataset` of `(image, label)` pairs, batched or not; a folder with one
@@ -7,6 +7,10 @@ subfolder of images per class; or a TensorFlow Datasets name written
 turns grayscale into RGB, keeps raw 0-255 values as float32 (the model does
 its own preprocessing), batches and prefetches. Random augmentation layers,
 if given, run on training batches only.
+
+On the TensorFlow backend the pipeline is `tf.data`; on the others it is a
+`batches.ExampleBatches` of NumPy arrays (files decoded with Pillow) and
+`tf.data`/TFDS sources need TensorFlow (see `backend.py`).
 """
 
 
@@ -18,8 +22,9 @@ import socket
 from urllib.parse import urlparse
 
 import numpy as np
-import tensorflow as tf
 
+from keras_transfer import backend
+from keras_transfer.batches import ExampleBatches
 from keras_transfer.data import labels_for_head, shuffle_each_epoch, warn
 from keras_transfer.errors import DataError
 
@@ -35,17 +40,43 @@ class ImageSource:
     """Images and labels read from a source, before batching.
 
     Attributes:
-        dataset: unbatched `tf.data.Dataset` of `(image, label)` (labels
-            are `-1` placeholders when the source has none).
         class_names: list of str, or None when the source does not name them.
         size: number of examples, or None when unknown.
         has_labels: bool.
+        images: an `(N, H, W, C)` array, or a list of image files, or None
+            for a `tf.data`/TFDS source.
+        labels: `(N, ...)` array (`-1` placeholders without labels), with
+            `images`.
+        dataset: unbatched `tf.data.Dataset` of `(image, label)` for a
+            `tf.data`/TFDS source (see `as_tf_dataset` for the others).
     """
 
-    dataset: tf.data.Dataset
     class_names: list | None
     size: int | None
     has_labels: bool = True
+    images: object = None
+    labels: np.ndarray | None = None
+    dataset: object = None
+
+    @property
+    def are_files(self) -> bool:
+        return isinstance(self.images, list)
+
+    def as_tf_dataset(self):
+        """The unbatched `tf.data.Dataset` of `(image, label)`."""
+        if self.dataset is not None:
+            return self.dataset
+        tf = backend.tensorflow("tf.data pipelines")
+        if not self.are_files:
+            return tf.data.Dataset.from_tensor_slices((self.images, self.labels))
+
+        def load(file, label):
+            image = tf.io.decode_image(tf.io.read_file(file), channels=3,
+                                       expand_animations=False)
+            return image, label
+
+        return tf.data.Dataset.from_tensor_slices((self.images, self.labels)).map(
+            load, num_parallel_calls=tf.data.AUTOTUNE)
 
 
 def read_image_folder(path: str, class_names=None) -> ImageSource:
@@ -113,14 +144,7 @@ def read_image_folder(path: str, class_names=None) -> ImageSource:
             f"be decoded:\n  {shown}{more}\nRemove or replace them and run again."
         )
 
-    def load(file, label):
-        image = tf.io.decode_image(tf.io.read_file(file), channels=3,
-                                   expand_animations=False)
-        return image, label
-
-    dataset = tf.data.Dataset.from_tensor_slices((files, labels)).map(
-        load, num_parallel_calls=tf.data.AUTOTUNE)
-    return ImageSource(dataset, names, len(files))
+    return ImageSource(names, len(files), images=files, labels=np.asarray(labels, np.int64))
 
 
 def _image_files(folder: str, skipped: list) -> list[str]:
@@ -163,11 +187,26 @@ def folder_class_names(path: str) -> list[str]:
 
 def _is_readable_image(file: str) -> bool:
     """Decodes the file's header and data with the decoder training will use."""
+    if not backend.is_tensorflow():
+        try:
+            decode_image_file(file)
+            return True
+        except (OSError, ValueError, SyntaxError):  # what Pillow raises for bad files
+            return False
+    tf = backend.tensorflow("decoding images")
     try:
         tf.io.decode_image(tf.io.read_file(file), channels=3, expand_animations=False)
         return True
     except (tf.errors.InvalidArgumentError, tf.errors.NotFoundError):
         return False
+
+
+def decode_image_file(file: str) -> np.ndarray:
+    """An image file as a `(H, W, 3)` uint8 array (Pillow; the first frame of a GIF)."""
+    from PIL import Image
+
+    with Image.open(file) as image:
+        return np.asarray(image.convert("RGB"))
 
 
 def read_tfds(spec: str, data_dir: str | None = None) -> ImageSource:
@@ -181,6 +220,7 @@ def read_tfds(spec: str, data_dir: str | None = None) -> ImageSource:
     Returns:
         An `ImageSource` with the dataset's class names.
     """
+    backend.tensorflow("TFDS datasets")
     import tensorflow_datasets as tfds
 
     name, _, split = spec.removeprefix(TFDS_PREFIX).partition(":")
@@ -202,10 +242,11 @@ def read_tfds(spec: str, data_dir: str | None = None) -> ImageSource:
     label = info.features["label"] if "label" in info.features else None
     class_names = list(label.names) if label is not None and hasattr(label, "names") else None
     size = int(dataset.cardinality()) if int(dataset.cardinality()) >= 0 else None
-    return ImageSource(dataset, class_names, size)
+    return ImageSource(class_names, size, dataset=dataset)
 
 
 def _tfds_is_prepared(builder) -> bool:
+    tf = backend.tensorflow("TFDS datasets")
     try:
         return tf.io.gfile.exists(os.path.join(builder.data_dir, "dataset_info.json"))
     except Exception:  # noqa: BLE001 - any failure means "not prepared"
@@ -254,7 +295,8 @@ def _as_image_source(x, y, labels=None) -> ImageSource:
             f"Received data {x!r}, which is neither an existing folder nor a "
             f"TFDS name written '{TFDS_PREFIX}<name>[:<split>]'."
         )
-    if isinstance(x, tf.data.Dataset):
+    if backend.is_tf_dataset(x):
+        backend.tensorflow("tf.data inputs")
         if y is not None:
             raise DataError("Received a tf.data.Dataset and separate labels y; "
                             "put the labels in the dataset as (image, label) pairs.")
@@ -262,7 +304,8 @@ def _as_image_source(x, y, labels=None) -> ImageSource:
     return _array_source(x, y, labels)
 
 
-def _dataset_source(dataset: tf.data.Dataset) -> ImageSource:
+def _dataset_source(dataset) -> ImageSource:
+    tf = backend.tensorflow("tf.data inputs")
     spec = dataset.element_spec
     has_labels = isinstance(spec, tuple)
     image_spec = spec[0] if has_labels else spec
@@ -274,7 +317,7 @@ def _dataset_source(dataset: tf.data.Dataset) -> ImageSource:
     n = int(dataset.cardinality())
     if n == 0:
         raise DataError("Received an empty tf.data.Dataset: it has no elements.")
-    return ImageSource(dataset, None, n if n > 0 else None, has_labels)
+    return ImageSource(None, n if n > 0 else None, has_labels, dataset=dataset)
 
 
 def _array_source(x, y, label_options=None) -> ImageSource:
@@ -315,8 +358,7 @@ def _array_source(x, y, label_options=None) -> ImageSource:
         labels = np.asarray(y)
         if label_options is not None:
             labels, class_names = labels_for_head(labels, what="images", **label_options)
-    dataset = tf.data.Dataset.from_tensor_slices((x, labels))
-    return ImageSource(dataset, class_names, len(x), y is not None)
+    return ImageSource(class_names, len(x), y is not None, images=x, labels=labels)
 
 
 def _check_pixel_range(x: np.ndarray) -> None:
@@ -344,7 +386,7 @@ def make_image_dataset(
     augmentation=None,
     seed=None,
     drop_remainder: bool = False,
-) -> tuple[tf.data.Dataset, ImageSource]:
+) -> tuple:
     """Builds the batched pipeline the model trains, evaluates or predicts on.
 
     Args:
@@ -364,8 +406,9 @@ def make_image_dataset(
             workers need equal batches).
 
     Returns:
-        `(dataset, source)`: batches of `(float32 images, labels)`, and the
-        `ImageSource` with class names and size.
+        `(dataset, source)`: batches of `(float32 images, labels)` (a
+        `tf.data.Dataset` on TensorFlow, a `batches.ExampleBatches`
+        elsewhere), and the `ImageSource` with class names and size.
 
     Example:
         >>> ds, source = make_image_dataset("photos/", image_size=(224, 224),
@@ -379,6 +422,10 @@ def make_image_dataset(
         kind=kind, num_classes=num_classes, class_names=class_names)
     source = _as_image_source(x, y, label_options)
     height, width = image_size
+    if not backend.is_tensorflow():
+        return _image_batches(source, (height, width), batch_size, shuffle, augmentation, seed,
+                              drop_remainder), source
+    tf = backend.tensorflow("tf.data pipelines")
 
     def prepare(image, label):
         image = tf.convert_to_tensor(image)
@@ -392,7 +439,7 @@ def make_image_dataset(
         image = tf.ensure_shape(image, (height, width, 3))
         return image, _prepare_label(label, kind, num_classes, source.has_labels)
 
-    dataset = source.dataset
+    dataset = source.as_tf_dataset()
     if shuffle:
         dataset = shuffle_each_epoch(dataset, min(source.size or 10_000, 10_000), seed)
     dataset = dataset.map(prepare, num_parallel_calls=tf.data.AUTOTUNE)
@@ -404,7 +451,43 @@ def make_image_dataset(
     return dataset.prefetch(tf.data.AUTOTUNE), source
 
 
+def _image_batches(source, size, batch_size, shuffle, augmentation, seed, drop_remainder):
+    """`make_image_dataset` off TensorFlow: NumPy batches (labels checked by the source)."""
+    import keras
+
+    augment = None if augmentation is None else as_augmentation(augmentation)
+
+    def prepare(images, labels):
+        if source.are_files:  # sizes differ: one at a time
+            batch = np.stack([_resized(decode_image_file(file), size) for file in images])
+        else:
+            batch = _resized(images, size)
+        if augment is not None:
+            batch = keras.ops.convert_to_numpy(augment(batch, training=True))
+        return batch, labels
+
+    return ExampleBatches((source.images, source.labels), batch_size, prepare,
+                          shuffle=shuffle, seed=seed, drop_remainder=drop_remainder)
+
+
+def _resized(images, size) -> np.ndarray:
+    """An image `(H, W[, C])` or a batch `(B, H, W, C)` as float32 RGB, resized bilinearly."""
+    import keras
+
+    images = np.asarray(images, np.float32)
+    if images.ndim == 2:
+        images = images[..., np.newaxis]
+    if images.shape[-1] == 1:
+        images = np.repeat(images, 3, axis=-1)
+    if images.shape[-3:-1] != tuple(size):
+        images = keras.ops.convert_to_numpy(keras.ops.image.resize(
+            images, size, interpolation="bilinear", antialias=False))
+    return images
+
+
 def _prepare_label(label, kind, num_classes, has_labels):
+    import tensorflow as tf
+
     if not has_labels or num_classes is None:
         return label
     if kind == "classification":
@@ -424,7 +507,8 @@ def as_augmentation(augmentation):
     import keras
 
     if isinstance(augmentation, (list, tuple)):
-        return keras.Sequential(list(augmentation), name="augmentation")
+        # A Pipeline (not a Sequential) runs in tf.data on any backend.
+        return keras.layers.Pipeline(list(augmentation), name="augmentation")
     if callable(augmentation):
         return augmentation
     raise DataError(f"Received augmentation={augmentation!r}; expected a Keras "
@@ -435,7 +519,7 @@ def default_augmentation(seed: int | None = None):
     """Mild augmentation suited to most photographs: flips, rotation, zoom."""
     import keras
 
-    return keras.Sequential([
+    return keras.layers.Pipeline([
         keras.layers.RandomFlip("horizontal", seed=seed),
         keras.layers.RandomRotation(0.05, seed=seed),
         keras.layers.RandomZoom(0.1, seed=seed),

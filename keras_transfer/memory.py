@@ -437,12 +437,11 @@ def warn_if_too_large(model, phases, data, verbose=0) -> list[MemoryEstimate]:
     Returns:
         The estimates of the phases (empty when they cannot be made).
     """
-    import tensorflow as tf
-
     from keras_transfer.distribute import num_replicas
     from keras_transfer.phases import HeadPhase
 
-    device = "GPU" if tf.config.list_logical_devices("GPU") else "CPU"
+    device = "GPU" if any(d.lower().startswith("gpu")
+                          for d in keras.distribution.list_devices()) else "CPU"
     available, source = available_memory(device)
     estimates = []
     for phase in phases:

@@ -31,6 +31,7 @@ import tempfile
 import keras
 import numpy as np
 
+from keras_transfer import backend
 from keras_transfer import data as data_lib
 from keras_transfer import training
 from keras_transfer.distribute import (
@@ -39,6 +40,7 @@ from keras_transfer.distribute import (
     is_chief,
     model_scope,
     scope,
+    strategy_of,
 )
 from keras_transfer.errors import DataError
 from keras_transfer.heads import Head, as_head
@@ -87,6 +89,8 @@ class TransferModel(MultiWorkerFitMixin, keras.Model):
             if callable(backbone) and not isinstance(backbone, keras.layers.Layer):
                 backbone = backbone()
             super().__init__(name=name or "transfer_model", **kwargs)
+            if strategy is not None and not backend.is_tensorflow():
+                self._keras_distribution = strategy  # TensorFlow's lives on the model
             self.single = isinstance(heads, Head)
             specs = {SINGLE: as_head(SINGLE, heads)} if self.single else _check_heads(heads)
             self.head_specs = specs
@@ -611,7 +615,7 @@ class TransferModel(MultiWorkerFitMixin, keras.Model):
                 flat.update({f"{key}_{k}": v for k, v in value.items()})
             else:
                 flat[key] = value
-        if not is_chief(self.distribute_strategy):
+        if not is_chief(strategy_of(self)):
             with tempfile.TemporaryDirectory(prefix="keras_transfer-worker-export-") as scratch:
                 export_saved_model(self, os.path.join(scratch, "export"), metrics=flat,
                                    verify=False)

@@ -136,8 +136,12 @@ def grad_cam(network, layer_name: str | None, head_fn, preprocessed_images,
         <Figure size ... Axes>
     """
     import keras
-    import tensorflow as tf
 
+    from keras_transfer.backend import tensorflow
+
+    # The gradients come from tf.GradientTape: on another backend, load the
+    # .keras file with KERAS_BACKEND=tensorflow to explain the model.
+    tf = tensorflow("Grad-CAM")
     if method not in CAM_METHODS:
         raise ValueError(f"Received method={method!r}; expected one of {CAM_METHODS}.")
     layer_name = layer_name or last_conv_layer(network)

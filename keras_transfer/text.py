@@ -6,8 +6,9 @@ token outputs are pooled (mean over the padding mask, the first token, or
 the backbone's own pooled output) and heads are trained on top. Fine-tuning
 updates every weight or only low-rank adapters (LoRA).
 
-Tokenisation runs in the `tf.data` pipeline while training, and inside the
-graph of the exported SavedModel, whose `serving_default` takes raw strings
+Tokenisation runs in the data pipeline while training (`tf.data` on
+TensorFlow, NumPy batches elsewhere), and inside the graph of the exported
+SavedModel, whose `serving_default` takes raw strings
 (KerasHub's own exports leave the tokenizer out: keras-hub#784, #2015). The
 tokenizer ops come from `tensorflow_text`: a serving process imports it
 before loading the export.
@@ -21,8 +22,9 @@ import os
 
 import keras
 import numpy as np
-import tensorflow as tf
 
+from keras_transfer import backend
+from keras_transfer.batches import ExampleBatches
 from keras_transfer.data import labels_for_head, shuffle_each_epoch
 from keras_transfer.errors import BackboneError, DataError, WeightsError
 from keras_transfer.model import TransferModel, check_tasks, heads_argument
@@ -373,9 +375,10 @@ class TextBackbone(keras.layers.Layer):
 
     # ------------------------------------------------------------------ data
     def _texts_and_labels(self, x, y, head):
-        """`(tf.data.Dataset of (text, label), class names or None)` of one head's data."""
+        """`((texts, labels) or a tf.data.Dataset of pairs, class names or None)` of one head."""
         source = as_text_source(x, y)
-        if isinstance(source, tf.data.Dataset):
+        if backend.is_tf_dataset(source):
+            tf = backend.tensorflow("tf.data inputs")
             dataset = source
             if head is not None and not isinstance(dataset.element_spec, tuple):
                 raise DataError("Received texts without labels; give (texts, labels) or a "
@@ -394,7 +397,7 @@ class TextBackbone(keras.layers.Layer):
                 raise DataError("Received texts without labels; give (texts, labels) or a "
                                 "dataset of (text, label) pairs.")
             labels, class_names = labels_for_head(source.labels, head, what="texts")
-        return tf.data.Dataset.from_tensor_slices((source.texts, labels)), class_names
+        return (list(source.texts), np.asarray(labels)), class_names
 
     def make_dataset(self, x, y=None, *, head, batch_size=32, shuffle=False,
                      augmentation=None, seed=None, drop_remainder=False):
@@ -413,7 +416,17 @@ class TextBackbone(keras.layers.Layer):
         dataset, _ = self._texts_and_labels(x, None, None)
         return self._batches(dataset, batch_size, False, None).map(lambda tokens, _: tokens)
 
-    def _batches(self, dataset, batch_size, shuffle, seed, drop_remainder=False):
+    def _batches(self, data, batch_size, shuffle, seed, drop_remainder=False):
+        if not backend.is_tensorflow():
+            def prepare(texts, labels):
+                return keras.tree.map_structure(keras.ops.convert_to_numpy,
+                                                self.tokenize(texts)), labels
+
+            return ExampleBatches(data, batch_size, prepare, shuffle=shuffle, seed=seed,
+                                  drop_remainder=drop_remainder)
+        tf = backend.tensorflow("tf.data pipelines")
+        dataset = data if backend.is_tf_dataset(data) else \
+            tf.data.Dataset.from_tensor_slices(data)
         if shuffle:
             dataset = shuffle_each_epoch(dataset, 10_000, seed)
         dataset = dataset.batch(batch_size, drop_remainder=drop_remainder).map(
@@ -428,6 +441,8 @@ class TextBackbone(keras.layers.Layer):
     # ---------------------------------------------------------------- export
     def serving_endpoints(self, predict) -> dict:
         """`serving_default`: raw strings in, the tokenizer inside the graph."""
+
+        tf = backend.tensorflow("SavedModel export")
 
         def serve_texts(texts):
             return predict(self.tokenize(texts))

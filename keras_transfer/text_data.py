@@ -11,8 +11,8 @@ import dataclasses
 import os
 
 import numpy as np
-import tensorflow as tf
 
+from keras_transfer import backend
 from keras_transfer.errors import DataError
 
 
@@ -101,13 +101,13 @@ def read_utf8_lines(path: str) -> list[str]:
 
 
 def as_text_source(x, y=None, *, text_column="text",
-                   label_column="label") -> TextSource | tf.data.Dataset:
+                   label_column="label"):
     """Wraps a list of strings, a CSV/TSV path or a dataset of strings.
 
     Returns:
         A `TextSource` for lists and files, or the `tf.data.Dataset` as is.
     """
-    if isinstance(x, tf.data.Dataset):
+    if backend.is_tf_dataset(x):
         if y is not None:
             raise DataError("Received a tf.data.Dataset and separate labels y; "
                             "put the labels in the dataset as (text, label) pairs.")

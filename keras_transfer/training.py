@@ -10,6 +10,7 @@ network, and the combined history of the phases.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import math
@@ -21,6 +22,7 @@ from typing import TYPE_CHECKING
 import keras
 import numpy as np
 
+from keras_transfer import backend
 from keras_transfer.callbacks import (
     DivergenceGuard,
     DropUnfedHeads,
@@ -497,10 +499,12 @@ def fit_phase(model, name, train, validation, epochs, make_optimizer, callbacks=
             say(f"Phase '{name}': resuming after epoch {start - initial_epoch} of {epochs} "
                 "(weights, optimizer and schedule step from the backup).", verbose)
         phase_callbacks.append(backup)  # last: it saves the logs the others wrote
-    history = keras.Model.fit(
-        model, train, validation_data=validation, epochs=initial_epoch + epochs,
-        initial_epoch=start, callbacks=phase_callbacks, verbose=verbose,
-        shuffle=False)  # the pipeline shuffles
+    # keras.distribution (JAX) is read while fitting; a tf.distribute model enters its own.
+    with model_scope(model) if not backend.is_tensorflow() else contextlib.nullcontext():
+        history = keras.Model.fit(
+            model, train, validation_data=validation, epochs=initial_epoch + epochs,
+            initial_epoch=start, callbacks=phase_callbacks, verbose=verbose,
+            shuffle=False)  # the pipeline shuffles
     if backup is not None:
         history = backup.full_history(history)
     record.stopped_early = bool(stopper and stopper.stopped_epoch)

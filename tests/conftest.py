@@ -1,11 +1,24 @@
-"""Shared test fixtures. Tests marked `large` run only with --run-large."""
+"""Shared test fixtures. Tests marked `large` run only with --run-large.
+
+The suite runs on the Keras backend of `KERAS_BACKEND` (TensorFlow by
+default). On another backend, tests marked `tensorflow` (tf.data inputs,
+tf.distribute, SavedModel export) are skipped, and so are the modules in
+`TENSORFLOW_MODULES`, which are about TensorFlow throughout.
+"""
 
 import os
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
+import keras  # noqa: E402
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
+
+ON_TENSORFLOW = keras.backend.backend() == "tensorflow"
+# Modules about TensorFlow throughout (exports, strategies; docstring examples use tf.data).
+TENSORFLOW_MODULES = ("test_export.py", "test_distribute.py",
+                      "test_docstring_examples.py")  # the examples show tf.data, exports
+collect_ignore = [] if ON_TENSORFLOW else list(TENSORFLOW_MODULES)
 
 SHARED = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", "..", "shared"))
 
@@ -16,12 +29,13 @@ def pytest_addoption(parser):
 
 
 def pytest_collection_modifyitems(config, items):
-    if config.getoption("--run-large"):
-        return
-    skip = pytest.mark.skip(reason="large test: run with --run-large (make test does)")
+    skip_large = pytest.mark.skip(reason="large test: run with --run-large (make test does)")
+    skip_tf = pytest.mark.skip(reason=f"needs TensorFlow; Keras runs on {keras.backend.backend()}")
     for item in items:
-        if "large" in item.keywords:
-            item.add_marker(skip)
+        if "large" in item.keywords and not config.getoption("--run-large"):
+            item.add_marker(skip_large)
+        if "tensorflow" in item.keywords and not ON_TENSORFLOW:
+            item.add_marker(skip_tf)
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -44,7 +58,7 @@ def tiny_images():
 @pytest.fixture
 def image_folder(tmp_path):
     """A folder of 3 classes x 4 small PNG files, colours per class."""
-    import tensorflow as tf
+    from PIL import Image
 
     rng = np.random.default_rng(1)
     root = tmp_path / "images"
@@ -53,5 +67,5 @@ def image_folder(tmp_path):
         for i in range(4):
             image = rng.integers(0, 60, (36, 40, 3), dtype=np.uint8)
             image[..., label] += 180
-            (root / name / f"{i}.png").write_bytes(tf.io.encode_png(image).numpy())
+            Image.fromarray(image).save(root / name / f"{i}.png")
     return root

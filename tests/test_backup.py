@@ -181,6 +181,7 @@ def test_kill_9_during_fine_tuning_then_the_same_command_again(tmp_path):
         np.testing.assert_allclose(hb["history"][key], values, rtol=1e-5, err_msg=key)
 
 
+@pytest.mark.tensorflow
 def test_epoch_seed_orders_depend_on_the_seed_and_epoch_only():
     import tensorflow as tf
 

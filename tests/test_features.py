@@ -12,7 +12,10 @@ import time
 import keras
 import numpy as np
 import pytest
-import tensorflow as tf
+try:
+    import tensorflow as tf
+except ImportError:  # a run on another backend without TensorFlow: its tests are marked
+    tf = None
 
 import keras_transfer as kt
 from keras_transfer import feature_cache as features
@@ -73,6 +76,7 @@ def entries(root):
 
 
 # ------------------------------------------------------------ the cache
+@pytest.mark.tensorflow
 def test_features_are_the_backbone_outputs_streamed_back_from_shards(backbone_runs):
     x, y = images(23)
     model = tiny_model()
@@ -108,6 +112,7 @@ def test_features_are_the_backbone_outputs_streamed_back_from_shards(backbone_ru
                for part in (shard["features"], shard["labels"]))
 
 
+@pytest.mark.tensorflow
 def test_second_call_reuses_the_cache_without_running_the_backbone(backbone_runs):
     x, y = images()
     model = tiny_model()
@@ -147,6 +152,7 @@ def _changed(kind, model, x, y):
     return model, x, y
 
 
+@pytest.mark.tensorflow
 @pytest.mark.parametrize("kind", ["data", "labels", "weights", "input size",
                                   "preprocessing", "architecture"])
 def test_any_change_of_the_key_rebuilds(kind, backbone_runs):
@@ -204,6 +210,7 @@ KILLED_SCRIPT = textwrap.dedent("""
 """)
 
 
+@pytest.mark.tensorflow
 def test_killed_extraction_leaves_no_usable_cache_and_is_rebuilt(tmp_path, backbone_runs):
     backbone_file = str(tmp_path / "tiny.keras")
     tiny_backbone().save(backbone_file)
@@ -267,6 +274,7 @@ def test_an_error_mid_extraction_leaves_nothing_behind(monkeypatch, cache_root):
     assert not features.extract_features(model, x, y, batch_size=4).reused
 
 
+@pytest.mark.tensorflow
 @pytest.mark.parametrize("damage", ["no manifest", "manifest not complete", "truncated shard"])
 def test_a_damaged_cache_is_ignored_and_rebuilt(damage, backbone_runs, caplog):
     x, y = images()
@@ -292,6 +300,7 @@ def test_a_damaged_cache_is_ignored_and_rebuilt(damage, backbone_runs, caplog):
     assert features.extract_features(model, x, y, batch_size=8).reused
 
 
+@pytest.mark.tensorflow
 def test_a_source_that_changes_between_passes_is_reported(caplog):
     x, y = images()
     shuffled = tf.data.Dataset.from_tensor_slices((x, y)).shuffle(24, reshuffle_each_iteration=True)
@@ -302,6 +311,7 @@ def test_a_source_that_changes_between_passes_is_reported(caplog):
 
 
 # ---------------------------------------------------- training the head
+@pytest.mark.tensorflow
 def test_head_trained_on_features_matches_the_frozen_backbone_recipe(backbone_runs):
     x, y = images(32)
     cached, recipe = tiny_model(), tiny_model(tiny_backbone())
@@ -348,6 +358,7 @@ def test_callbacks_see_the_whole_model_while_the_head_trains_on_features(tmp_pat
     np.testing.assert_allclose(restored.predict(x), model.predict(x), atol=1e-6)
 
 
+@pytest.mark.tensorflow
 def test_validation_data_gets_its_own_cache_and_history_extends(backbone_runs):
     x, y = images(24)
     vx, vy = images(12, seed=5)
@@ -366,6 +377,7 @@ def test_validation_data_gets_its_own_cache_and_history_extends(backbone_runs):
     assert model.predict(vx32).shape == (12, 3)
 
 
+@pytest.mark.tensorflow
 def test_export_after_training_on_features(tmp_path):
     x, y = images(16)
     model = tiny_model()
@@ -375,6 +387,7 @@ def test_export_after_training_on_features(tmp_path):
     np.testing.assert_allclose(served["probabilities"].numpy(), model.predict(x), atol=1e-5)
 
 
+@pytest.mark.tensorflow
 def test_augmentation_recomputes_every_epoch_by_default_and_says_so(backbone_runs, caplog, capsys):
     x, y = images()
     model = tiny_model()
@@ -388,6 +401,7 @@ def test_augmentation_recomputes_every_epoch_by_default_and_says_so(backbone_run
     assert entries(os.environ[features.CACHE_ENV_VAR]) == []
 
 
+@pytest.mark.tensorflow
 def test_a_cache_turned_off_says_so_without_blaming_augmentation(backbone_runs, capsys):
     x, y = images()
     model = tiny_model()
@@ -399,6 +413,7 @@ def test_a_cache_turned_off_says_so_without_blaming_augmentation(backbone_runs, 
     assert "augmentation" not in out
 
 
+@pytest.mark.tensorflow
 def test_augmented_copies_are_cached_and_cycled_per_epoch(backbone_runs, caplog):
     x, y = images()
     model = tiny_model()
@@ -423,6 +438,7 @@ def test_augmented_copies_are_cached_and_cycled_per_epoch(backbone_runs, caplog)
     assert not features.extract_features(model, x, y, batch_size=8).reused
 
 
+@pytest.mark.tensorflow
 def test_a_shard_changed_in_place_is_caught_by_its_checksum(backbone_runs, caplog):
     x, y = images()
     model = tiny_model()

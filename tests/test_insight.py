@@ -262,6 +262,7 @@ def peak_quadrants(heatmaps):
     return (rows >= SIZE // 2) * 2 + (cols >= SIZE // 2)
 
 
+@pytest.mark.tensorflow  # Grad-CAM's gradients come from tf.GradientTape
 @pytest.mark.parametrize("method", saliency.CAM_METHODS)
 def test_grad_cam_peaks_on_the_region_that_decides_the_class(method):
     network, head = detector_network(), quadrant_head()
@@ -277,6 +278,7 @@ def test_grad_cam_peaks_on_the_region_that_decides_the_class(method):
     assert np.mean(peak_quadrants(activations) == checker) >= 0.9
 
 
+@pytest.mark.tensorflow  # Grad-CAM's gradients come from tf.GradientTape
 @pytest.mark.parametrize("method", saliency.CAM_METHODS)
 def test_grad_cam_follows_the_class_asked_for(method):
     network = detector_network()
@@ -297,6 +299,7 @@ def test_grad_cam_follows_the_class_asked_for(method):
         cam(class_index=[0, 1])
 
 
+@pytest.mark.tensorflow  # Grad-CAM's gradients come from tf.GradientTape
 def test_grad_cam_finds_what_a_trained_flatten_head_looks_at():
     # The class is the quadrant of the square; a Flatten head weighs each
     # position on its own, which a per-channel average of gradients loses.
@@ -323,7 +326,7 @@ def test_head_logits_are_the_scores_before_softmax():
     features = np.random.default_rng(0).uniform(0, 1, (3, SIZE, SIZE, 2)).astype("float32")
     logits = keras.ops.convert_to_numpy(saliency.head_logits(head)(features))
     np.testing.assert_allclose(keras.ops.convert_to_numpy(keras.ops.softmax(logits)),
-                               head(features).numpy(), rtol=1e-5)
+                               keras.ops.convert_to_numpy(head(features)), rtol=1e-5)
     with pytest.raises(ValueError, match="Dense"):
         saliency.head_logits(keras.Sequential([keras.layers.Flatten()]))
 
@@ -338,6 +341,7 @@ def test_last_conv_layer_skips_pooling_and_needs_a_feature_map():
         saliency.last_conv_layer(keras.Model(flat, keras.layers.Dense(2)(flat)))
 
 
+@pytest.mark.tensorflow  # Grad-CAM's gradients come from tf.GradientTape
 def test_overlay_and_grad_cam_grid(tmp_path):
     heatmap = np.array([[1.0, 0.0], [0.0, 0.0]], "float32")
     black = np.zeros((20, 30), np.uint8)
@@ -394,6 +398,7 @@ def test_plot_history_has_no_offset_and_a_positive_log_rate_axis(tmp_path):
     assert len(plot_history(flat.history).axes) == 3  # a bare dict has no phases
 
 
+@pytest.mark.tensorflow  # Grad-CAM's gradients come from tf.GradientTape
 def test_model_grad_cam_explains_a_transfer_model_on_raw_images():
     import keras_transfer as kt
 

@@ -3,7 +3,10 @@
 import keras
 import numpy as np
 import pytest
-import tensorflow as tf
+try:
+    import tensorflow as tf
+except ImportError:  # a run on another backend without TensorFlow: its tests are marked
+    tf = None
 
 import keras_transfer as kt
 
@@ -186,6 +189,7 @@ def test_early_stopping_restores_best_weights(tiny_images):
     assert model.evaluate(x[:8], y[:8])["loss"] == pytest.approx(best, rel=1e-4)
 
 
+@pytest.mark.tensorflow
 def test_nan_loss_stops_and_names_the_step(tiny_images):
     x, y = tiny_images
     x = x.astype("float32")
@@ -208,6 +212,7 @@ def test_labels_outside_num_classes(tiny_images):
         small_model().fit(x, np.where(y == 0, 7, np.where(y == 1, 3, y)), head_epochs=1, verbose=0)
 
 
+@pytest.mark.tensorflow
 def test_labels_outside_num_classes_in_a_dataset(tiny_images):
     x, y = tiny_images
     dataset = tf.data.Dataset.from_tensor_slices((x, y + 5))
@@ -225,6 +230,7 @@ def test_bad_arrays(x, y, message):
         small_model().fit(x, y, head_epochs=1, verbose=0)
 
 
+@pytest.mark.tensorflow
 def test_empty_dataset():
     empty = tf.data.Dataset.from_tensor_slices((np.zeros((0, 32, 32, 3)), np.zeros(0)))
     with pytest.raises(kt.DataError, match="empty"):
@@ -248,6 +254,7 @@ def test_grayscale_arrays_and_resizing():
     assert model.predict(x).shape == (12, 3)
 
 
+@pytest.mark.tensorflow
 def test_training_inside_a_distribution_strategy(tiny_images):
     x, y = tiny_images
     strategy = tf.distribute.MirroredStrategy(["/cpu:0"])

@@ -1,0 +1,96 @@
+"""Training on JAX: TensorFlow never imported, keras.distribution, clear errors.
+
+Each test runs a child Python with `KERAS_BACKEND=jax` (Keras picks its
+backend once per process), in this environment; skipped where JAX is not
+installed. The rest of the suite runs on JAX as a whole in CI's second
+environment, which has no TensorFlow.
+"""
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+needs_jax = pytest.mark.skipif(importlib.util.find_spec("jax") is None,
+                               reason="JAX is not installed")
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def run_on_jax(code: str, devices: int = 1, timeout: int = 600) -> dict:
+    """Runs `code` under JAX on `devices` CPU devices; returns the JSON it prints last."""
+    env = dict(os.environ, KERAS_BACKEND="jax", JAX_PLATFORMS="cpu", PYTHONPATH=ROOT,
+               XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
+    result = subprocess.run([sys.executable, "-c", textwrap.dedent(code)], env=env,
+                            capture_output=True, text=True, timeout=timeout, cwd=ROOT)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+@needs_jax
+def test_training_core_never_imports_tensorflow():
+    out = run_on_jax("""
+        import json, sys
+        import numpy as np
+        import keras_transfer as kt
+
+        rng = np.random.default_rng(0)
+        x = rng.integers(0, 256, (24, 32, 32, 3)).astype("uint8")
+        y = np.arange(24) % 3
+        model = kt.ImageTransferModel("mobilenet_v2", 3, weights=None, input_shape=(32, 32, 3))
+        model.fit(x, y, phases=[kt.HeadPhase(), kt.FineTunePhase(epochs=1)], batch_size=8,
+                  verbose=0)
+        print(json.dumps({"tensorflow": "tensorflow" in sys.modules,
+                          "predictions": np.asarray(model.predict(x[:2])).shape}))
+    """)
+    assert out == {"tensorflow": False, "predictions": [2, 3]}
+
+
+@needs_jax
+@pytest.mark.skipif(importlib.util.find_spec("tensorflow") is None,
+                    reason="needs TensorFlow installed beside JAX")
+def test_tf_data_on_jax_says_it_needs_the_tensorflow_backend():
+    out = run_on_jax("""
+        import json
+        import numpy as np
+        import tensorflow as tf
+        import keras_transfer as kt
+
+        model = kt.ImageTransferModel("mobilenet_v2", 2, weights=None, input_shape=(32, 32, 3))
+        data = tf.data.Dataset.from_tensor_slices((np.zeros((4, 32, 32, 3)), [0, 1, 0, 1]))
+        try:
+            model.fit(data, head_epochs=1, verbose=0)
+        except kt.KerasTransferError as error:
+            print(json.dumps({"type": type(error).__name__, "message": str(error)}))
+    """)
+    assert out["type"] == "BackendError"
+    assert "tf.data inputs needs the TensorFlow backend" in out["message"]
+    assert "'jax'" in out["message"] and "NumPy arrays" in out["message"]
+
+
+@needs_jax
+def test_strategy_auto_on_jax_is_data_parallel_over_the_devices():
+    out = run_on_jax("""
+        import json
+        import numpy as np
+        import keras_transfer as kt
+
+        rng = np.random.default_rng(0)
+        x = rng.normal(size=(32, 32, 32, 3)).astype("float32") * 40 + 128
+        y = np.arange(32) % 2
+        model = kt.ImageTransferModel("mobilenet_v2", 2, weights=None, input_shape=(32, 32, 3),
+                                      strategy="auto")
+        history = model.fit(x, y, phases=[kt.HeadPhase(solver="adam", epochs=2),
+                                          kt.FineTunePhase(epochs=1)], batch_size=8, verbose=0)
+        kernel = model.head.layers[-1].kernel.value
+        print(json.dumps({
+            "distribution": type(model._keras_distribution).__name__,
+            "kernel_devices": len(kernel.sharding.device_set),
+            "losses_finite": bool(np.isfinite(history.history["loss"]).all()),
+            "epochs": len(history.history["loss"])}))
+    """, devices=2)
+    assert out == {"distribution": "DataParallel", "kernel_devices": 2, "losses_finite": True,
+                   "epochs": 3}
