@@ -27,6 +27,7 @@ and `list-backbones` answer at once.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import math
 import re
@@ -235,6 +236,7 @@ def _export(args) -> int:
     from keras_transfer.export import check_export_path
 
     check_export_path(args.output, args.overwrite)
+    _use_tensorflow_backend()
     _import_tensorflow(args.debug)
     import keras
 
@@ -254,6 +256,33 @@ def _export(args) -> int:
     path = model.export(args.output, overwrite=args.overwrite)
     print(f"Exported a SavedModel to {path}")
     return 0
+
+
+def _use_tensorflow_backend() -> None:
+    """Makes Keras run on TensorFlow here, whatever `KERAS_BACKEND` says.
+
+    A SavedModel is TensorFlow's, and a `.keras` file loads on any backend:
+    a model trained with `KERAS_BACKEND=jax` exports from the same shell.
+    Keras picks its backend when first imported, so this comes before.
+
+    Raises:
+        CommandError: TensorFlow is not installed, or Keras already runs on
+            another backend in this process.
+    """
+    if importlib.util.find_spec("tensorflow") is None:
+        raise CommandError("Exporting a SavedModel needs TensorFlow, which is not installed: "
+                           "pip install tensorflow (training on JAX does not need it; the "
+                           "export does).")
+    if "keras" not in sys.modules:
+        os.environ["KERAS_BACKEND"] = "tensorflow"
+        return
+    import keras
+
+    if keras.config.backend() != "tensorflow":
+        raise CommandError(
+            f"Keras was already imported in this process on the {keras.config.backend()!r} "
+            "backend, and a SavedModel export needs TensorFlow's. Run `keras-transfer export` "
+            "in a new process (from a shell); it uses TensorFlow whatever KERAS_BACKEND says.")
 
 
 # ------------------------------------------------------------------- predict
@@ -558,7 +587,13 @@ def _import_tensorflow(debug: bool = False) -> None:
     Those lines come before TF_CPP_MIN_LOG_LEVEL applies; they are hidden
     unless the user asked for TensorFlow's log (TF_CPP_MIN_LOG_LEVEL=0) or
     for `--debug`. Errors of the import itself still show.
+
+    Raises:
+        CommandError: TensorFlow is not installed.
     """
+    if importlib.util.find_spec("tensorflow") is None:
+        raise CommandError("This command needs TensorFlow, which is not installed: "
+                           "pip install tensorflow")
     if "tensorflow" in sys.modules or debug or os.environ.get("TF_CPP_MIN_LOG_LEVEL") == "0":
         import tensorflow  # noqa: F401
         return

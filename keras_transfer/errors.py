@@ -27,7 +27,7 @@ class TrainingDivergedError(KerasTransferError, RuntimeError):
 
 
 class ExportError(KerasTransferError, FileExistsError):
-    """An export that would overwrite or lose an existing one."""
+    """An export that would overwrite or lose an existing one, or Keras not on TensorFlow."""
 
 
 class BackendError(KerasTransferError, RuntimeError):

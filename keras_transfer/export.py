@@ -70,6 +70,28 @@ def build_metadata(model, metrics=None) -> dict:
     }
 
 
+def check_backend() -> None:
+    """Checks that Keras runs on TensorFlow, whose format a SavedModel is.
+
+    A model trained on another backend exports from its `.keras` file: the
+    `keras-transfer export` command runs on TensorFlow whatever
+    `KERAS_BACKEND` says.
+
+    Raises:
+        ExportError: Keras runs on another backend (named in the message).
+    """
+    import keras
+
+    backend = keras.config.backend()
+    if backend != "tensorflow":
+        raise ExportError(
+            f"Exporting a SavedModel needs Keras on the TensorFlow backend; this process runs "
+            f"Keras on {backend!r} (KERAS_BACKEND={backend}). Save the model with "
+            "model.save('model.keras'), then run `keras-transfer export model.keras out/` "
+            "with TensorFlow installed (pip install tensorflow): the command exports on "
+            "TensorFlow whatever KERAS_BACKEND says. Nothing was written.")
+
+
 def _is_saved_model(path: str) -> bool:
     return os.path.isfile(os.path.join(path, "saved_model.pb"))
 
@@ -218,8 +240,10 @@ def export_saved_model(model, path, *, overwrite=False, metrics=None, verify=Tru
         The absolute path of the export.
 
     Raises:
-        ExportError: see `check_export_path`.
+        ExportError: Keras runs on a backend other than TensorFlow (see
+            `check_backend`), or see `check_export_path`.
     """
+    check_backend()
     path = check_export_path(path, overwrite)
     parent = os.path.dirname(path)
     os.makedirs(parent, exist_ok=True)

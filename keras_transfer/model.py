@@ -602,12 +602,19 @@ class TransferModel(MultiWorkerFitMixin, keras.Model):
             deletes: every worker takes part in saving, only the chief keeps
             a copy).
 
+        Raises:
+            ExportError: Keras runs on another backend than TensorFlow (then
+                save a `.keras` file and export it with `keras-transfer
+                export`), or `path` cannot be written; nothing is written.
+
         Example:
             >>> model.export("saved_models/flowers")
             '.../saved_models/flowers'
             >>> serve = tf.saved_model.load("saved_models/flowers").signatures["serving_default"]
         """
-        from keras_transfer.export import export_saved_model
+        from keras_transfer.export import check_backend, export_saved_model
+
+        check_backend()  # before a worker's scratch export, too
 
         flat = {}
         for key, value in (metrics or {}).items():
