@@ -98,6 +98,11 @@ def _train(args) -> int:
     if args.head_epochs == 0 and args.fine_tune_epochs == 0:
         raise CommandError("Received --head-epochs 0 and --fine-tune-epochs 0: nothing to "
                            "train. Give one of them a number of epochs.")
+    if _keras_backend() != "tensorflow" and importlib.util.find_spec("tensorflow") is None:
+        raise CommandError(
+            f"train exports a SavedModel, which needs TensorFlow, and it is not installed "
+            f"(Keras runs on {_keras_backend()!r}): pip install tensorflow. Without it, train "
+            "from Python (model.fit, then model.save('model.keras')).")
     _import_tensorflow(args.debug)
     strategy = _strategy(args)  # before any op: a multi-worker strategy must come first
     import keras_transfer as kt
@@ -148,7 +153,10 @@ def _train(args) -> int:
         os.makedirs(os.path.dirname(os.path.abspath(args.save_keras)), exist_ok=True)
         model.save(args.save_keras)
         print(f"Saved the Keras model to {args.save_keras}")
-    path = model.export(args.output, overwrite=args.overwrite, metrics=metrics)
+    if _keras_backend() == "tensorflow":
+        path = model.export(args.output, overwrite=args.overwrite, metrics=metrics)
+    else:
+        path = _export_on_tensorflow(model, args.output, args.overwrite)
     if not path:
         print("This worker is not the chief: the chief writes the export.")
         return 0
@@ -158,6 +166,45 @@ def _train(args) -> int:
                               evaluated_on=evaluated_on)
         print(f"Wrote the training report to {report}")
     return 0
+
+
+def _export_on_tensorflow(model, output: str, overwrite: bool) -> str:
+    """Exports a model trained on another backend: a child process on TensorFlow exports it.
+
+    The model goes through a `.keras` file (backend-neutral) in a temporary
+    folder beside the export, removed afterwards.
+    """
+    import subprocess
+    import tempfile
+
+    parent = os.path.dirname(os.path.abspath(output))
+    os.makedirs(parent, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix=".keras-transfer-", dir=parent) as folder:
+        keras_file = os.path.join(folder, "model.keras")
+        model.save(keras_file)
+        command = [sys.executable, "-m", "keras_transfer.cli", "export", keras_file, output]
+        result = subprocess.run(command + (["--overwrite"] if overwrite else []),
+                                env=dict(os.environ, KERAS_BACKEND="tensorflow"),
+                                capture_output=True, text=True)
+    if result.returncode != 0:
+        lines = (result.stderr or result.stdout).strip().splitlines() or ["no output"]
+        raise CommandError(f"The SavedModel export on TensorFlow failed: {lines[-1]}")
+    return os.path.abspath(output)
+
+
+def _keras_backend() -> str:
+    """The backend Keras will run on (or runs on), read without importing Keras."""
+    if "keras" in sys.modules:
+        return sys.modules["keras"].backend.backend()
+    if os.environ.get("KERAS_BACKEND"):
+        return os.environ["KERAS_BACKEND"]
+    config = os.path.join(os.environ.get("KERAS_HOME", os.path.expanduser("~/.keras")),
+                          "keras.json")
+    try:
+        with open(config, encoding="utf-8") as file:
+            return json.load(file).get("backend", "tensorflow")
+    except (OSError, ValueError):
+        return "tensorflow"
 
 
 def summary_table(history) -> str:
@@ -591,6 +638,8 @@ def _import_tensorflow(debug: bool = False) -> None:
     Raises:
         CommandError: TensorFlow is not installed.
     """
+    if _keras_backend() != "tensorflow":
+        return  # Keras runs elsewhere: what needs TensorFlow imports it, or says so
     if importlib.util.find_spec("tensorflow") is None:
         raise CommandError("This command needs TensorFlow, which is not installed: "
                            "pip install tensorflow")

@@ -16,8 +16,8 @@ import pytest  # noqa: E402
 
 ON_TENSORFLOW = keras.backend.backend() == "tensorflow"
 # Modules about TensorFlow throughout (exports, strategies; docstring examples use tf.data).
-TENSORFLOW_MODULES = ("test_export.py", "test_distribute.py",
-                      "test_docstring_examples.py")  # the examples show tf.data, exports
+TENSORFLOW_MODULES = ("test_export.py", "test_distribute.py", "test_backend_export.py",
+                      "test_docstring_examples.py")
 collect_ignore = [] if ON_TENSORFLOW else list(TENSORFLOW_MODULES)
 
 SHARED = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", "..", "shared"))

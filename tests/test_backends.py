@@ -94,3 +94,24 @@ def test_strategy_auto_on_jax_is_data_parallel_over_the_devices():
     """, devices=2)
     assert out == {"distribution": "DataParallel", "kernel_devices": 2, "losses_finite": True,
                    "epochs": 3}
+
+
+@needs_jax
+@pytest.mark.large
+@pytest.mark.skipif(importlib.util.find_spec("tensorflow") is None,
+                    reason="the export needs TensorFlow installed beside JAX")
+def test_cli_train_on_jax_exports_through_tensorflow(image_folder, tmp_path):
+    output = tmp_path / "exported"
+    env = dict(os.environ, KERAS_BACKEND="jax", JAX_PLATFORMS="cpu", PYTHONPATH=ROOT)
+    result = subprocess.run(
+        [sys.executable, "-m", "keras_transfer.cli", "train", str(image_folder),
+         "--backbone", "mobilenet_v2", "--weights", "none", "--image-size", "32",
+         "--head-epochs", "1", "--head-solver", "adam", "--fine-tune-epochs", "1",
+         "--batch-size", "4", "--output", str(output), "--quiet"],
+        env=env, capture_output=True, text=True, timeout=900, cwd=ROOT)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "Exported a SavedModel" in result.stdout
+    metadata = json.loads((output / "metadata.json").read_text())
+    assert metadata["class_names"] == ["cat", "dog", "fox"]
+    # The .keras file that carried the model across is gone; nothing else was left.
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["exported", "images"]

@@ -51,6 +51,7 @@ def test_every_option_says_what_it_does_and_its_default():
                 assert "default" in action.help, (name, action.dest)
 
 
+@pytest.mark.tensorflow  # exports a SavedModel or reads tf.data
 def test_train_export_predict_end_to_end(image_folder, tmp_path):
     output = tmp_path / "exported"
     result = run_cli("train", str(image_folder), "--backbone", "mobilenet_v2",
@@ -160,6 +161,7 @@ CASES = ["negative epochs", "dropout 1.5", "no epochs", "one class", "missing da
          "export a .h5 file", "export a missing file", "unknown option"]
 
 
+@pytest.mark.tensorflow  # exports a SavedModel or reads tf.data
 @pytest.mark.parametrize("case", CASES)
 def test_each_user_error_is_one_line_with_exit_status_2(cases, case):
     args, message = cases[case]
@@ -170,6 +172,7 @@ def test_each_user_error_is_one_line_with_exit_status_2(cases, case):
     assert "Traceback" not in result.stderr and result.stdout == ""
 
 
+@pytest.mark.tensorflow  # exports a SavedModel or reads tf.data
 def test_cli_errors_are_clear(image_folder, tmp_path):
     result = run_cli("train", str(image_folder), "--backbone", "resnet5", "--weights", "none",
                      "--output", str(tmp_path / "x"))
@@ -189,6 +192,7 @@ def test_predict_on_a_folder_that_is_not_an_export(tmp_path, capsys):
     assert "no metadata.json" in capsys.readouterr().err
 
 
+@pytest.mark.tensorflow  # exports a SavedModel or reads tf.data
 def test_offline_imagenet_weights_name_the_cli_options(image_folder, tmp_path):
     import socket
 
@@ -219,6 +223,7 @@ def multi_head_export(tmp_path_factory):
     return model.export(str(tmp_path_factory.mktemp("multi") / "export"))
 
 
+@pytest.mark.tensorflow  # exports a SavedModel or reads tf.data
 def test_predict_prints_every_head_by_name(multi_head_export, image_folder, capsys):
     images = [str(image_folder / "dog" / "0.png"), str(image_folder / "fox" / "1.png")]
     assert main(["predict", multi_head_export, *images, "--json"]) == 0
@@ -235,6 +240,7 @@ def test_predict_prints_every_head_by_name(multi_head_export, image_folder, caps
     assert all("animal: " in line and "tags: " in line and "size: " in line for line in lines)
 
 
+@pytest.mark.tensorflow  # exports a SavedModel or reads tf.data
 def test_predict_names_a_file_that_is_no_image(multi_head_export, tmp_path, capsys):
     (tmp_path / "notes.png").write_text("not an image")
     assert main(["predict", multi_head_export, str(tmp_path / "notes.png")]) == 2

@@ -175,6 +175,7 @@ SERVE = textwrap.dedent("""
 """)
 
 
+@pytest.mark.tensorflow  # exports a SavedModel or reads tf.data
 def test_export_serves_raw_strings_in_a_tensorflow_only_process(tmp_path):
     import json
 
@@ -226,6 +227,7 @@ def tiny_gpt2():
     return keras_hub.models.GPT2CausalLM(backbone=backbone, preprocessor=preprocessor)
 
 
+@pytest.mark.tensorflow  # exports a SavedModel or reads tf.data
 def test_causal_lm_domain_adaptation_with_lora(tmp_path):
     keras.utils.set_random_seed(0)
     lm = tiny_gpt2()
