@@ -51,21 +51,24 @@ Usage:
     python benchmarks/gpu_finetune.py --models resnet50 --precisions mixed_float16
     KERAS_BACKEND=jax python benchmarks/gpu_finetune.py --batch-size 128 --rounds 5
 
-    On an offline JAX GPU machine, carry the wheels. On a machine with
-    internet and the same Python version and platform::
+    On an offline JAX GPU machine (JAX with CUDA installed), carry the wheels
+    and this checkout. On a machine with internet and the same Python version
+    and platform::
 
-        pip download --no-deps -d wheels/ keras namex optree ml_dtypes rich \\
-            absl-py h5py packaging numpy scipy keras-hub regex tokenizers \\
-            sentencepiece
-        pip wheel --no-deps -w wheels/ .        # keras_transfer itself
+        pip download -d wheels/ keras scipy pillow kagglehub regex tokenizers sentencepiece
+        pip download -d wheels/ --no-deps keras-hub    # else tensorflow-text pulls in TensorFlow
 
-    then, on the GPU machine (JAX with CUDA already installed)::
+    then, on the GPU machine, in the checkout (the script imports
+    keras_transfer from it)::
 
-        pip install --no-index --no-deps wheels/*.whl
+        pip install --no-index --find-links wheels/ keras scipy pillow kagglehub \\
+            regex tokenizers sentencepiece
+        pip install --no-index --no-deps wheels/keras_hub-*.whl
         KERAS_BACKEND=jax python benchmarks/gpu_finetune.py
 
-    ``--no-deps`` keeps keras-hub from pulling in tensorflow-text (and so
-    TensorFlow).
+    The first ``pip download`` brings keras's own dependencies (namex, optree,
+    ml_dtypes, rich, absl-py, h5py, packaging) and keras-hub's; keras-hub
+    imports kagglehub, regex, tokenizers and sentencepiece when it loads.
 """
 
 from __future__ import annotations
