@@ -31,6 +31,9 @@ What it measures
     XLA compilation, optimizer variables). Each side is fitted ``--rounds``
     times, alternating which goes first, each time with a fresh optimizer and
     a recompile (as the library does per phase); the median is reported.
+    On JAX, compiled XLA programs are kept in ``<tmp>/gpu_finetune_xla_cache``
+    so that later rounds and runs compile less (the dropped first epoch still
+    holds whatever tracing and compiling remains).
 
 How to read the output
     The first lines name the backend and its devices. Without a GPU the
