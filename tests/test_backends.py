@@ -32,8 +32,17 @@ def run_on_jax(code: str, devices: int = 1, timeout: int = 600) -> dict:
 
 @needs_jax
 def test_training_core_never_imports_tensorflow():
+    # TensorFlow made unimportable, as where it is not installed (Keras itself
+    # imports it when it can, to serialise configs).
     out = run_on_jax("""
         import json, sys
+
+        class NoTensorFlow:
+            def find_spec(self, name, path=None, target=None):
+                if name.split(".")[0] in ("tensorflow", "tensorflow_text"):
+                    raise ModuleNotFoundError(f"No module named {name!r}")
+
+        sys.meta_path.insert(0, NoTensorFlow())
         import numpy as np
         import keras_transfer as kt
 
