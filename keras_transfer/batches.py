@@ -34,6 +34,7 @@ class Batches(keras.utils.PyDataset):
     def __init__(self):
         super().__init__(workers=1, use_multiprocessing=False)
         self.epochs_done = 0
+        self._passes_started = 0
 
     def __getitem__(self, index: int):
         if index < 0 or index >= len(self):
@@ -61,6 +62,10 @@ class Batches(keras.utils.PyDataset):
         return MappedBatches(self, function)
 
     def __iter__(self):
+        # As with tf.data, every iteration is a pass: the second one starts epoch 1.
+        if self._passes_started:
+            self.on_epoch_end()
+        self._passes_started += 1
         for index in range(len(self)):
             yield self[index]
 

@@ -260,21 +260,8 @@ class FeatureCache:
         order costs what reading them in order does once they are in the
         page cache); epoch i reads copy `i % copies` unless `copy` is given.
         """
-        copies = {}
-
-        def rows(copy_index):
-            if copy_index not in copies:
-                copies[copy_index] = _ShardRows(self.path, self._shards(copy_index))
-            return copies[copy_index]
-
-        class CacheBatches(ExampleBatches):
-            def batch(self, index, epoch):
-                (chosen,) = super().batch(index, epoch)
-                return rows(copy if copy is not None else epoch % cache_copies).take(chosen)
-
-        cache_copies = self.copies
-        batches = CacheBatches((np.arange(self.num_examples),), batch_size, shuffle=shuffle,
-                               seed=seed, drop_remainder=drop_remainder)
+        batches = _CacheBatches(self, copy, batch_size, shuffle=shuffle, seed=seed,
+                                drop_remainder=drop_remainder)
         if len(batches) == 0:
             self._no_full_batch(batch_size)
         return batches
@@ -460,6 +447,25 @@ class _ShardRows:
                 out[where] = values[s][indices[where] - self.starts[s]]
             parts.append(out)
         return tuple(parts)
+
+
+class _CacheBatches(ExampleBatches):
+    """`FeatureCache.dataset` off TensorFlow: batches of example indices, rows gathered.
+
+    Epoch e reads copy `e % copies` of the cache unless `copy` is given.
+    """
+
+    def __init__(self, cache: FeatureCache, copy: int | None, batch_size: int, **options):
+        super().__init__((np.arange(cache.num_examples),), batch_size, **options)
+        self.cache, self.copy = cache, copy
+        self._rows = {}
+
+    def batch(self, index, epoch):
+        (chosen,) = super().batch(index, epoch)
+        copy = self.copy if self.copy is not None else epoch % self.cache.copies
+        if copy not in self._rows:
+            self._rows[copy] = _ShardRows(self.cache.path, self.cache._shards(copy))
+        return self._rows[copy].take(chosen)
 
 
 class _FeatureModel(keras.Model):
