@@ -1,9 +1,9 @@
 """A model made on JAX exports through the CLI under TensorFlow, with equal outputs.
 
-A child process on `KERAS_BACKEND=jax` builds a tiny image model and a tiny
-text model, sets their weights from a seeded generator, saves them as
-`.keras` files with its own predictions, and tries `model.export` (which must
-refuse and write nothing). The test then runs `keras-transfer export` with
+A child process on `KERAS_BACKEND=jax`, where TensorFlow cannot be imported
+(as where it is not installed), trains a tiny image model and a tiny text
+model through both phases, saves them as `.keras` files with its own
+predictions, and tries `model.export` (which must refuse and write nothing). The test then runs `keras-transfer export` with
 `KERAS_BACKEND=jax` still set, as in the shell the model was trained in, and
 serves the SavedModels with TensorFlow.
 """
@@ -24,12 +24,19 @@ TESTS = os.path.join(ROOT, "tests")
 
 ON_JAX = textwrap.dedent("""
     import json, os, sys
+
+    class NoTensorFlow:  # TensorFlow unimportable, as where it is not installed
+        def find_spec(self, name, path=None, target=None):
+            if name.split(".")[0] in ("tensorflow", "tensorflow_text"):
+                raise ModuleNotFoundError(f"No module named {name!r}")
+
+    sys.meta_path.insert(0, NoTensorFlow())
     import numpy as np
     import keras
     assert keras.config.backend() == "jax", keras.config.backend()
     import keras_transfer as kt
     sys.path.insert(0, sys.argv[2])  # the tests folder
-    from test_text import TEXTS, tiny_model
+    from test_text import LABELS, TEXTS, tiny_model
 
     out = sys.argv[1]
     rng = np.random.default_rng(0)
@@ -64,6 +71,8 @@ ON_JAX = textwrap.dedent("""
                                   pooling="avg", class_names=["a", "b", "c"])
     seen = rng.integers(0, 256, (64, 32, 32, 3), dtype=np.uint8)
     fit_to(image, seen / 127.5 - 1)  # its "tf" preprocessing
+    both_phases = [kt.HeadPhase(), kt.FineTunePhase(epochs=1)]
+    image.fit(seen[:48], np.arange(48) % 3, phases=both_phases, batch_size=16, verbose=0)
     images = rng.integers(0, 256, (6, 32, 32, 3), dtype=np.uint8)
     np.save(os.path.join(out, "images.npy"), images)
     np.save(os.path.join(out, "image_jax.npy"), image.predict(images))
@@ -71,6 +80,7 @@ ON_JAX = textwrap.dedent("""
 
     text = tiny_model(class_names=["neg", "pos"])
     perturb(text)
+    text.fit(TEXTS, LABELS, phases=both_phases, batch_size=8, verbose=0)
     texts = TEXTS[:6] + ["unknownword service", "very " * 20]
     json.dump(texts, open(os.path.join(out, "texts.json"), "w"))
     np.save(os.path.join(out, "text_jax.npy"), text.predict(texts))
