@@ -13,9 +13,8 @@ from keras_transfer.backbones import BACKBONES
 # Build time and memory grow with size; the largest still build in seconds.
 HUGE = {"convnext_xlarge", "convnext_large", "efficientnet_v2_l", "nasnet_large"}
 # Off TensorFlow an eager call compiles op by op (minutes for all of them): the fast
-# run there builds one network of each kind of layer, the others are large.
-FAST_OFF_TENSORFLOW = {"mobilenet_v2", "resnet50", "efficientnet_b0", "vgg16", "convnext_tiny",
-                       "densenet121", "mobilenet_v2_torchvision"}
+# run there builds a few (depthwise, residual, converted), the others are large.
+FAST_OFF_TENSORFLOW = {"mobilenet_v2", "resnet50", "mobilenet_v2_torchvision"}
 SLOW = HUGE if keras.backend.backend() == "tensorflow" else \
     set(kt.list_backbones()) - FAST_OFF_TENSORFLOW
 

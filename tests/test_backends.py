@@ -13,10 +13,15 @@ import subprocess
 import sys
 import textwrap
 
+import keras
 import pytest
 
 needs_jax = pytest.mark.skipif(importlib.util.find_spec("jax") is None,
                                reason="JAX is not installed")
+# Tests that need nothing but JAX run in CI's JAX environment, not again from TensorFlow's.
+jax_environment = pytest.mark.skipif(
+    importlib.util.find_spec("jax") is None or keras.backend.backend() == "tensorflow",
+    reason="runs in the JAX environment (make test-jax)")
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -30,7 +35,7 @@ def run_on_jax(code: str, devices: int = 1, timeout: int = 600) -> dict:
     return json.loads(result.stdout.strip().splitlines()[-1])
 
 
-@needs_jax
+@jax_environment
 def test_training_core_never_imports_tensorflow():
     # TensorFlow made unimportable, as where it is not installed (Keras itself
     # imports it when it can, to serialise configs).
@@ -80,7 +85,7 @@ def test_tf_data_on_jax_says_it_needs_the_tensorflow_backend():
     assert "'jax'" in out["message"] and "NumPy arrays" in out["message"]
 
 
-@needs_jax
+@jax_environment
 def test_strategy_auto_on_jax_is_data_parallel_over_the_devices():
     out = run_on_jax("""
         import json
