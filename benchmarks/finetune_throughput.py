@@ -72,6 +72,7 @@ import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
 import keras_transfer as kt  # noqa: E402
+from handwritten import flat_layers, preprocess  # noqa: E402  (benchmarks/handwritten.py)
 from machine import print_load  # noqa: E402  (benchmarks/machine.py)
 
 # The library's fine-tuning defaults (TransferModel.fit), mirrored by hand.
@@ -104,36 +105,6 @@ class EpochTimer(keras.callbacks.Callback):
         self.cpu_times.append(time.process_time() - self._cpu_start)
 
 
-def _flat_layers(model: keras.Model) -> list[keras.layers.Layer]:
-    """The model's layers, nested models flattened."""
-    out = []
-    for layer in model.layers:
-        out.extend(_flat_layers(layer) if isinstance(layer, keras.Model) else [layer])
-    return out
-
-
-def _preprocess(x, mode: str):
-    """Maps raw 0-255 pixels to what the backbone expects, with `keras.ops`.
-
-    Args:
-        x: a float32 KerasTensor of images.
-        mode: str. `"tf"`, `"torch"`, `"caffe"` or `"none"`, as named by
-            `keras.applications.imagenet_utils`.
-
-    Returns:
-        The preprocessed KerasTensor.
-    """
-    if mode == "tf":
-        return x / 127.5 - 1.0
-    if mode == "torch":
-        mean = np.array([0.485, 0.456, 0.406], "float32")
-        std = np.array([0.229, 0.224, 0.225], "float32")
-        return (x / 255.0 - mean) / std
-    if mode == "caffe":
-        return keras.ops.flip(x, axis=-1) - np.array([103.939, 116.779, 123.68], "float32")
-    return x
-
-
 def build_handwritten(backbone: str, input_shape: tuple[int, int, int],
                       num_classes: int) -> keras.Model:
     """Builds the plain-Keras model, backbone unfrozen except BatchNormalization.
@@ -156,14 +127,14 @@ def build_handwritten(backbone: str, input_shape: tuple[int, int, int],
     base = constructor(include_top=False, weights=None, input_shape=input_shape, **kwargs)
 
     inputs = keras.Input(shape=input_shape, dtype="float32")
-    x = _preprocess(inputs, spec.preprocessing)
+    x = preprocess(inputs, spec.preprocessing)
     x = base(x, training=False)
     x = keras.layers.GlobalAveragePooling2D()(x)
     outputs = keras.layers.Dense(num_classes, activation="softmax", name="predictions")(x)
     model = keras.Model(inputs, outputs, name="handwritten")
 
     base.trainable = True
-    for layer in _flat_layers(base):
+    for layer in flat_layers(base):
         if isinstance(layer, keras.layers.BatchNormalization):
             layer.trainable = False
     return model

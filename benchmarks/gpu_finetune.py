@@ -97,6 +97,7 @@ import keras  # noqa: E402
 import numpy as np  # noqa: E402
 
 import keras_transfer as kt  # noqa: E402
+from handwritten import flat_layers, preprocess  # noqa: E402  (benchmarks/handwritten.py)
 from machine import print_load  # noqa: E402  (benchmarks/machine.py)
 
 # The library's fine-tuning schedule (FineTunePhase), mirrored by hand.
@@ -185,27 +186,6 @@ def use_compilation_cache() -> None:
 
 
 # ------------------------------------------------------------------- models
-def _flat_layers(model: keras.Model) -> list[keras.layers.Layer]:
-    """The model's layers, nested models flattened."""
-    out = []
-    for layer in model.layers:
-        out.extend(_flat_layers(layer) if isinstance(layer, keras.Model) else [layer])
-    return out
-
-
-def _preprocess(x, mode: str):
-    """Maps 0-255 pixels to what the backbone expects, as `keras.applications` names it."""
-    if mode == "tf":
-        return x / 127.5 - 1.0
-    if mode == "torch":
-        mean = np.array([0.485, 0.456, 0.406], "float32")
-        std = np.array([0.229, 0.224, 0.225], "float32")
-        return (x / 255.0 - mean) / std
-    if mode == "caffe":
-        return keras.ops.flip(x, axis=-1) - np.array([103.939, 116.779, 123.68], "float32")
-    return x
-
-
 def handwritten_image(backbone: str, input_shape: tuple[int, int, int],
                       num_classes: int) -> keras.Model:
     """The plain-Keras image classifier, unfrozen except BatchNormalization.
@@ -222,14 +202,14 @@ def handwritten_image(backbone: str, input_shape: tuple[int, int, int],
     base = constructor(include_top=False, weights=None, input_shape=input_shape, **kwargs)
 
     inputs = keras.Input(shape=input_shape, dtype="uint8")
-    x = _preprocess(keras.ops.cast(inputs, "float32"), spec.preprocessing)
+    x = preprocess(keras.ops.cast(inputs, "float32"), spec.preprocessing)
     x = base(x, training=False)
     x = keras.layers.GlobalAveragePooling2D()(x)
     # float32 logits keep the loss stable under mixed precision, as the library's heads.
     outputs = keras.layers.Dense(num_classes, dtype="float32", name="logits")(x)
     model = keras.Model(inputs, outputs, name="handwritten")
     base.trainable = True
-    for layer in _flat_layers(base):
+    for layer in flat_layers(base):
         if isinstance(layer, keras.layers.BatchNormalization):
             layer.trainable = False
     return model

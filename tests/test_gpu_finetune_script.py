@@ -18,7 +18,7 @@ def script():
     spec = importlib.util.spec_from_file_location("gpu_finetune", SCRIPT)
     module = importlib.util.module_from_spec(spec)
     sys.modules["gpu_finetune"] = module  # its dataclass looks itself up there
-    sys.path.insert(0, os.path.dirname(SCRIPT))  # for its `machine` import
+    sys.path.insert(0, os.path.dirname(SCRIPT))  # for its `machine` and `handwritten` imports
     try:
         spec.loader.exec_module(module)
     finally:
