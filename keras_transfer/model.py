@@ -68,11 +68,12 @@ class TransferModel(MultiWorkerFitMixin, keras.Model):
             head's data in turn, smaller data repeated) or `"proportional"`
             (every batch once per epoch, heads drawn in proportion to their
             data). See `data.task_schedule`.
-        strategy: a `tf.distribute.Strategy` or a name (`"auto"`,
-            `"mirrored"`, `"multi_worker"`, `"tpu"`, `"cpu"`; see
-            `distribute.get_strategy`); heads, optimizers and metrics are
-            built in its scope. Batch sizes are global (split over the
-            replicas).
+        strategy: a `tf.distribute.Strategy`, a `keras.distribution` (JAX)
+            or a name (`"auto"`, `"mirrored"`, `"multi_worker"`, `"tpu"`,
+            `"cpu"`; see `distribute.get_strategy`, which maps names to
+            `keras.distribution.DataParallel` on JAX); heads, optimizers and
+            metrics are built in its scope. Batch sizes are global (split
+            over the replicas).
         name: str, optional. Model name.
 
     Example:
