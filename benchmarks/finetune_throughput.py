@@ -72,7 +72,7 @@ import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
 import keras_transfer as kt  # noqa: E402
-from handwritten import flat_layers, preprocess  # noqa: E402  (benchmarks/handwritten.py)
+from handwritten import pooled_features  # noqa: E402  (benchmarks/handwritten.py)
 from machine import print_load  # noqa: E402  (benchmarks/machine.py)
 
 # The library's fine-tuning defaults (TransferModel.fit), mirrored by hand.
@@ -121,23 +121,10 @@ def build_handwritten(backbone: str, input_shape: tuple[int, int, int],
     Returns:
         An uncompiled functional `keras.Model` taking float32 0-255 images.
     """
-    spec = kt.get_backbone_spec(backbone)
-    constructor = getattr(keras.applications, spec.constructor)
-    kwargs = {"include_preprocessing": True} if spec.builtin_preprocessing_arg else {}
-    base = constructor(include_top=False, weights=None, input_shape=input_shape, **kwargs)
-
     inputs = keras.Input(shape=input_shape, dtype="float32")
-    x = preprocess(inputs, spec.preprocessing)
-    x = base(x, training=False)
-    x = keras.layers.GlobalAveragePooling2D()(x)
-    outputs = keras.layers.Dense(num_classes, activation="softmax", name="predictions")(x)
-    model = keras.Model(inputs, outputs, name="handwritten")
-
-    base.trainable = True
-    for layer in flat_layers(base):
-        if isinstance(layer, keras.layers.BatchNormalization):
-            layer.trainable = False
-    return model
+    features = pooled_features(backbone, inputs)
+    outputs = keras.layers.Dense(num_classes, activation="softmax", name="predictions")(features)
+    return keras.Model(inputs, outputs, name="handwritten")
 
 
 def param_counts(model: keras.Model) -> tuple[int, int]:

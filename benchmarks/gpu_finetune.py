@@ -97,7 +97,7 @@ import keras  # noqa: E402
 import numpy as np  # noqa: E402
 
 import keras_transfer as kt  # noqa: E402
-from handwritten import flat_layers, preprocess  # noqa: E402  (benchmarks/handwritten.py)
+from handwritten import pooled_features  # noqa: E402  (benchmarks/handwritten.py)
 from machine import print_load  # noqa: E402  (benchmarks/machine.py)
 
 # The library's fine-tuning schedule (FineTunePhase), mirrored by hand.
@@ -196,23 +196,11 @@ def handwritten_image(backbone: str, input_shape: tuple[int, int, int],
     Returns:
         An uncompiled functional `keras.Model` taking uint8 images.
     """
-    spec = kt.get_backbone_spec(backbone)
-    constructor = getattr(keras.applications, spec.constructor)
-    kwargs = {"include_preprocessing": True} if spec.builtin_preprocessing_arg else {}
-    base = constructor(include_top=False, weights=None, input_shape=input_shape, **kwargs)
-
     inputs = keras.Input(shape=input_shape, dtype="uint8")
-    x = preprocess(keras.ops.cast(inputs, "float32"), spec.preprocessing)
-    x = base(x, training=False)
-    x = keras.layers.GlobalAveragePooling2D()(x)
+    features = pooled_features(backbone, inputs)
     # float32 logits keep the loss stable under mixed precision, as the library's heads.
-    outputs = keras.layers.Dense(num_classes, dtype="float32", name="logits")(x)
-    model = keras.Model(inputs, outputs, name="handwritten")
-    base.trainable = True
-    for layer in flat_layers(base):
-        if isinstance(layer, keras.layers.BatchNormalization):
-            layer.trainable = False
-    return model
+    outputs = keras.layers.Dense(num_classes, dtype="float32", name="logits")(features)
+    return keras.Model(inputs, outputs, name="handwritten")
 
 
 def minilm_backbone():
