@@ -61,7 +61,8 @@ class HeadPhase:
     features is a convex problem, and by default it is solved to
     convergence: standardised features, L2-regularised cross-entropy (or
     least squares), the regularisation picked by cross-validation, the
-    standardisation folded into the Dense weights (`probe.fit_linear_probe`).
+    logits scaled so the training log-loss equals the cross-validated one,
+    the standardisation folded into the Dense weights (`probe.fit_linear_probe`).
     Heads with hidden layers, and heads whose features cannot be cached
     (random augmentation), train with Adam.
 

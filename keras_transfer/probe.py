@@ -23,9 +23,27 @@ solves it:
    classification; leave-one-out for tiny data), by held-out log-loss (mean
    squared error for regression), over a log grid from strong to weak
    regularisation.
-4. Refit on every row with the chosen `C` and fold the standardisation into
-   the weights, so that `kernel` and `bias` go straight into the `Dense(K)`
-   layer that reads the raw features and outputs logits.
+4. Refit on every row with the chosen `C`.
+5. Calibrate its confidence (classification and multilabel): scale all its
+   logits by one factor t <= 1 so that its log-loss on the training rows
+   equals the held-out log-loss cross-validation measured for that `C`.
+6. Fold the standardisation (and t) into the weights, so that `kernel` and
+   `bias` go straight into the `Dense(K)` layer that reads the raw features
+   and outputs logits.
+
+Why calibrate. Solved to convergence, a probe is far more confident on its
+training rows than on new ones (training loss 0.04-0.15 against a held-out
+0.29-0.37 on 100 yelp sentences with MiniLM), and fine-tuning that starts
+from it gets little gradient from the rows it already fits. A factor on the
+logits changes no predicted class, only the confidence: it makes the
+probabilities honest and gives fine-tuning a head whose training loss is
+what unseen data would show. Measured (fine-tuned test accuracy, same
+runs otherwise): yelp 0.888 / 0.890 / 0.894 calibrated against 0.887 /
+0.888 / 0.883 not (3 seeds), textures (seed 0) 0.963 against 0.960. This is
+temperature scaling (Guo et al., 2017) with the temperature set from the
+cross-validation the probe runs anyway; a large head norm after linear
+probing is known to hold back the features' change during fine-tuning
+(Tomihari and Sato, 2024).
 
 Why one scale for all columns by default. A backbone's features are the
 channels of one layer, in one unit: a channel that is nearly always 0 is
@@ -78,6 +96,8 @@ from keras_transfer.probe_solver import (
     _assign_folds,
     _Basis,
     _cross_validate,
+    _CrossValidation,
+    _logit_scale,
     _Problem,
     _Solution,
     _standardize,
@@ -123,6 +143,12 @@ class ProbeReport:
         converged: whether the final fit converged.
         cv_unconverged: how many cross-validation fits stopped at `max_iter`.
         seconds: wall time of the whole call.
+        held_out_log_loss: the cross-validated log-loss of the chosen `C`
+            (NaN without cross-validation, and for regression).
+        logit_scale: the factor t the logits were multiplied by so that the
+            training log-loss equals `held_out_log_loss` (1.0: not scaled).
+        training_log_loss: the training log-loss after that scaling (before
+            it when t is 1; NaN for regression).
         solver: how it was solved, e.g. "lbfgs in Gram axes (r=30)".
         num_examples: N.
         num_features: D.
@@ -142,6 +168,9 @@ class ProbeReport:
     converged: bool
     cv_unconverged: int
     seconds: float
+    held_out_log_loss: float
+    logit_scale: float
+    training_log_loss: float
     solver: str
     num_examples: int
     num_features: int
@@ -162,10 +191,14 @@ class ProbeReport:
         else:
             cv = "given, no cross-validation"
         state = "converged" if self.converged else "NOT converged"
+        calibration = ""
+        if self.logit_scale != 1.0:
+            calibration = (f"; logits scaled by {self.logit_scale:.3g} so the training "
+                           f"log-loss equals the held-out {self.training_log_loss:.3g}")
         return (
             f"linear probe ({self.kind}, N={self.num_examples}, D={self.num_features}, "
             f"K={self.num_outputs}): C={self.C:.4g} {cv}; {self.iterations} iterations, "
-            f"{state}; {self.seconds:.2f} s"
+            f"{state}{calibration}; {self.seconds:.2f} s"
         )
 
     def as_dict(self) -> dict:
@@ -217,6 +250,7 @@ def fit_linear_probe(
     scoring: str | None = None,
     scaling: str = "global",
     grid: Sequence[float] | None = None,
+    calibrate: bool = True,
     max_iter: int = 1000,
     tol: float = 1e-6,
 ) -> LinearProbe:
@@ -267,6 +301,12 @@ def fit_linear_probe(
             that is, C for features scaled to unit mean squared row norm. The
             log-loss walk from strong to weak stops after `PATIENCE` values
             without improvement.
+        calibrate: bool. Classification and multilabel with C picked by
+            cross-validation: scale the final logits by one factor t <= 1
+            so that the training log-loss equals the held-out log-loss
+            of the chosen C (see the module docstring; the predicted classes
+            do not change). False: the solution as solved, as scikit-learn
+            gives it. Nothing is scaled when `regularization` is a number.
         max_iter: int. L-BFGS iteration limit per fit.
         tol: float. L-BFGS stops when every coordinate of the gradient,
             preconditioned by the diagonal of the Hessian, is below `tol`
@@ -324,14 +364,22 @@ def fit_linear_probe(
 
     problem = _Problem(kind, basis.z, y, k, weights, max_iter, tol)
     if fixed_c is not None:
-        chosen, cv, fold_scores, mean_scores, warm, stats = fixed_c, "none", (), (), None, (0, 0)
+        cv, validation = "none", _CrossValidation(fixed_c, cs, (), (), None, 0, 0, math.nan)
     else:
         fold_of, cv = _assign_folds(n, y if kind == "classification" else None, folds, seed)
         with _blas_threads(np.count_nonzero(fold_of >= 0) * problem.r * k):
-            chosen, cs, fold_scores, mean_scores, warm, stats = _cross_validate(
-                problem, fold_of, cs, scoring)
+            validation = _cross_validate(problem, fold_of, cs, scoring)
+    chosen = validation.chosen
     with _blas_threads(n * problem.r * k):
-        solution = problem.fit(np.arange(n), chosen, warm)
+        solution = problem.fit(np.arange(n), chosen, validation.warm)
+    logit_scale, training_loss = 1.0, math.nan
+    if kind != "regression":
+        if calibrate:
+            logit_scale = _logit_scale(problem, solution, validation.held_out_log_loss)
+            solution = dataclasses.replace(solution, coef=solution.coef * logit_scale,
+                                           intercept=solution.intercept * logit_scale)
+        training_loss = float(np.average(
+            problem.losses(solution, np.arange(n), "log_loss"), weights=weights))
     if not solution.converged:
         warnings.warn(
             f"The linear probe's final fit did not converge in max_iter={max_iter} "
@@ -346,17 +394,20 @@ def fit_linear_probe(
     report = ProbeReport(
         kind=kind,
         C=float(chosen),
-        grid=tuple(float(c) for c in cs),
+        grid=tuple(float(c) for c in validation.cs),
         scoring=scoring,
         scaling=scaling,
         cv=cv,
-        fold_scores=tuple(tuple(float(s) for s in row) for row in fold_scores),
-        mean_scores=tuple(float(s) for s in mean_scores),
-        iterations=int(stats[0] + solution.iterations),
+        fold_scores=tuple(tuple(float(s) for s in row) for row in validation.fold_scores),
+        mean_scores=tuple(float(s) for s in validation.mean_scores),
+        iterations=int(validation.iterations + solution.iterations),
         final_iterations=int(solution.iterations),
         converged=bool(solution.converged),
-        cv_unconverged=int(stats[1]),
+        cv_unconverged=int(validation.unconverged),
         seconds=time.perf_counter() - start,
+        held_out_log_loss=validation.held_out_log_loss,
+        logit_scale=float(logit_scale),
+        training_log_loss=training_loss,
         solver=("ridge" if kind == "regression" else "lbfgs") + f" in {basis.name}",
         num_examples=n,
         num_features=d,

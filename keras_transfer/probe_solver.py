@@ -3,8 +3,10 @@
 `probe.fit_linear_probe` checks its inputs and reports; this module does the
 numerical work it describes: standardise the features (`_standardize`),
 change to the principal axes of the rows (`_Basis`), fit each C by
-preconditioned L-BFGS or in closed form (`_Problem`), and pick C by k-fold
-cross-validation (`_assign_folds`, `_cross_validate`). NumPy and SciPy only.
+preconditioned L-BFGS or in closed form (`_Problem`), pick C by k-fold
+cross-validation (`_assign_folds`, `_cross_validate`), and calibrate the
+final fit's confidence to the held-out log-loss (`_logit_scale`). NumPy and
+SciPy only.
 """
 
 from __future__ import annotations
@@ -31,6 +33,8 @@ CV_MAX_EXAMPLES = 5_000
 _PROB_FLOOR = 1e-15
 # Cross-validation fits stop at this multiple of `tol` (scores change in the 6th digit).
 _CV_TOL_FACTOR = 10.0
+# The calibration's factor on the logits is searched in [this, 1].
+_SMALLEST_LOGIT_SCALE = 1e-3
 # Largest N x N Gram matrix we build (its eigendecomposition is O(N^3)).
 _GRAM_MAX_EXAMPLES = 12_000
 # Largest D x D covariance we build when N >= D.
@@ -322,7 +326,22 @@ def _assign_folds(n: int, labels: np.ndarray | None, folds: int, seed: int):
     return fold_of, cv + (f" on {used} of {n} rows" if used < n else "")
 
 
-def _cross_validate(problem: _Problem, fold_of: np.ndarray, cs, scoring: str):
+@dataclasses.dataclass
+class _CrossValidation:
+    """What `_cross_validate` found."""
+
+    chosen: float  # the C to use
+    cs: tuple  # the Cs tried, ascending
+    fold_scores: np.ndarray  # (folds, Cs)
+    mean_scores: np.ndarray  # (Cs,)
+    warm: _Solution | None  # the folds' mean solution at the best C
+    iterations: int
+    unconverged: int
+    held_out_log_loss: float  # of the chosen C (NaN for regression)
+
+
+def _cross_validate(problem: _Problem, fold_of: np.ndarray, cs,
+                    scoring: str) -> _CrossValidation:
     """Held-out scores of every C on every fold; the C to use and a warm start for it.
 
     Classification and multilabel walk the grid from strong to weak
@@ -374,12 +393,39 @@ def _cross_validate(problem: _Problem, fold_of: np.ndarray, cs, scoring: str):
     if row_tiebreak is not None:  # the lowest held-out log-loss among the ties
         tiebreak = np.array([_weighted_mean(row_tiebreak[i, used], weights) for i in ties])
         chosen = int(ties[np.argmin(tiebreak)])
+        log_loss = float(tiebreak.min())
     else:  # the smallest C (strongest regularisation) among the ties
         chosen = int(ties[0])
+        log_loss = float(mean_scores[chosen]) if scoring == "log_loss" else math.nan
     if scoring == "accuracy":
         mean_scores, fold_scores = 1.0 - mean_scores, 1.0 - fold_scores
     warm = _average(best_solutions) if best_solutions else None
-    return cs[chosen], cs, fold_scores, mean_scores, warm, (iterations, unconverged)
+    return _CrossValidation(cs[chosen], cs, fold_scores, mean_scores, warm, iterations,
+                            unconverged, log_loss)
+
+
+def _logit_scale(problem: _Problem, solution: _Solution, target_loss: float) -> float:
+    """The factor t in (0, 1] that brings the training log-loss of `t * logits` to `target_loss`.
+
+    A probe fitted to convergence is more confident on its training rows than
+    on rows it has not seen; `target_loss` is what cross-validation measured
+    on unseen rows. Scaling every logit by one factor (a temperature) leaves
+    each prediction's class as it was and changes only its confidence. Returns
+    1 when the probe is not over-confident (its training loss already reaches
+    the target) or when the target is no better than predicting nothing
+    (all logits 0), where a factor would erase the head.
+    """
+    if not np.isfinite(target_loss):
+        return 1.0
+    rows = np.arange(len(problem.y))
+
+    def excess(t: float) -> float:
+        scaled = _Solution(solution.coef * t, solution.intercept * t)
+        return _weighted_mean(problem.losses(scaled, rows, "log_loss"), problem.weights) - target_loss
+
+    if excess(1.0) >= 0 or excess(_SMALLEST_LOGIT_SCALE) <= 0:
+        return 1.0
+    return float(scipy.optimize.brentq(excess, _SMALLEST_LOGIT_SCALE, 1.0, xtol=1e-6, rtol=1e-6))
 
 
 def _tie(score: float) -> float:

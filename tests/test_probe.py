@@ -351,6 +351,74 @@ def test_sample_weights_weight_the_loss():
     np.testing.assert_allclose(dropped.predict(x)[:, 1], kept.predict_proba(xs)[:, 1], atol=1e-5)
 
 
+# --- Calibration --------------------------------------------------------------------------
+
+
+def training_log_loss(probe, x, y, kind):
+    if kind == "classification":
+        p = probe.predict(x)[np.arange(len(y)), y]
+        return float(-np.mean(np.log(p)))
+    p = probe.predict(x)
+    return float(-np.mean(np.where(y > 0, np.log(p), np.log1p(-p))))
+
+
+@pytest.mark.parametrize("kind", ["classification", "multilabel"])
+def test_calibration_brings_the_training_loss_to_the_held_out_loss(kind):
+    """More features than rows: solved as is, the probe is over-confident on its rows."""
+    rng = np.random.default_rng(3)
+    x = rng.normal(size=(80, 300))
+    signal = x[:, :3] + 0.8 * rng.normal(size=(80, 3))
+    y = signal.argmax(axis=1) if kind == "classification" else (signal > 0).astype(int)
+    solved = fit_linear_probe(x, y, kind, 3, seed=2, calibrate=False)
+    calibrated = fit_linear_probe(x, y, kind, 3, seed=2)
+    report = calibrated.report
+    assert solved.report.C == report.C and solved.report.logit_scale == 1.0
+    # Over-confident as solved; the held-out loss is what cross-validation measured.
+    assert training_log_loss(solved, x, y, kind) < 0.5 * report.held_out_log_loss
+    same_folds = fit_linear_probe(x, y, kind, 3, seed=2, scoring="log_loss", grid=[report.C])
+    assert report.held_out_log_loss == pytest.approx(same_folds.report.mean_scores[0], rel=1e-3)
+    # One factor on every logit, chosen so that the training loss is the held-out one.
+    assert 0 < report.logit_scale < 1
+    np.testing.assert_allclose(calibrated.logits(x), report.logit_scale * solved.logits(x),
+                               rtol=1e-6, atol=1e-9)
+    assert training_log_loss(calibrated, x, y, kind) == pytest.approx(
+        report.held_out_log_loss, rel=1e-4)
+    assert report.training_log_loss == pytest.approx(report.held_out_log_loss, rel=1e-4)
+    assert "held-out" in report.summary() and f"{report.logit_scale:.3g}" in report.summary()
+    # No prediction changes, only their confidence.
+    if kind == "classification":
+        np.testing.assert_array_equal(calibrated.predict(x).argmax(1), solved.predict(x).argmax(1))
+    else:
+        np.testing.assert_array_equal(calibrated.logits(x) > 0, solved.logits(x) > 0)
+
+
+def test_no_calibration_without_cross_validation_or_for_regression():
+    x, y = blobs(60, 80, 3, spread=0.5)
+    fixed = fit_linear_probe(x, y, "classification", 3, regularization=1.0)
+    assert fixed.report.logit_scale == 1.0 and np.isnan(fixed.report.held_out_log_loss)
+    assert fixed.report.training_log_loss == pytest.approx(
+        training_log_loss(fixed, x, y, "classification"), rel=1e-6)
+    ridge = fit_linear_probe(x, y.astype(float), "regression")
+    assert ridge.report.logit_scale == 1.0 and np.isnan(ridge.report.training_log_loss)
+
+
+def test_a_probe_that_is_not_over_confident_is_left_as_solved():
+    solution = probe_solver._Solution(np.array([[0.1, -0.1]]), np.zeros(2))
+    z = np.array([[1.0], [-1.0], [1.0], [-1.0]])
+    problem = probe_solver._Problem("classification", z, np.array([0, 1, 1, 0]), 2,
+                                    np.ones(4), 100, 1e-6)
+    # Training loss (about 0.69) already above the target: nothing to take off.
+    assert probe_solver._logit_scale(problem, solution, 0.3) == 1.0
+    # Fits its rows: over-confident against a target of 0.3...
+    separable = probe_solver._Problem("classification", z, np.array([0, 1, 0, 1]), 2,
+                                      np.ones(4), 100, 1e-6)
+    confident = probe_solver._Solution(np.array([[5.0, -5.0]]), np.zeros(2))
+    assert 0 < probe_solver._logit_scale(separable, confident, 0.3) < 1
+    # ...but a target no better than all-zero logits (log 2) would erase the head: kept.
+    assert probe_solver._logit_scale(separable, confident, 0.8) == 1.0
+    assert probe_solver._logit_scale(separable, confident, float("nan")) == 1.0
+
+
 # --- The report ----------------------------------------------------------------------------
 
 
