@@ -7,7 +7,8 @@ What it measures
       text, raw pixels + logistic regression for images;
     * the linear probe any practitioner writes in five lines: scikit-learn's
       `LogisticRegression()` on the same frozen, pooled backbone features;
-    * our head (`HeadPhase()`: the converged, cross-validated probe);
+    * our head (`HeadPhase()`: the converged, cross-validated probe, its
+      confidence calibrated to the cross-validated log-loss);
     * our fine-tuned model (`FineTunePhase()`: ~100 steps at 1e-5 after it);
 
     and the wall time of each. Tasks:
