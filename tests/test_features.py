@@ -103,6 +103,21 @@ def test_features_are_the_backbone_outputs_streamed_back_from_shards(backbone_ru
         order = np.concatenate([label for _, label in shuffled])
         assert sorted(order.tolist()) == sorted(y.tolist())
         assert len(list(cache.dataset(batch_size=4, drop_remainder=True, **budget))) == 5
+    # A subset of rows (a held-out split), in the order given unless shuffled.
+    rows = np.array([20, 3, 7, 11, 0])
+    subset = list(cache.dataset(batch_size=2, rows=rows))
+    assert len(subset) == 3 == steps_of(cache.dataset(batch_size=2, rows=rows))
+    np.testing.assert_array_equal(np.concatenate([f for f, _ in subset]), stored[rows])
+    shuffled = np.concatenate([label for _, label in cache.dataset(
+        batch_size=2, rows=rows, shuffle=True, seed=3)])
+    assert sorted(shuffled.tolist()) == sorted(y[rows].tolist())
+    assert cache.fits_in_memory() and not cache.fits_in_memory(1)
+    for bad in (np.array([0, 23]), np.array([[1, 2]]), np.array([0.5])):
+        with pytest.raises(ValueError, match="Received rows"):
+            cache.dataset(batch_size=2, rows=bad)
+    if keras.backend.backend() == "tensorflow":  # streamed record by record: no rows
+        with pytest.raises(ValueError, match="streamed from its shards"):
+            cache.dataset(batch_size=2, rows=rows, shuffle_buffer_bytes=1)
     cache.verify()
     manifest = json.loads(open(os.path.join(cache.path, "manifest.json")).read())
     assert manifest["complete"] and set(manifest["key"]) >= {"model", "data", "num_examples"}

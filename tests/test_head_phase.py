@@ -9,6 +9,7 @@ except ImportError:  # a run on another backend without TensorFlow: its tests ar
     tf = None
 
 import keras_transfer as kt
+from keras_transfer.phases import held_out_split
 from keras_transfer.probe import fit_linear_probe
 
 
@@ -93,6 +94,52 @@ def test_heads_with_hidden_layers_train_with_adam_while_solved_heads_stay():
     np.testing.assert_allclose(model.heads["linear"].layers[-1].get_weights()[0], direct.kernel,
                                rtol=1e-4, atol=1e-5)  # untouched by the Adam epochs
     assert model.heads["linear"].trainable
+
+
+def test_held_out_split_is_stratified_and_deterministic():
+    labels = np.repeat([0, 1, 2], [50, 20, 2])
+    kept, held = held_out_split(labels, "classification", 0.2, seed=1)
+    assert np.bincount(labels[held], minlength=3).tolist() == [10, 4, 0]
+    np.testing.assert_array_equal(np.sort(np.concatenate([kept, held])), np.arange(72))
+    again = held_out_split(labels, "classification", 0.2, seed=1)
+    np.testing.assert_array_equal(again[1], held)
+    assert not np.array_equal(held_out_split(labels, "classification", 0.2, seed=2)[1], held)
+    assert len(held_out_split(np.zeros((40, 3)), "multilabel", 0.2, seed=0)[1]) == 8
+    assert held_out_split(np.arange(10) % 2, "classification", 0.2) is None  # too few
+
+
+def test_validation_split_stops_adam_heads_on_held_out_examples():
+    x, _ = images(n=60, seed=5)
+    y = np.random.default_rng(0).integers(0, 3, 60)  # noise: the head can only overfit
+    model = tiny_model(pooling="avg", hidden_units=(32,))
+    history = model.fit(x, y, phases=[kt.HeadPhase(learning_rate=0.01, validation_split=0.2)],
+                        batch_size=8, seed=2, verbose=0)
+    record = history.phases[0]
+    _, held = held_out_split(y, "classification", 0.2, seed=2)  # a fifth of each class
+    assert record.details["held_out"] == {"head": {"rows": len(held), "of": 60}}
+    assert 11 <= len(held) <= 13
+    losses = history.history["val_loss"]
+    assert record.stopped_early and len(losses) == record.epochs_run
+    assert np.argmin(losses) < len(losses) - 1
+    # The weights kept are those of the best held-out epoch, not the last one.
+    features = kt.extract_features(model, x, y, batch_size=8).load()[0][held]
+    logits = model.head(features)
+    held_loss = keras.ops.convert_to_numpy(keras.losses.sparse_categorical_crossentropy(
+        y[held], logits, from_logits=True)).mean()
+    assert held_loss == pytest.approx(min(losses), rel=1e-4)
+    # Not by default, and not over validation data the user gave.
+    default = tiny_model(pooling="avg", hidden_units=(8,)).fit(
+        x, y, phases=[kt.HeadPhase(epochs=2)], batch_size=8, verbose=0)
+    assert "held_out" not in default.phases[0].details and "val_loss" not in default.history
+    with_validation = tiny_model(pooling="avg", hidden_units=(8,)).fit(
+        x[:48], y[:48], validation_data=(x[48:], y[48:]), verbose=0,
+        phases=[kt.HeadPhase(epochs=2, validation_split=0.2)], batch_size=8)
+    assert "held_out" not in with_validation.phases[0].details
+    for bad in (0, 1.0, True, "0.2"):
+        with pytest.raises(ValueError, match="validation_split"):
+            kt.HeadPhase(validation_split=bad)
+    with pytest.raises(ValueError, match="feature_cache=False"):
+        kt.HeadPhase(validation_split=0.2, feature_cache=False)
 
 
 def test_adam_when_asked_and_the_probe_only_where_it_applies():
