@@ -207,8 +207,7 @@ class FeatureCache:
         label_dtype = np.dtype(manifest["label_dtype"])
         feature_shape = tuple(manifest["feature_shape"])
         label_shape = tuple(manifest["label_shape"])
-        feature_record = int(np.prod(feature_shape, dtype=np.int64)) * feature_dtype.itemsize
-        label_record = int(np.prod(label_shape, dtype=np.int64)) * label_dtype.itemsize
+        feature_record, label_record = self._record_bytes("feature"), self._record_bytes("label")
 
         def files(copy_index):
             shards = self._shards(copy_index)
@@ -268,10 +267,13 @@ class FeatureCache:
 
     def fits_in_memory(self, budget_bytes: int = DEFAULT_SHUFFLE_BYTES) -> bool:
         """Whether one copy's features and labels take at most `budget_bytes`."""
-        record = sum(int(np.prod(self.manifest[f"{part}_shape"], dtype=np.int64))
-                     * np.dtype(self.manifest[f"{part}_dtype"]).itemsize
-                     for part in ("feature", "label"))
+        record = self._record_bytes("feature") + self._record_bytes("label")
         return self.num_examples * record <= budget_bytes
+
+    def _record_bytes(self, part: str) -> int:
+        """Bytes of one example's "feature" or "label" in the shards."""
+        return (int(np.prod(self.manifest[f"{part}_shape"], dtype=np.int64))
+                * np.dtype(self.manifest[f"{part}_dtype"]).itemsize)
 
     def _check_rows(self, rows) -> np.ndarray:
         indices = np.asarray(rows)

@@ -102,6 +102,7 @@ from keras_transfer.probe_solver import (
     _Problem,
     _Solution,
     _standardize,
+    _weighted_mean,
 )
 
 KINDS = ("classification", "multilabel", "regression")
@@ -379,8 +380,8 @@ def fit_linear_probe(
             logit_scale = _logit_scale(problem, solution, validation.held_out_log_loss)
             solution = dataclasses.replace(solution, coef=solution.coef * logit_scale,
                                            intercept=solution.intercept * logit_scale)
-        training_loss = float(np.average(
-            problem.losses(solution, np.arange(n), "log_loss"), weights=weights))
+        training_loss = _weighted_mean(problem.losses(solution, np.arange(n), "log_loss"),
+                                       weights)
     if not solution.converged:
         warnings.warn(
             f"The linear probe's final fit did not converge in max_iter={max_iter} "
