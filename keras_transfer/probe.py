@@ -65,9 +65,12 @@ eigenvectors of the N x N Gram matrix (a 30 x 25,088 problem becomes
 axes the curvature of the loss is nearly diagonal, so L-BFGS runs on
 coordinates rescaled by the Hessian's diagonal at its starting point (a
 diagonal preconditioner): a fit takes tens of iterations (5x fewer than
-without at N=30, D=25,088). Each fold starts from its solution at the
-previous C, the final fit from the folds' mean at the chosen C, and above
-5,000 rows C is cross-validated on a stratified subset.
+without at N=30, D=25,088). The folds share no parameters, so for each C
+they are fitted together as one problem (one L-BFGS run, one matrix product
+per step for all folds): 4x faster for leave-one-out on 40 rows, 2x for 5
+folds of 1,437 rows. Each fold starts from its solution at the previous C,
+the final fit from the folds' mean at the chosen C, and above 5,000 rows C
+is cross-validated on a stratified subset.
 
 Example:
     >>> features = np.random.default_rng(0).normal(size=(60, 512))
@@ -139,8 +142,9 @@ class ProbeReport:
         fold_scores: per fold (rows), per `C` (columns): the weighted mean
             held-out score of the fold.
         mean_scores: per `C`: the weighted mean held-out score over all rows.
-        iterations: L-BFGS iterations of every fit, cross-validation included
-            (0 for regression, solved in closed form).
+        iterations: L-BFGS iterations, cross-validation's included (the
+            folds fitted together for one C count once; 0 for regression,
+            solved in closed form).
         final_iterations: L-BFGS iterations of the final fit.
         converged: whether the final fit converged.
         cv_unconverged: how many cross-validation fits stopped at `max_iter`.

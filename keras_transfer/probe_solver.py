@@ -3,10 +3,10 @@
 `probe.fit_linear_probe` checks its inputs and reports; this module does the
 numerical work it describes: standardise the features (`_standardize`),
 change to the principal axes of the rows (`_Basis`), fit each C by
-preconditioned L-BFGS or in closed form (`_Problem`), pick C by k-fold
-cross-validation (`_assign_folds`, `_cross_validate`), and calibrate the
-final fit's confidence to the held-out log-loss (`_logit_scale`). NumPy and
-SciPy only.
+preconditioned L-BFGS (all folds as one problem) or in closed form
+(`_Problem`), pick C by k-fold cross-validation (`_assign_folds`,
+`_cross_validate`), and calibrate the final fit's confidence to the
+held-out log-loss (`_logit_scale`). NumPy and SciPy only.
 """
 
 from __future__ import annotations
@@ -35,6 +35,11 @@ _PROB_FLOOR = 1e-15
 _CV_TOL_FACTOR = 10.0
 # The calibration's factor on the logits is searched in [this, 1].
 _SMALLEST_LOGIT_SCALE = 1e-3
+# Cross-validation fits all folds as one L-BFGS problem (`_Problem.fit_folds`) up to
+# this many parameters (its history holds 40 vectors of them) and logits; one by
+# one above.
+_BATCH_MAX_PARAMETERS = 500_000
+_BATCH_MAX_LOGITS = 5_000_000
 # Largest N x N Gram matrix we build (its eigendecomposition is O(N^3)).
 _GRAM_MAX_EXAMPLES = 12_000
 # Largest D x D covariance we build when N >= D.
@@ -146,67 +151,105 @@ class _Problem:
     def fit(self, rows: np.ndarray, c: float, warm: _Solution | None = None,
             tol: float | None = None) -> _Solution:
         """Fits rows for one C (warm-started from `warm` if given; `tol` overrides)."""
+        return self.fit_folds([rows], c, [warm], tol)[0]
+
+    def fit_folds(self, row_sets: list, c: float, warms: list,
+                  tol: float | None = None) -> list[_Solution]:
+        """Fits each subset of the rows for one C: one solution per subset.
+
+        The subsets' problems share no parameters, so the sum of their
+        objectives is minimised by minimising each: one L-BFGS run over all
+        of them gives every fold's solution. On small data, where a fit's cost
+        is Python and SciPy overhead per iteration, that is many times faster
+        than one run per fold.
+        """
         if self.kind == "regression":
-            return self.ridge_path(rows, (c,))[0]
-        rows, z, y, w = self._rows(rows)
-        if rows.size == 0:  # every training row has weight 0: nothing to learn
-            return _Solution(np.zeros((self.r, self.k)), np.full(self.k, -np.inf))
-        fit = self._fit_softmax if self.kind == "classification" else self._fit_sigmoid
-        return fit(z, y, w, c, warm, tol or self.tol)
+            return [self.ridge_path(rows, (c,))[0] for rows in row_sets]
+        weights = np.zeros((len(self.y), len(row_sets)))
+        for f, rows in enumerate(row_sets):
+            weights[rows, f] = self.weights[rows]
+        solutions: list[_Solution | None] = [None] * len(row_sets)
+        for f in np.flatnonzero(weights.sum(axis=0) == 0):  # every row has weight 0
+            solutions[f] = _Solution(np.zeros((self.r, self.k)), np.full(self.k, -np.inf))
+        fitted = np.flatnonzero(weights.sum(axis=0) > 0)
+        if fitted.size:
+            fit = self._fit_softmax if self.kind == "classification" else self._fit_sigmoid
+            for f, solution in zip(fitted, fit(weights[:, fitted], c,
+                                                [warms[f] for f in fitted], tol or self.tol)):
+                solutions[f] = solution
+        return solutions
 
-    def _fit_softmax(self, z, y, w, c, warm, tol):
-        k, r = self.k, self.r
-        counts = np.bincount(y, minlength=k)
-        present = np.flatnonzero(counts > 0)
-        coef, intercept = np.zeros((r, k)), np.full(k, -np.inf)
-        if present.size < 2:
-            intercept[present] = 0.0
-            return _Solution(coef, intercept)
-        labels = np.searchsorted(present, y)
-        m = present.size
-        x0 = None if warm is None else (warm.coef[:, present], warm.intercept[present])
-        rows = np.arange(len(y))
+    def _start(self, warms, active):
+        """Starting coefficients (F, r, k) and intercepts (F, k); 0 for inactive outputs."""
+        coef = np.zeros((len(warms), self.r, self.k))
+        intercept = np.zeros((len(warms), self.k))
+        for f, warm in enumerate(warms):
+            if warm is not None:
+                coef[f] = warm.coef
+                intercept[f] = np.nan_to_num(warm.intercept, posinf=0.0, neginf=0.0)
+        coef *= active[:, None, :]
+        intercept *= active
+        return coef, intercept
 
-        def loss_and_grad(logits, wn):
-            shifted = logits - logits.max(axis=1, keepdims=True)
-            log_norm = np.log(np.exp(shifted).sum(axis=1, keepdims=True))
-            log_p = shifted - log_norm
-            loss = -(wn @ log_p[rows, labels])
+    def _fit_softmax(self, w, c, warms, tol):
+        # Classes with no training row in a fold get logit -inf there: probability 0,
+        # no gradient, coefficients 0 and intercept -inf in that fold's solution.
+        y, n = self.y, len(self.y)
+        onehot = np.zeros((n, self.k))
+        onehot[np.arange(n), y] = 1.0
+        active = (onehot.T @ (w > 0)).T > 0  # (F, k): the classes each fold has
+        offset = np.where(active, 0.0, -np.inf)
+        rows = np.arange(n)
+
+        def loss_and_grad(logits, wn):  # (n, F, k), (n, F)
+            logits = logits + offset
+            shifted = logits - logits.max(axis=2, keepdims=True)
+            log_p = shifted - np.log(np.exp(shifted).sum(axis=2, keepdims=True))
+            picked = np.where(wn > 0, log_p[rows, :, y], 0.0)  # a class absent: weight 0
             g = np.exp(log_p)
-            g[rows, labels] -= 1.0
-            g *= wn[:, None]
-            return loss, g
+            g[rows, :, y] -= 1.0
+            g *= wn[..., None]
+            return -np.sum(wn * picked), g
 
-        b, bias, its, ok = _lbfgs(
-            z, w, c, m, _softmax_curvature, loss_and_grad, x0, self.max_iter, tol)
-        coef[:, present] = b
-        intercept[present] = bias - bias.mean()  # softmax ignores a common shift
-        return _Solution(coef, intercept, its, ok)
+        coef, bias, its, ok = _lbfgs(
+            self.z, w, c, lambda logits: _softmax_curvature(logits + offset), loss_and_grad,
+            self._start(warms, active), self.max_iter, tol)
+        solutions = []
+        for f in range(len(warms)):
+            present = active[f]
+            intercept = np.full(self.k, -np.inf)
+            if present.sum() < 2:  # one class: it is certain, nothing to learn
+                intercept[present] = 0.0
+                solutions.append(_Solution(np.zeros((self.r, self.k)), intercept))
+                continue
+            # softmax ignores a common shift of the logits
+            intercept[present] = bias[f, present] - bias[f, present].mean()
+            solutions.append(_Solution(coef[f] * present, intercept, its, ok))
+        return solutions
 
-    def _fit_sigmoid(self, z, y, w, c, warm, tol):
-        k, r = self.k, self.r
-        positive = w @ y
-        varying = np.flatnonzero((y.min(axis=0) < 1) & (y.max(axis=0) > 0))
-        coef = np.zeros((r, k))
-        intercept = np.where(positive > 0, np.inf, -np.inf)
-        if varying.size == 0:
-            return _Solution(coef, intercept)
-        targets = y[:, varying]
-        x0 = None if warm is None else (
-            warm.coef[:, varying], np.nan_to_num(warm.intercept[varying], posinf=0, neginf=0))
+    def _fit_sigmoid(self, w, c, warms, tol):
+        # An output whose target does not vary over a fold's training rows is
+        # certain there: coefficients 0, intercept +-inf, no loss and no gradient.
+        y = self.y
+        positive = (w.T @ y) > 0  # (F, k): some training row is 1
+        negative = (w.T @ (1.0 - y)) > 0
+        active = positive & negative
+        mask = active.astype(np.float64)
 
-        def loss_and_grad(logits, wn):
+        def loss_and_grad(logits, wn):  # (n, F, k), (n, F)
             # log(1 + e^z) - y z, and its derivative sigmoid(z) - y
-            loss = wn @ (np.logaddexp(0.0, logits) - targets * logits).sum(axis=1)
-            g = scipy.special.expit(logits) - targets
-            g *= wn[:, None]
+            scale = wn[..., None] * mask
+            loss = np.sum(scale * (np.logaddexp(0.0, logits) - y[:, None, :] * logits))
+            g = (scipy.special.expit(logits) - y[:, None, :]) * scale
             return loss, g
 
-        b, bias, its, ok = _lbfgs(
-            z, w, c, varying.size, _sigmoid_curvature, loss_and_grad, x0, self.max_iter, tol)
-        coef[:, varying] = b
-        intercept[varying] = bias
-        return _Solution(coef, intercept, its, ok)
+        coef, bias, its, ok = _lbfgs(
+            self.z, w, c, lambda logits: _sigmoid_curvature(logits) * mask, loss_and_grad,
+            self._start(warms, active), self.max_iter, tol)
+        return [_Solution(coef[f] * active[f],
+                          np.where(active[f], bias[f], np.where(positive[f], np.inf, -np.inf)),
+                          its, ok)
+                for f in range(len(warms))]
 
     def ridge_path(self, rows: np.ndarray, cs) -> list[_Solution]:
         """Closed-form weighted ridge for every C, from one eigendecomposition."""
@@ -251,47 +294,69 @@ class _Problem:
         return np.minimum(np.nan_to_num(loss, nan=floor), floor)
 
 
-def _lbfgs(z, w, c, k, curvature, loss_and_grad, x0, max_iter, tol):
-    """Minimises mean weighted loss + ||B||^2 / (2 C sum(w)) over (B, b) by L-BFGS.
+def _lbfgs(z, w, c, curvature, loss_and_grad, x0, max_iter, tol):
+    """Minimises, for every column f of `w` at once, mean w_f-weighted loss + ||B_f||^2 / (2 C sum(w_f)).
 
-    Runs on rescaled coordinates `B~ = sqrt(h) * B`, `b~ = sqrt(hb) * b`, with
-    `h` and `hb` the diagonal of the Hessian at the starting point (the loss's
-    curvature per row and output from `curvature(logits)`). In principal axes
-    that diagonal is most of the Hessian, so the rescaled problem is well
-    conditioned. The stopping test is then on a gradient scaled like
-    sqrt(f - f*), whatever the features' scale.
+    Each column of `w` weighs the rows of one problem (a fold: 0 for rows it
+    does not train on); the problems share `z` but no parameters, so one
+    run over all of them returns each one's optimum. Runs on rescaled
+    coordinates `B~ = sqrt(h) * B`, `b~ = sqrt(hb) * b`, with `h` and `hb` the
+    diagonal of the Hessian at the starting point (the loss's curvature per
+    row and output from `curvature(logits)`). In principal axes that diagonal
+    is most of the Hessian, so the rescaled problem is well conditioned. The
+    stopping test is then on a gradient scaled like sqrt(f - f*), whatever
+    the features' scale.
+
+    Args:
+        z: (n, r) coordinates of the rows.
+        w: (n, F) row weights of the F problems, each column with a positive sum.
+        c: the inverse regularisation strength.
+        curvature: logits (n, F, k) -> the loss's second derivative per logit.
+        loss_and_grad: logits (n, F, k), normalised weights (n, F) -> the
+            summed weighted loss and its gradient (n, F, k) in the logits.
+        x0: starting coefficients (F, r, k) and intercepts (F, k).
+
+    Returns:
+        `(coef (F, r, k), intercept (F, k), iterations, converged)`.
     """
-    r = z.shape[1]
-    wn = w / w.sum()
-    alpha = 1.0 / (c * w.sum())
-    if x0 is None:
-        x0 = (np.zeros((r, k)), np.zeros(k))
-    curv = curvature(z @ x0[0] + x0[1]) * wn[:, None]  # (n, k)
-    h = np.sqrt((z * z).T @ curv + alpha)  # (r, k)
+    (n, r), (folds, _, k) = z.shape, x0[0].shape
+    totals = w.sum(axis=0)
+    wn = w / totals
+    alpha = (1.0 / (c * totals))[:, None, None]  # (F, 1, 1)
+
+    def logits_of(coef, bias):  # one product for every fold's coefficients
+        return (z @ coef.transpose(1, 0, 2).reshape(r, folds * k)).reshape(n, folds, k) + bias
+
+    def per_fold(rows_by_outputs):  # (r, F * k) -> (F, r, k)
+        return rows_by_outputs.reshape(r, folds, k).transpose(1, 0, 2)
+
+    curv = curvature(logits_of(*x0)) * wn[..., None]  # (n, F, k)
+    h = np.sqrt(per_fold((z * z).T @ curv.reshape(n, folds * k)) + alpha)
     hb = np.sqrt(np.maximum(curv.sum(axis=0), 1e-6))
+    size = folds * r * k
 
     def objective(params):
-        coef = params[: r * k].reshape(r, k) / h
-        bias = params[r * k:] / hb
-        loss, g = loss_and_grad(z @ coef + bias, wn)
-        grad_coef = z.T @ g + alpha * coef
-        value = loss + 0.5 * alpha * np.sum(coef * coef)
-        grad = np.concatenate([(grad_coef / h).ravel(), g.sum(axis=0) / hb])
+        coef = params[:size].reshape(folds, r, k) / h
+        bias = params[size:].reshape(folds, k) / hb
+        loss, g = loss_and_grad(logits_of(coef, bias), wn)
+        grad_coef = per_fold(z.T @ g.reshape(n, folds * k)) + alpha * coef
+        value = loss + 0.5 * np.sum(alpha * coef * coef)
+        grad = np.concatenate([(grad_coef / h).ravel(), (g.sum(axis=0) / hb).ravel()])
         return value, grad
 
-    params = np.concatenate([(x0[0] * h).ravel(), x0[1] * hb])
+    params = np.concatenate([(x0[0] * h).ravel(), (x0[1] * hb).ravel()])
     result = scipy.optimize.minimize(
         objective, params, jac=True, method="L-BFGS-B",
         options={"maxiter": max_iter, "gtol": tol, "ftol": 1e-15, "maxcor": 20})
     converged = bool(result.success) or (
         result.nit < max_iter and np.max(np.abs(result.jac), initial=0.0) <= 10 * tol)
     params = result.x
-    return (params[: r * k].reshape(r, k) / h, params[r * k:] / hb,
+    return (params[:size].reshape(folds, r, k) / h, params[size:].reshape(folds, k) / hb,
             int(result.nit), converged)
 
 
 def _softmax_curvature(logits: np.ndarray) -> np.ndarray:
-    p = scipy.special.softmax(logits, axis=1)
+    p = scipy.special.softmax(logits, axis=-1)
     return p * (1.0 - p)
 
 
@@ -367,16 +432,22 @@ def _cross_validate(problem: _Problem, fold_of: np.ndarray, cs,
                 row_loss[i, held] = problem.losses(solution, held, scoring)
     else:
         states: list[_Solution | None] = [None] * n_folds
+        groups = _fold_groups(problem, n_folds)
         best, since_best = math.inf, 0
         for i, c in enumerate(cs):
-            for f, (train, held) in enumerate(splits):
+            for group in groups:
                 # Scores need 4 digits, not the weights' 6: a looser stop.
-                states[f] = problem.fit(train, c, states[f], tol=_CV_TOL_FACTOR * problem.tol)
-                iterations += states[f].iterations
-                unconverged += not states[f].converged
-                row_loss[i, held] = problem.losses(states[f], held, scoring)
-                if row_tiebreak is not None:
-                    row_tiebreak[i, held] = problem.losses(states[f], held, "log_loss")
+                solved = problem.fit_folds([splits[f][0] for f in group], c,
+                                           [states[f] for f in group],
+                                           tol=_CV_TOL_FACTOR * problem.tol)
+                iterations += max(solution.iterations for solution in solved)
+                for f, solution in zip(group, solved):
+                    held = splits[f][1]
+                    states[f] = solution
+                    unconverged += not solution.converged
+                    row_loss[i, held] = problem.losses(solution, held, scoring)
+                    if row_tiebreak is not None:
+                        row_tiebreak[i, held] = problem.losses(solution, held, "log_loss")
             score = _weighted_mean(row_loss[i, used], weights)
             if best == math.inf or score < best - _tie(best):
                 best, best_solutions, since_best = score, list(states), 0
@@ -402,6 +473,19 @@ def _cross_validate(problem: _Problem, fold_of: np.ndarray, cs,
     warm = _average(best_solutions) if best_solutions else None
     return _CrossValidation(cs[chosen], cs, fold_scores, mean_scores, warm, iterations,
                             unconverged, log_loss)
+
+
+def _fold_groups(problem: _Problem, n_folds: int) -> list[list[int]]:
+    """Which folds are fitted together: all at once unless that is too big for memory.
+
+    Measured on 2 cores: 4x faster for leave-one-out on 40 rows, 2x on 5 folds
+    of 1,437 rows x 1,280 features (fewer, larger matrix products).
+    """
+    parameters = n_folds * (problem.r + 1) * problem.k
+    logits = n_folds * len(problem.y) * problem.k
+    if parameters <= _BATCH_MAX_PARAMETERS and logits <= _BATCH_MAX_LOGITS:
+        return [list(range(n_folds))]
+    return [[f] for f in range(n_folds)]
 
 
 def _logit_scale(problem: _Problem, solution: _Solution, target_loss: float) -> float:

@@ -254,6 +254,38 @@ def test_every_kind_picks_the_best_c_of_its_grid(kind):
         assert ((probe.predict(x) > 0.5) == truth).mean() > 0.8
 
 
+@pytest.mark.parametrize("kind", ["classification", "multilabel"])
+def test_folds_fitted_together_reach_each_folds_own_optimum(kind):
+    """One L-BFGS run over every fold gives what fitting each fold alone gives, with
+    classes absent from a fold's rows (softmax) and outputs constant over them."""
+    rng = np.random.default_rng(3)
+    z = rng.normal(size=(24, 5))
+    if kind == "classification":  # class 3 has one row: absent from one fold, alone in none
+        y = np.array([0, 1, 2] * 7 + [0, 1, 3])
+    else:  # output 2 is 1 on one row only
+        y = (z[:, :3] + rng.normal(size=(24, 3)) > 0).astype(float)
+        y[:, 2] = 0.0
+        y[5, 2] = 1.0
+    weights = rng.uniform(0.5, 2.0, 24)
+    problem = probe_solver._Problem(kind, z, y, 4 if kind == "classification" else 3,
+                                    weights, 1000, 1e-10)
+    row_sets = [np.delete(np.arange(24), held) for held in (5, 23, 0)] + [np.arange(12)]
+    together = problem.fit_folds(row_sets, 0.5, [None] * 4)
+    for rows, solution in zip(row_sets, together):
+        alone = problem.fit(rows, 0.5)
+        np.testing.assert_allclose(solution.coef, alone.coef, atol=1e-6)
+        np.testing.assert_array_equal(np.isfinite(solution.intercept),
+                                      np.isfinite(alone.intercept))
+        finite = np.isfinite(alone.intercept)
+        np.testing.assert_allclose(solution.intercept[finite], alone.intercept[finite], atol=1e-6)
+        np.testing.assert_array_equal(solution.intercept[~finite], alone.intercept[~finite])
+    # The fold without row 23 has no example of class 3 (or no positive of output 2
+    # without row 5): no weight on it and a certain intercept.
+    missing = 1 if kind == "classification" else 0
+    assert np.all(together[missing].coef[:, -1 if kind == "classification" else 2] == 0)
+    assert together[missing].intercept[-1 if kind == "classification" else 2] == -np.inf
+
+
 def test_stratified_folds_spread_every_class():
     labels = np.repeat([0, 1, 2], [50, 20, 3])
     fold_of, cv = probe_solver._assign_folds(len(labels), labels, 5, seed=0)
