@@ -11,10 +11,26 @@ except ImportError:  # a run on another backend without TensorFlow: its tests ar
 import keras_transfer as kt
 
 
-def small_model(**kwargs):
+def mobilenet_model(**kwargs):
+    """A registry backbone, for what depends on its layers and config."""
     options = dict(weights=None, input_shape=(32, 32, 3), pooling="avg")
     options.update(kwargs)
     return kt.ImageTransferModel("mobilenet_v2", 3, **options)
+
+
+def small_model(**kwargs):
+    """Two convolutions with BatchNormalization, named as in MobileNetV2: the training
+    paths of a network with moving statistics, traced in a second instead of ten."""
+    inputs = keras.Input((32, 32, 3))
+    h = keras.layers.Conv2D(8, 3, strides=2, name="Conv1")(inputs)
+    h = keras.layers.BatchNormalization(name="bn_Conv1")(h)
+    h = keras.layers.ReLU(name="Conv1_relu")(h)
+    h = keras.layers.Conv2D(16, 3, strides=2, name="Conv_1")(h)
+    h = keras.layers.BatchNormalization(name="Conv_1_bn")(h)
+    outputs = keras.layers.ReLU(name="out_relu")(h)
+    options = dict(preprocessing="tf", pooling="avg")
+    options.update(kwargs)
+    return kt.ImageTransferModel(keras.Model(inputs, outputs, name="small"), 3, **options)
 
 
 def batchnorm_stats(model):
@@ -69,7 +85,7 @@ def test_phases_report_parameters_and_learning_rates(tiny_images):
                         batch_size=10, verbose=0)
     head, fine = history.phases
     assert (head.name, head.epochs_run, fine.name, fine.epochs_run) == ("head", 2, "fine_tune", 3)
-    assert head.trainable_params == 1280 * 3 + 3
+    assert head.trainable_params == 16 * 3 + 3
     total = head.trainable_params + head.frozen_params
     assert fine.trainable_params + fine.frozen_params == total
     bn_params = sum(int(np.prod(w.shape)) for layer in model.backbone.network.layers
@@ -97,7 +113,7 @@ def test_warmup_decay_schedule_shape():
 
 @pytest.mark.parametrize("policy, expected", [(5, 5), ("block_16_project", None)])
 def test_unfreeze_top_layers_or_from_a_named_layer(policy, expected):
-    model = small_model()
+    model = mobilenet_model()
     count = kt.unfreeze(model.backbone, policy)
     network = model.backbone.network
     trainable = [layer.name for layer in network.layers if layer.trainable and layer.weights]
@@ -113,7 +129,7 @@ def test_unfreeze_top_layers_or_from_a_named_layer(policy, expected):
 
 
 def test_config_round_trip():
-    model = small_model(hidden_units=(8,), dropout=0.1, class_names=["a", "b", "c"])
+    model = mobilenet_model(hidden_units=(8,), dropout=0.1, class_names=["a", "b", "c"])
     config = model.get_config()
     clone = kt.ImageTransferModel.from_config(config)
     assert clone.get_config() == config
@@ -258,7 +274,8 @@ def test_grayscale_arrays_and_resizing():
 def test_training_inside_a_distribution_strategy(tiny_images):
     x, y = tiny_images
     strategy = tf.distribute.MirroredStrategy(["/cpu:0"])
-    model = small_model(strategy=strategy)
+    with strategy.scope():  # a network passed in is built where its variables will live
+        model = small_model(strategy=strategy)
     assert model.distribute_strategy is strategy
     history = model.fit(x, y, head_epochs=1, fine_tune_epochs=1, batch_size=16, verbose=0)
     assert len(history.epoch) == 2
