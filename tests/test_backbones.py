@@ -25,8 +25,10 @@ def test_every_backbone_builds_at_minimum_size(name):
     spec = kt.get_backbone_spec(name)
     size = spec.min_size
     model = spec.build((size, size, 3), weights=None)
-    features = model(np.zeros((1, size, size, 3), "float32"))
-    assert features.shape[-1] == spec.feature_dim
+    # Building a functional network infers every layer's output shape at this size
+    # (a size too small fails here); running it eagerly would add a third of the time.
+    assert model.output_shape[-1] == spec.feature_dim
+    assert None not in model.output_shape[1:] and min(model.output_shape[1:]) >= 1
     assert spec.preprocessing in ("caffe", "tf", "torch", "none")
     keras.backend.clear_session()
 
