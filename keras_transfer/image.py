@@ -7,6 +7,7 @@ raw images without any client-side code.
 
 from __future__ import annotations
 
+import copy
 
 import keras
 
@@ -337,7 +338,10 @@ def resolve_image_backbone(backbone, weights, input_shape, cut_layer=None,
         input shape, weights source)`.
     """
     if isinstance(backbone, dict):  # from_config of a custom backbone
-        backbone = keras.saving.deserialize_keras_object(backbone)
+        # Keras's Functional.from_config (`functional_from_config`) pops "name",
+        # "layers", "input_layers", ... out of the config it is given, which
+        # would leave `{}` in the caller's model config: deserialize a copy.
+        backbone = keras.saving.deserialize_keras_object(copy.deepcopy(backbone))
     if isinstance(backbone, keras.Model):
         network, mode, input_shape = _custom_backbone(backbone, cut_layer, preprocessing,
                                                       input_shape)

@@ -1,5 +1,7 @@
 """The transfer model: freezing, the two phases, configs, saving and bad input."""
 
+import copy
+
 import keras
 import numpy as np
 import pytest
@@ -134,6 +136,19 @@ def test_config_round_trip():
     clone = kt.ImageTransferModel.from_config(config)
     assert clone.get_config() == config
     assert clone.count_params() == model.count_params()
+
+
+def test_from_config_leaves_a_keras_model_backbone_config_whole():
+    # Keras's Functional.from_config pops the network's keys out of the config
+    # it is given; the model's config must stay whole (and usable again).
+    model = small_model(class_names=["a", "b", "c"])
+    config = model.get_config()
+    expected = copy.deepcopy(config)
+    clone = kt.ImageTransferModel.from_config(config)
+    assert config == expected
+    assert config["backbone"]["config"]["backbone"]["config"]["name"] == "small"
+    assert clone.get_config() == config
+    assert kt.ImageTransferModel.from_config(config).count_params() == model.count_params()
 
 
 def test_keras_file_round_trip(tiny_images, tmp_path):
