@@ -23,13 +23,25 @@ jax_environment = pytest.mark.skipif(
     importlib.util.find_spec("jax") is None or keras.backend.backend() == "tensorflow",
     reason="runs in the JAX environment (make test-jax)")
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# Defined in every child: what these tests check does not depend on the backbone's
+# size, and JAX compiles MobileNetV2's training step for about a minute.
+SMALL_NETWORK = textwrap.dedent("""
+    def small_network():
+        \"\"\"Two convolutions with BatchNormalization, for 32x32 images.\"\"\"
+        import keras
+        inputs = keras.Input((32, 32, 3))
+        h = keras.layers.Conv2D(8, 3, strides=2)(inputs)
+        h = keras.layers.ReLU()(keras.layers.BatchNormalization()(h))
+        return keras.Model(inputs, keras.layers.Conv2D(16, 3, strides=2)(h))
+""")
 
 
 def run_on_jax(code: str, devices: int = 1, timeout: int = 600) -> dict:
     """Runs `code` under JAX on `devices` CPU devices; returns the JSON it prints last."""
     env = dict(os.environ, KERAS_BACKEND="jax", JAX_PLATFORMS="cpu", PYTHONPATH=ROOT,
                XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
-    result = subprocess.run([sys.executable, "-c", textwrap.dedent(code)], env=env,
+    code = SMALL_NETWORK + textwrap.dedent(code)
+    result = subprocess.run([sys.executable, "-c", code], env=env,
                             capture_output=True, text=True, timeout=timeout, cwd=ROOT)
     assert result.returncode == 0, result.stderr[-3000:]
     return json.loads(result.stdout.strip().splitlines()[-1])
@@ -54,7 +66,7 @@ def test_training_core_never_imports_tensorflow():
         rng = np.random.default_rng(0)
         x = rng.integers(0, 256, (24, 32, 32, 3)).astype("uint8")
         y = np.arange(24) % 3
-        model = kt.ImageTransferModel("mobilenet_v2", 3, weights=None, input_shape=(32, 32, 3))
+        model = kt.ImageTransferModel(small_network(), 3, preprocessing="tf")
         model.fit(x, y, phases=[kt.HeadPhase(), kt.FineTunePhase(epochs=1)], batch_size=8,
                   verbose=0)
         print(json.dumps({"tensorflow": "tensorflow" in sys.modules,
@@ -73,7 +85,7 @@ def test_tf_data_on_jax_says_it_needs_the_tensorflow_backend():
         import tensorflow as tf
         import keras_transfer as kt
 
-        model = kt.ImageTransferModel("mobilenet_v2", 2, weights=None, input_shape=(32, 32, 3))
+        model = kt.ImageTransferModel(small_network(), 2, preprocessing="tf")
         data = tf.data.Dataset.from_tensor_slices((np.zeros((4, 32, 32, 3)), [0, 1, 0, 1]))
         try:
             model.fit(data, head_epochs=1, verbose=0)
@@ -95,8 +107,10 @@ def test_strategy_auto_on_jax_is_data_parallel_over_the_devices():
         rng = np.random.default_rng(0)
         x = rng.normal(size=(32, 32, 32, 3)).astype("float32") * 40 + 128
         y = np.arange(32) % 2
-        model = kt.ImageTransferModel("mobilenet_v2", 2, weights=None, input_shape=(32, 32, 3),
-                                      strategy="auto")
+        strategy = kt.get_strategy("auto")
+        with strategy.scope():  # a network passed in is built where its variables will live
+            model = kt.ImageTransferModel(small_network(), 2, preprocessing="tf",
+                                          strategy=strategy)
         history = model.fit(x, y, phases=[kt.HeadPhase(solver="adam", epochs=2),
                                           kt.FineTunePhase(epochs=1)], batch_size=8, verbose=0)
         kernel = model.head.layers[-1].kernel.value
