@@ -56,6 +56,7 @@ import os
 import keras
 
 from keras_transfer import backend
+from keras_transfer.errors import BackboneError
 
 logger = logging.getLogger("keras_transfer")
 
@@ -320,6 +321,38 @@ def all_workers_agree(strategy, flag: bool) -> bool:
 def scope(strategy):
     """The strategy's (or Keras distribution's) scope, or a no-op context for None."""
     return strategy.scope() if strategy is not None else contextlib.nullcontext()
+
+
+def check_built_in_scope(backbone, strategy) -> None:
+    """Raises `BackboneError` if the backbone's weights were created outside `strategy`.
+
+    A network built before the strategy (or Keras distribution) and passed in
+    keeps variables the strategy cannot mirror or shard; training would then
+    fail deep inside TensorFlow ("`colocate_vars_with` must only be passed a
+    variable created in this tf.distribute.Strategy.scope()") or JAX ("a mix
+    of local and distributed variables").
+    """
+    weights = backbone.weights
+    if strategy is None or not weights:
+        return
+    if backend.is_tensorflow():
+        outside = [w for w in weights if not strategy.extended.variable_created_in_scope(w.value)]
+    elif strategy.device_mesh.devices.size > 1:
+        import jax
+
+        outside = [w for w in weights if isinstance(getattr(w.value, "sharding", None),
+                                                    jax.sharding.SingleDeviceSharding)]
+    else:
+        return
+    if outside:
+        raise BackboneError(
+            f"Received a backbone whose weights were created outside the scope of "
+            f"strategy={type(strategy).__name__} ({len(outside)} of {len(weights)}, e.g. "
+            f"{outside[0].path!r}): it cannot distribute them, and training would fail. "
+            f"Build the network inside the strategy's scope and pass both: "
+            f"`with strategy.scope(): network = ...`, then "
+            f"`ImageTransferModel(network, ..., strategy=strategy)` in that same block; or "
+            f"pass a registry name, which is built in the scope.")
 
 
 def model_scope(model):

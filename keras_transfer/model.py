@@ -36,6 +36,7 @@ from keras_transfer import data as data_lib
 from keras_transfer import training
 from keras_transfer.distribute import (
     MultiWorkerFitMixin,
+    check_built_in_scope,
     get_strategy,
     is_chief,
     model_scope,
@@ -89,6 +90,7 @@ class TransferModel(MultiWorkerFitMixin, keras.Model):
         with scope(strategy):
             if callable(backbone) and not isinstance(backbone, keras.layers.Layer):
                 backbone = backbone()
+            check_built_in_scope(backbone, strategy)
             super().__init__(name=name or "transfer_model", **kwargs)
             if strategy is not None and not backend.is_tensorflow():
                 self._keras_distribution = strategy  # TensorFlow's lives on the model

@@ -108,7 +108,12 @@ def test_strategy_auto_on_jax_is_data_parallel_over_the_devices():
         x = rng.normal(size=(32, 32, 32, 3)).astype("float32") * 40 + 128
         y = np.arange(32) % 2
         strategy = kt.get_strategy("auto")
-        with strategy.scope():  # a network passed in is built where its variables will live
+        refused = False
+        try:  # a network passed in must be built where its variables will live
+            kt.ImageTransferModel(small_network(), 2, preprocessing="tf", strategy=strategy)
+        except kt.BackboneError as error:
+            refused = "with strategy.scope()" in str(error)
+        with strategy.scope():
             model = kt.ImageTransferModel(small_network(), 2, preprocessing="tf",
                                           strategy=strategy)
         history = model.fit(x, y, phases=[kt.HeadPhase(solver="adam", epochs=2),
@@ -116,12 +121,13 @@ def test_strategy_auto_on_jax_is_data_parallel_over_the_devices():
         kernel = model.head.layers[-1].kernel.value
         print(json.dumps({
             "distribution": type(model._keras_distribution).__name__,
+            "built_outside_refused": refused,
             "kernel_devices": len(kernel.sharding.device_set),
             "losses_finite": bool(np.isfinite(history.history["loss"]).all()),
             "epochs": len(history.history["loss"])}))
     """, devices=2)
-    assert out == {"distribution": "DataParallel", "kernel_devices": 2, "losses_finite": True,
-                   "epochs": 3}
+    assert out == {"distribution": "DataParallel", "built_outside_refused": True,
+                   "kernel_devices": 2, "losses_finite": True, "epochs": 3}
 
 
 @needs_jax

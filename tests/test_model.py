@@ -289,7 +289,12 @@ def test_grayscale_arrays_and_resizing():
 def test_training_inside_a_distribution_strategy(tiny_images):
     x, y = tiny_images
     strategy = tf.distribute.MirroredStrategy(["/cpu:0"])
-    with strategy.scope():  # a network passed in is built where its variables will live
+    # A network passed in must be built where its variables will live: else a clear
+    # error before training, not TensorFlow's colocate_vars_with message during it.
+    with pytest.raises(kt.BackboneError, match=r"outside the scope of strategy=Mirrored"
+                                               r".*with strategy.scope\(\)"):
+        small_model(strategy=strategy)
+    with strategy.scope():
         model = small_model(strategy=strategy)
     assert model.distribute_strategy is strategy
     history = model.fit(x, y, head_epochs=1, fine_tune_epochs=1, batch_size=16, verbose=0)
