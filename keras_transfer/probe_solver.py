@@ -168,10 +168,11 @@ class _Problem:
         weights = np.zeros((len(self.y), len(row_sets)))
         for f, rows in enumerate(row_sets):
             weights[rows, f] = self.weights[rows]
+        totals = weights.sum(axis=0)
         solutions: list[_Solution | None] = [None] * len(row_sets)
-        for f in np.flatnonzero(weights.sum(axis=0) == 0):  # every row has weight 0
+        for f in np.flatnonzero(totals == 0):  # every row has weight 0: nothing to learn
             solutions[f] = _Solution(np.zeros((self.r, self.k)), np.full(self.k, -np.inf))
-        fitted = np.flatnonzero(weights.sum(axis=0) > 0)
+        fitted = np.flatnonzero(totals > 0)
         if fitted.size:
             fit = self._fit_softmax if self.kind == "classification" else self._fit_sigmoid
             for f, solution in zip(fitted, fit(weights[:, fitted], c,
@@ -295,7 +296,7 @@ class _Problem:
 
 
 def _lbfgs(z, w, c, curvature, loss_and_grad, x0, max_iter, tol):
-    """Minimises, for every column f of `w` at once, mean w_f-weighted loss + ||B_f||^2 / (2 C sum(w_f)).
+    """Minimises mean w_f-weighted loss + ||B_f||^2 / (2 C sum(w_f)) for every column f of w.
 
     Each column of `w` weighs the rows of one problem (a fold: 0 for rows it
     does not train on); the problems share `z` but no parameters, so one
