@@ -26,8 +26,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # Defined in every child: what these tests check does not depend on the backbone's
 # size, and JAX compiles MobileNetV2's training step for about a minute.
 SMALL_NETWORK = textwrap.dedent("""
-    def small_network():
-        \"\"\"Two convolutions with BatchNormalization, for 32x32 images.\"\"\"
+    def small_network():  # two convolutions with BatchNormalization, for 32x32 images
         import keras
         inputs = keras.Input((32, 32, 3))
         h = keras.layers.Conv2D(8, 3, strides=2)(inputs)
