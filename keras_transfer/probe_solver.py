@@ -174,8 +174,12 @@ class _Problem:
             solutions[f] = _Solution(np.zeros((self.r, self.k)), np.full(self.k, -np.inf))
         fitted = np.flatnonzero(totals > 0)
         if fitted.size:
+            # Only rows some subset trains on: a single fold (the final fit, or folds
+            # fitted one by one) computes no logits for its held-out rows.
+            used = np.flatnonzero((weights[:, fitted] > 0).any(axis=1))
+            z, y = (self.z, self.y) if used.size == len(self.y) else (self.z[used], self.y[used])
             fit = self._fit_softmax if self.kind == "classification" else self._fit_sigmoid
-            for f, solution in zip(fitted, fit(weights[:, fitted], c,
+            for f, solution in zip(fitted, fit(z, y, weights[used][:, fitted], c,
                                                 [warms[f] for f in fitted], tol or self.tol)):
                 solutions[f] = solution
         return solutions
@@ -192,10 +196,10 @@ class _Problem:
         intercept *= active
         return coef, intercept
 
-    def _fit_softmax(self, w, c, warms, tol):
+    def _fit_softmax(self, z, y, w, c, warms, tol):
         # Classes with no training row in a fold get logit -inf there: probability 0,
         # no gradient, coefficients 0 and intercept -inf in that fold's solution.
-        y, n = self.y, len(self.y)
+        n = len(y)
         onehot = np.zeros((n, self.k))
         onehot[np.arange(n), y] = 1.0
         active = (onehot.T @ (w > 0)).T > 0  # (F, k): the classes each fold has
@@ -213,7 +217,7 @@ class _Problem:
             return -np.sum(wn * picked), g
 
         coef, bias, its, ok = _lbfgs(
-            self.z, w, c, lambda logits: _softmax_curvature(logits + offset), loss_and_grad,
+            z, w, c, lambda logits: _softmax_curvature(logits + offset), loss_and_grad,
             self._start(warms, active), self.max_iter, tol)
         solutions = []
         for f in range(len(warms)):
@@ -228,10 +232,9 @@ class _Problem:
             solutions.append(_Solution(coef[f] * present, intercept, its, ok))
         return solutions
 
-    def _fit_sigmoid(self, w, c, warms, tol):
+    def _fit_sigmoid(self, z, y, w, c, warms, tol):
         # An output whose target does not vary over a fold's training rows is
         # certain there: coefficients 0, intercept +-inf, no loss and no gradient.
-        y = self.y
         positive = (w.T @ y) > 0  # (F, k): some training row is 1
         negative = (w.T @ (1.0 - y)) > 0
         active = positive & negative
@@ -245,7 +248,7 @@ class _Problem:
             return loss, g
 
         coef, bias, its, ok = _lbfgs(
-            self.z, w, c, lambda logits: _sigmoid_curvature(logits) * mask, loss_and_grad,
+            z, w, c, lambda logits: _sigmoid_curvature(logits) * mask, loss_and_grad,
             self._start(warms, active), self.max_iter, tol)
         return [_Solution(coef[f] * active[f],
                           np.where(active[f], bias[f], np.where(positive[f], np.inf, -np.inf)),
