@@ -24,6 +24,7 @@ _MODULES = {
     "causal_lm": ("adapt_causal_lm",),
     "data": ("task_schedule",),
     "distribute": ("get_strategy",),
+    "doctor": ("estimate_backbone_memory",),
     "errors": (
         "BackboneError", "BackendError", "DataError", "ExportError", "KerasTransferError",
         "TrainingDivergedError", "WeightsError",
@@ -42,7 +43,7 @@ _MODULES = {
         "plot_confusion_matrix", "plot_worst_images", "top_k", "worst_predictions",
         "worst_texts_table",
     ),
-    "memory": ("MemoryEstimate", "estimate_backbone_memory", "estimate_memory"),
+    "memory": ("MemoryEstimate", "estimate_memory"),
     "model": ("TransferModel",),
     "phases": ("FineTunePhase", "HeadPhase"),
     "plots": ("plot_forgetting", "plot_history"),

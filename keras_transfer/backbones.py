@@ -38,14 +38,6 @@ from keras_transfer.errors import BackboneError, WeightsError
 if TYPE_CHECKING:
     import keras
 
-# Preprocessing modes, as named by `keras.applications.imagenet_utils`:
-# "caffe": RGB->BGR, minus the ImageNet mean, no scaling (VGG, ResNet v1).
-# "tf": scale to [-1, 1] (Inception family, MobileNet v1/v2, ResNet v2, NASNet).
-# "torch": scale to [0, 1], then ImageNet mean/std (DenseNet).
-# "none": the network normalises its own input (EfficientNet, ConvNeXt,
-#   MobileNetV3): pass raw 0-255 pixels straight in.
-PREPROCESSING_MODES = ("caffe", "tf", "torch", "none")
-
 
 @dataclasses.dataclass(frozen=True)
 class BackboneSpec:
@@ -59,7 +51,7 @@ class BackboneSpec:
         default_size: int. Input side the ImageNet weights were trained at.
         min_size: int. Smallest input side the network accepts.
         feature_dim: int. Channels of the last feature map.
-        preprocessing: str. One of `PREPROCESSING_MODES`.
+        preprocessing: str. One of `image_preprocessing.PREPROCESSING_MODES`.
         builtin_preprocessing_arg: bool. Whether the constructor takes
             `include_preprocessing` (it is then turned on).
         builder: callable, optional. For networks outside

@@ -65,7 +65,10 @@ import re
 import keras
 import numpy as np
 
+from keras_transfer.callbacks import DivergenceGuard, RestoreBest
+from keras_transfer.distribute import model_scope
 from keras_transfer.errors import KerasTransferError
+from keras_transfer.training import PhaseRecord
 
 logger = logging.getLogger("keras_transfer")
 
@@ -108,8 +111,6 @@ def _assign(variables, values, what: str) -> None:
 
 def restore_optimizer(model, values) -> None:
     """Builds the model's optimizer in its strategy's scope and sets its variables."""
-    from keras_transfer.distribute import model_scope
-
     optimizer = model.optimizer
     with model_scope(model):
         if not optimizer.built:
@@ -119,15 +120,11 @@ def restore_optimizer(model, values) -> None:
 
 # ------------------------------------------------------ callbacks with state
 def _has_state(callback) -> bool:
-    from keras_transfer.callbacks import DivergenceGuard, RestoreBest
-
     return isinstance(callback, (RestoreBest, keras.callbacks.EarlyStopping, DivergenceGuard))
 
 
 def _callback_state(callback) -> tuple[dict, list] | None:
     """`(json part, weight arrays)` of a callback whose state matters, else None."""
-    from keras_transfer.callbacks import DivergenceGuard, RestoreBest
-
     if isinstance(callback, RestoreBest):
         return ({"best": _number(callback.best), "label": callback._label,
                  "last": getattr(callback, "_last", True)},
@@ -144,8 +141,6 @@ def _callback_state(callback) -> tuple[dict, list] | None:
 
 
 def _set_callback_state(callback, state: dict, arrays: list) -> None:
-    from keras_transfer.callbacks import DivergenceGuard, RestoreBest
-
     if isinstance(callback, RestoreBest):
         callback.best, callback._label = float(state["best"]), state["label"]
         callback._last, callback._weights = state["last"], arrays
@@ -245,8 +240,6 @@ class RunBackup:
 
     def finished_phase(self, index: int):
         """`(PhaseRecord, keras History)` of a finished phase."""
-        from keras_transfer.training import PhaseRecord
-
         entry = self.state["finished"][index]
         history = keras.callbacks.History()
         history.history = {k: list(v) for k, v in entry["history"].items()}

@@ -89,7 +89,7 @@ class RestoreBest(keras.callbacks.Callback):
         self._label = None
 
     def on_train_begin(self, logs=None):
-        results = self.model.evaluate(self.validation, verbose=0, return_dict=True)
+        results = self.model.evaluate_batches(self.validation, verbose=0, return_dict=True)
         self._keep(float(results["loss"]), "the weights before this phase")
 
     def on_epoch_end(self, epoch, logs=None):

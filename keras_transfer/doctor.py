@@ -14,7 +14,17 @@ import importlib.metadata
 import os
 import platform
 
-from keras_transfer.memory import available_memory, format_bytes, gpu_memory_totals
+from keras_transfer import __version__
+from keras_transfer.distribute import find_tpu
+from keras_transfer.image import ImageTransferModel
+from keras_transfer.memory import (
+    MemoryEstimate,
+    available_memory,
+    estimate_memory,
+    format_bytes,
+    gpu_memory_totals,
+)
+from keras_transfer.phases import FineTunePhase, HeadPhase
 
 # The CPU flags that decide TensorFlow's speed on a CPU (/proc/cpuinfo names).
 CPU_FEATURES = ("sse4_2", "avx", "avx2", "fma", "avx512f", "avx512_vnni", "avx512_bf16",
@@ -70,8 +80,6 @@ def system_report(backbone: str | None = "mobilenet_v2", input_size: int | None 
     import keras
     import numpy as np
 
-    from keras_transfer import __version__
-
     if keras.backend.backend() == "tensorflow":
         devices = _tensorflow_devices()
     else:
@@ -106,8 +114,6 @@ def system_report(backbone: str | None = "mobilenet_v2", input_size: int | None 
         "estimates": [],
     }
     if backbone:
-        from keras_transfer.memory import estimate_backbone_memory
-
         device = "GPU" if gpus else "CPU"
         available, source = available_memory(device)
         replicas = max(len(gpus), 1)
@@ -125,9 +131,7 @@ def system_report(backbone: str | None = "mobilenet_v2", input_size: int | None 
 
 def _tensorflow_devices():
     """`(gpus, tpu, TensorFlow version, built with CUDA)` as TensorFlow sees them."""
-    import tensorflow as tf
-
-    from keras_transfer.distribute import find_tpu
+    import tensorflow as tf  # lazy: the TensorFlow backend only
 
     gpus = []
     totals = gpu_memory_totals()
@@ -194,3 +198,28 @@ def format_report(report: dict) -> str:
         lines.append(f"    {'total':12} {format_bytes(e['total']):>10} per replica; {available} "
                      f"available ({e['available_source']}): {fits}.")
     return "\n".join(lines)
+
+
+def estimate_backbone_memory(backbone: str = "mobilenet_v2", *, input_size: int | None = None,
+                             batch_size: int = 32, phase: str = "fine_tune",
+                             num_classes: int = 10, unfreeze="all",
+                             replicas: int = 1) -> MemoryEstimate:
+    """Estimates a phase's memory for a registry backbone, built without weights.
+
+    Args:
+        backbone: str. A registry name (`kt.list_backbones()`).
+        input_size: int, optional. Image side (default: the backbone's).
+        batch_size: int. Global batch size.
+        phase: str. `"head"` or `"fine_tune"`.
+        num_classes: int. Classes of the head.
+        unfreeze: as for `FineTunePhase`.
+        replicas: int. Replicas the batch is split over.
+
+    Returns:
+        A `MemoryEstimate`.
+    """
+    shape = None if input_size is None else (int(input_size), int(input_size), 3)
+    model = ImageTransferModel(backbone, num_classes, weights=None, input_shape=shape,
+                               pooling="avg")
+    chosen = HeadPhase() if phase == "head" else FineTunePhase(unfreeze=unfreeze)
+    return estimate_memory(model, batch_size, chosen, replicas=replicas)

@@ -26,6 +26,7 @@ import uuid
 
 import numpy as np
 
+from keras_transfer import __version__
 from keras_transfer.errors import ExportError
 
 # TensorFlow and Keras are imported where an export is written or read, so
@@ -44,8 +45,6 @@ EXPORT_ENTRIES = frozenset({"saved_model.pb", "saved_model.pbtxt", "fingerprint.
 def _library_versions() -> dict:
     import keras
     import tensorflow as tf
-
-    from keras_transfer import __version__
 
     return {
         "keras_transfer": __version__,

@@ -82,7 +82,9 @@ from keras_transfer.cache_key import (
     model_key,
 )
 from keras_transfer.data import EpochSeed, shuffle_each_epoch
+from keras_transfer.distribute import all_workers_agree, is_multi_worker, is_tpu, strategy_of
 from keras_transfer.errors import DataError
+from keras_transfer.image_data import as_augmentation
 from keras_transfer.shard_writer import ShardWriter
 
 logger = logging.getLogger("keras_transfer")
@@ -559,8 +561,6 @@ def _replicated(model, function, batch_size: int):
     the slices gathered back in order on every worker. Without one,
     `function` itself.
     """
-    from keras_transfer.distribute import is_multi_worker, is_tpu, strategy_of
-
     strategy = strategy_of(model)
     if strategy is None or not backend.is_tensorflow() or (strategy.num_replicas_in_sync == 1
                             and not (is_tpu(strategy) or is_multi_worker(strategy))):
@@ -656,8 +656,6 @@ def extract_features(model, x, y=None, *, head: str | None = None, batch_size: i
     root = default_cache_dir(cache_dir)
     augment = None
     if augmentation is not None:
-        from keras_transfer.image_data import as_augmentation
-
         augment = as_augmentation(augmentation)
     started = time.perf_counter()
     # One pipeline, iterated twice on a miss: hashed first, then extracted.
@@ -670,8 +668,6 @@ def extract_features(model, x, y=None, *, head: str | None = None, batch_size: i
            "num_examples": count, "augmentation": _augmentation_key(augment, augmented_copies)}
     cache = find_cache(key, root)
     # Several workers extract together (each a share): all reuse, or none does.
-    from keras_transfer.distribute import all_workers_agree, strategy_of
-
     if not all_workers_agree(strategy_of(model), cache is not None):
         cache = None
     if cache is not None:

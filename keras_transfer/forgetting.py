@@ -29,6 +29,7 @@ import numpy as np
 
 from keras_transfer.errors import BackboneError, DataError
 from keras_transfer.image import ImagePreprocessing
+from keras_transfer.plots import plot_forgetting
 from keras_transfer.text import TextPooling
 
 
@@ -337,8 +338,6 @@ class ForgettingReport:
 
     def plot(self, path=None, title=None):
         """Draws the report (see `plots.plot_forgetting`); returns the figure."""
-        from keras_transfer.plots import plot_forgetting
-
         return plot_forgetting(self, path=path, title=title)
 
 

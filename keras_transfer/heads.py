@@ -16,11 +16,13 @@ from __future__ import annotations
 import dataclasses
 import math
 import numbers
+import re
 
 import keras
 
 KINDS = ("classification", "multilabel", "regression")
 POOLINGS = ("flatten", "avg", "max")
+SINGLE = "head"  # the key of the one head of a single-task model
 
 
 def check_kind(kind: str, num_classes) -> None:
@@ -170,3 +172,65 @@ def _positive_int(value, name: str) -> int:
     if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
         raise ValueError(f"Received {name} containing {value!r}; expected positive ints.")
     return int(value)
+
+
+def heads_argument(num_classes, heads, **head_arguments):
+    """The `heads` argument of `TransferModel` from a thin constructor's arguments."""
+    if heads is not None:
+        if num_classes is not None:
+            raise ValueError(f"Received num_classes={num_classes!r} and heads=...; give "
+                             "num_classes (one head) or heads={name: kt.Head(...)}, not both.")
+        return check_tasks(heads)
+    if num_classes is None:
+        raise ValueError("Received neither num_classes nor heads; give num_classes=N (one "
+                         "head) or heads={name: kt.Head(...)} (several).")
+    return Head(num_classes, **head_arguments)
+
+
+def check_tasks(tasks) -> dict:
+    """`tasks` of the multi-task constructors, checked to be a non-empty dict."""
+    if not isinstance(tasks, dict) or not tasks:
+        raise ValueError(f"Received tasks={tasks!r}; expected a non-empty dict "
+                         "{name: kt.Head(...)}, e.g. {'digits': kt.Head(num_classes=10)}.")
+    return tasks
+
+
+def check_heads(heads) -> dict:
+    """`{name: Head}` of a `TransferModel`'s `heads` dict, names checked."""
+    if not isinstance(heads, dict) or not heads:
+        raise ValueError(f"Received heads={heads!r}; expected a kt.Head or a non-empty dict "
+                         "{name: kt.Head(...)}, e.g. {'digits': kt.Head(num_classes=10)}.")
+    for name in heads:
+        if not isinstance(name, str) or not re.match(r"^[A-Za-z][A-Za-z0-9_]*$", name):
+            raise ValueError(
+                f"Received head name {name!r}; expected an identifier (a letter, then "
+                "letters, digits or underscores), e.g. 'digits'. It becomes an output key "
+                "and a metric prefix.")
+    return {n: as_head(n, h) for n, h in heads.items()}
+
+
+def heads_loss(specs: dict, y: dict, y_pred: dict, sample_weight=None, trackers=None):
+    """Sum over heads of `loss_weight * head loss`, each masked to its own batches.
+
+    Args:
+        specs: `{head: Head}`.
+        y, y_pred: `{head: targets}`, `{head: logits}`.
+        sample_weight: `{head: mask or weights}`, or None (every example counts).
+        trackers: `{head: keras.metrics.Mean}`, optional: each head's mean loss.
+
+    Returns:
+        A float32 scalar.
+    """
+    total = 0.0
+    for name, spec in specs.items():
+        values = keras.ops.cast(spec.loss(y[name], y_pred[name]), "float32")
+        if sample_weight is not None:
+            mask = keras.ops.cast(sample_weight[name], "float32")
+        else:
+            mask = keras.ops.ones_like(values)
+        if trackers and name in trackers:
+            trackers[name].update_state(values, sample_weight=mask)
+        # An empty batch (the last one of a worker) adds nothing, not NaN.
+        batch = keras.ops.maximum(keras.ops.cast(keras.ops.shape(values)[0], "float32"), 1.0)
+        total = total + spec.loss_weight * keras.ops.sum(values * mask) / batch
+    return total

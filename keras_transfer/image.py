@@ -1,7 +1,7 @@
 """Images: the `ImageBackbone` component and the image transfer models.
 
 Every model takes raw RGB pixels in 0-255 and does the backbone's own
-preprocessing inside (`ImagePreprocessing`), so a SavedModel export serves
+preprocessing inside (`image_preprocessing.ImagePreprocessing`), so a SavedModel export serves
 raw images without any client-side code.
 """
 
@@ -13,55 +13,13 @@ import keras
 
 from keras_transfer import backbones as registry
 from keras_transfer.backend import tensorflow
-from keras_transfer.image_data import make_image_dataset
 from keras_transfer.errors import BackboneError, DataError
-from keras_transfer.model import TransferModel, check_tasks, heads_argument
+from keras_transfer.heads import check_tasks, heads_argument
+from keras_transfer.image_data import make_image_dataset
+from keras_transfer.image_preprocessing import ImagePreprocessing
+from keras_transfer.model import TransferModel
+from keras_transfer.training import architecture_config
 from keras_transfer.training import unfreeze as unfreeze_network
-
-_IMAGENET_MEAN_RGB = (0.485, 0.456, 0.406)
-_IMAGENET_STD_RGB = (0.229, 0.224, 0.225)
-_CAFFE_MEAN_BGR = (103.939, 116.779, 123.68)
-
-
-@keras.saving.register_keras_serializable(package="keras_transfer")
-class ImagePreprocessing(keras.layers.Layer):
-    """Maps raw 0-255 RGB pixels to what a backbone's weights expect.
-
-    Args:
-        mode: str. `"caffe"` (RGB->BGR minus the ImageNet mean), `"tf"`
-            (scale to [-1, 1]), `"torch"` (scale to [0, 1], ImageNet mean and
-            std) or `"none"` (the backbone normalises its own input).
-
-    Example:
-        >>> keras.ops.convert_to_numpy(ImagePreprocessing("tf")(np.full((1, 2, 2, 3), 255.0)))[0, 0, 0]
-        array([1., 1., 1.], dtype=float32)
-    """
-
-    def __init__(self, mode="none", **kwargs):
-        super().__init__(**kwargs)
-        if mode not in registry.PREPROCESSING_MODES:
-            raise ValueError(f"Received mode={mode!r}; expected one of "
-                             f"{registry.PREPROCESSING_MODES}.")
-        self.mode = mode
-
-    def call(self, images):
-        x = keras.ops.cast(images, self.compute_dtype)
-        if self.mode == "caffe":
-            return x[..., ::-1] - keras.ops.convert_to_tensor(_CAFFE_MEAN_BGR, x.dtype)
-        if self.mode == "tf":
-            return x / 127.5 - 1.0
-        if self.mode == "torch":
-            mean = keras.ops.convert_to_tensor(_IMAGENET_MEAN_RGB, x.dtype)
-            std = keras.ops.convert_to_tensor(_IMAGENET_STD_RGB, x.dtype)
-            return (x / 255.0 - mean) / std
-        return x
-
-    def compute_output_shape(self, input_shape):
-        return input_shape
-
-    def get_config(self):
-        return {**super().get_config(), "mode": self.mode}
-
 
 @keras.saving.register_keras_serializable(package="keras_transfer")
 class ImageBackbone(keras.layers.Layer):
@@ -100,6 +58,7 @@ class ImageBackbone(keras.layers.Layer):
     """
 
     data_forms = "(images, labels), a tf.data.Dataset of (image, label) or an image folder"
+    lora_rank = None  # (contracts.BackboneComponent) no LoRA on image networks
 
     def __init__(self, backbone="mobilenet_v2", *, weights="imagenet", input_shape=None,
                  cut_layer=None, preprocessing=None, weights_source=None,
@@ -217,7 +176,7 @@ class ImageBackbone(keras.layers.Layer):
 
     def get_config(self):
         if self.spec is None:
-            backbone = keras.saving.serialize_keras_object(self.network)
+            backbone = architecture_config(self.network)
         else:
             backbone = self.backbone_name
         config = super().get_config()

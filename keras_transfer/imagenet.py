@@ -26,6 +26,7 @@ import os
 import numpy as np
 
 from keras_transfer.errors import DataError
+from keras_transfer.torchvision_models import torchvision_eval_crop, torchvision_mobilenet_v2
 
 NUM_IMAGENET_CLASSES = 1000
 
@@ -103,8 +104,6 @@ def imagenet_predict(images, k: int = 5, weights="imagenet") -> list:
         285 Egyptian_cat 0.72
         282 tiger_cat 0.15
     """
-    from keras_transfer.torchvision_models import torchvision_eval_crop
-
     one = not isinstance(images, (list, tuple))
     crops = np.stack([torchvision_eval_crop(_read_image(image))
                       for image in ([images] if one else images)])
@@ -115,8 +114,6 @@ def imagenet_predict(images, k: int = 5, weights="imagenet") -> list:
 
 @functools.lru_cache(maxsize=2)
 def _imagenet_classifier(weights: str):
-    from keras_transfer.torchvision_models import torchvision_mobilenet_v2
-
     return torchvision_mobilenet_v2(include_top=True, weights=weights,
                                     include_preprocessing=True)
 

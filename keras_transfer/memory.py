@@ -48,7 +48,8 @@ Example:
       weights ... MiB
       ...
       total ... MiB
-    >>> round(estimate_backbone_memory("resnet50", input_size=224, batch_size=32).total / 2**30, 1)
+    >>> estimate = kt.estimate_backbone_memory("resnet50", input_size=224, batch_size=32)
+    >>> round(estimate.total / 2**30, 1)
     2.3
 """
 
@@ -64,6 +65,11 @@ import subprocess
 
 import keras
 import numpy as np
+
+from keras_transfer.contracts import CachingPhase, Phase, UnfreezingPhase
+from keras_transfer.distribute import num_replicas
+from keras_transfer.feature_cache import MIN_EXTRACTION_BATCH
+from keras_transfer.training import leaf_layers, unfreeze_plan
 
 logger = logging.getLogger("keras_transfer")
 
@@ -140,8 +146,6 @@ def layer_activations(network: keras.Model) -> list[tuple[object, int, int]]:
     Sizes are read from the functional graph's shapes. Layers whose sizes
     are not known (no graph, or an unknown dimension) count 0.
     """
-    from keras_transfer.training import leaf_layers
-
     sizes = []
     for layer in leaf_layers(network):
         outputs, inputs = 0, 0
@@ -206,8 +210,6 @@ def kept_activations(network: keras.Model, first: int = 0) -> int:
 
     Each tensor a gradient reads is counted once, however many layers read it.
     """
-    from keras_transfer.training import leaf_layers
-
     seen = {}
     for layer in leaf_layers(network)[first:]:
         kept = _kept(layer)
@@ -237,8 +239,10 @@ def estimate_memory(model, batch_size: int, phase="fine_tune", *, cached: bool =
     Args:
         model: a `TransferModel` with an image or text backbone.
         batch_size: int. The global batch size, as given to `fit`.
-        phase: `"head"`, `"fine_tune"`, or a `HeadPhase` / `FineTunePhase`
-            (its `unfreeze` and `train_batchnorm` are used).
+        phase: `"head"`, `"fine_tune"`, or a phase (`contracts.Phase`): one
+            that does not train the backbone is estimated as the head phase;
+            one that does, by its `unfreeze`, `train_batchnorm` and
+            `lora_rank` (`contracts.UnfreezingPhase`), else as unfreezing all.
         cached: bool. For the head phase: whether the features are cached
             (the default, without random augmentation).
         replicas: int. Replicas the batch is split over.
@@ -246,14 +250,20 @@ def estimate_memory(model, batch_size: int, phase="fine_tune", *, cached: bool =
     Returns:
         A `MemoryEstimate` per replica. The model is not changed.
     """
-    from keras_transfer.feature_cache import MIN_EXTRACTION_BATCH
-    from keras_transfer.phases import FineTunePhase, HeadPhase
-    from keras_transfer.training import leaf_layers, unfreeze_plan
-
     if isinstance(phase, str):
         if phase not in ("head", "fine_tune"):
             raise ValueError(f"Received phase={phase!r}; expected 'head' or 'fine_tune'.")
-        phase = HeadPhase() if phase == "head" else FineTunePhase()
+        trains_backbone = phase == "fine_tune"
+        unfreeze, train_batchnorm, lora_rank = "all", False, None
+    elif isinstance(phase, Phase):
+        trains_backbone = phase.trains_backbone
+        # A phase that trains the backbone without saying which layers: all of them.
+        unfreeze, train_batchnorm, lora_rank = (
+            (phase.unfreeze, phase.train_batchnorm, phase.lora_rank)
+            if isinstance(phase, UnfreezingPhase) else ("all", False, None))
+    else:
+        raise ValueError(f"Received phase={phase!r}; expected 'head', 'fine_tune' or a phase "
+                         "(kt.contracts.Phase).")
     per_replica = max(math.ceil(batch_size / max(replicas, 1)), 1)
     backbone = model.backbone
     network = backbone.network
@@ -263,7 +273,7 @@ def estimate_memory(model, batch_size: int, phase="fine_tune", *, cached: bool =
     sizes = layer_activations(network)
     if not any(out for _, out, _ in sizes):
         notes.append("the network has no functional graph: activations not counted")
-    input_elements = int(np.prod(getattr(backbone, "input_shape_", (0,)), dtype=np.int64))
+    input_elements = int(np.prod(backbone.input_shape_, dtype=np.int64))
     head_params = sum(int(np.prod(w.shape)) for h in model.heads.values() for w in h.weights)
     feature_elements = int(np.prod(backbone.feature_shape, dtype=np.int64))
     weights = _variable_bytes(model.weights)
@@ -272,7 +282,7 @@ def estimate_memory(model, batch_size: int, phase="fine_tune", *, cached: bool =
     largest = max((out for _, out, _ in sizes), default=0)
     forward_peak = max((out + inp for _, out, inp in sizes), default=0)
 
-    if isinstance(phase, HeadPhase):
+    if not trains_backbone:
         trainable = head_params
         head_training = per_replica * (head_activations + 2 * feature_elements) * 4
         if cached:
@@ -284,16 +294,16 @@ def estimate_memory(model, batch_size: int, phase="fine_tune", *, cached: bool =
                 + head_training
         name = "head"
     else:
-        if phase.lora_rank:
+        if lora_rank:
             notes.append("LoRA: counted as training the whole network's activations")
             plan = [True] * sum(1 for layer in leaf_layers(network) if layer.weights)
         else:
-            plan = unfreeze_plan(network, phase.unfreeze, phase.train_batchnorm)
+            plan = unfreeze_plan(network, unfreeze, train_batchnorm)
         weighted = [layer for layer in leaf_layers(network) if layer.weights]
         training = [layer for layer, trains in zip(weighted, plan) if trains]
         trainable = sum(int(np.prod(w.shape)) for layer in training
                         for w in layer.weights if _trains(w)) + head_params
-        if phase.lora_rank:
+        if lora_rank:
             trainable = head_params  # adapters are small next to the rest
         layers = [layer for layer, _, _ in sizes]
         first = min((layers.index(layer) for layer in training if layer in layers),
@@ -320,34 +330,6 @@ def _trains(weight) -> bool:
     return not re.search(r"moving_(mean|variance)$", getattr(weight, "path", weight.name))
 
 
-def estimate_backbone_memory(backbone: str = "mobilenet_v2", *, input_size: int | None = None,
-                             batch_size: int = 32, phase: str = "fine_tune",
-                             num_classes: int = 10, unfreeze="all",
-                             replicas: int = 1) -> MemoryEstimate:
-    """Estimates a phase's memory for a registry backbone, built without weights.
-
-    Args:
-        backbone: str. A registry name (`kt.list_backbones()`).
-        input_size: int, optional. Image side (default: the backbone's).
-        batch_size: int. Global batch size.
-        phase: str. `"head"` or `"fine_tune"`.
-        num_classes: int. Classes of the head.
-        unfreeze: as for `FineTunePhase`.
-        replicas: int. Replicas the batch is split over.
-
-    Returns:
-        A `MemoryEstimate`.
-    """
-    from keras_transfer.image import ImageTransferModel
-    from keras_transfer.phases import FineTunePhase, HeadPhase
-
-    shape = None if input_size is None else (int(input_size), int(input_size), 3)
-    model = ImageTransferModel(backbone, num_classes, weights=None, input_shape=shape,
-                               pooling="avg")
-    chosen = HeadPhase() if phase == "head" else FineTunePhase(unfreeze=unfreeze)
-    return estimate_memory(model, batch_size, chosen, replicas=replicas)
-
-
 # --------------------------------------------------------- what is there
 def process_memory() -> dict:
     """This process's resident memory now and at its peak, in bytes.
@@ -371,7 +353,7 @@ def process_memory() -> dict:
     except OSError:
         pass
     if "peak" not in values:
-        import resource
+        import resource  # lazy: Unix only
 
         values = {"now": None,
                   "peak": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}  # KiB
@@ -394,7 +376,7 @@ def available_memory(device: str = "CPU") -> tuple[int | None, str]:
             return None, "GPU memory unknown (no nvidia-smi)"
         return min(totals), "nvidia-smi, total memory of the smallest GPU"
     try:
-        import psutil
+        import psutil  # lazy: optional
 
         return int(psutil.virtual_memory().available), "available RAM (psutil)"
     except ImportError:
@@ -437,16 +419,14 @@ def warn_if_too_large(model, phases, data, verbose=0) -> list[MemoryEstimate]:
     Returns:
         The estimates of the phases (empty when they cannot be made).
     """
-    from keras_transfer.distribute import num_replicas
-    from keras_transfer.phases import HeadPhase
-
     device = "GPU" if any(d.lower().startswith("gpu")
                           for d in keras.distribution.list_devices()) else "CPU"
     available, source = available_memory(device)
     estimates = []
     for phase in phases:
         try:
-            cached = isinstance(phase, HeadPhase) and phase.uses_cache(data.augmentation)
+            cached = (not phase.trains_backbone and isinstance(phase, CachingPhase)
+                      and phase.uses_cache(data.augmentation))
             estimate = estimate_memory(model, data.batch_size, phase, cached=cached,
                                        replicas=num_replicas(data.strategy))
         except Exception as error:  # noqa: BLE001 - an estimate must never stop training

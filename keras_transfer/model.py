@@ -10,30 +10,23 @@ its data is `(x, y)`. With several heads, data is `{head: (x, y)}`, each
 batch trains one head (see `data.join_heads`), metrics are prefixed
 (`digits_accuracy`) and `predict` returns `{head: array}`.
 
-`fit` runs training phases (`phases.HeadPhase`, `phases.FineTunePhase`)
-one after the other and returns one `TransferHistory`.
-
-A batch flows like this:
-
-```
-user data ─► backbone.make_dataset ─► (inputs, labels) per head ─► join_heads
-          ─► model(inputs) = {head: head(backbone(inputs))} logits ─► losses, metrics
-```
+`fit` hands over to the trainer (`trainer.fit`: the phases, one after the
+other); user data reaches the heads through `routing.py`.
 """
 
 from __future__ import annotations
 
 import contextlib
-import logging
 import os
 import tempfile
+from collections.abc import Callable, Sequence
 
 import keras
 import numpy as np
 
-from keras_transfer import backend
+from keras_transfer import adapters, backend, routing, trainer
 from keras_transfer import data as data_lib
-from keras_transfer import training
+from keras_transfer.contracts import BackboneComponent, Phase
 from keras_transfer.distribute import (
     MultiWorkerFitMixin,
     check_built_in_scope,
@@ -44,14 +37,9 @@ from keras_transfer.distribute import (
     strategy_of,
 )
 from keras_transfer.errors import DataError
-from keras_transfer.heads import Head, as_head
-from keras_transfer.callbacks import head_of_key
-from keras_transfer.phases import resolve_phases
-from keras_transfer.training import scale_loss_for_replicas
-
-logger = logging.getLogger("keras_transfer")
-
-SINGLE = "head"  # the key of the one head of a single-task model
+from keras_transfer.export import check_backend, export_saved_model
+from keras_transfer.heads import SINGLE, Head, as_head, check_heads, heads_loss
+from keras_transfer.training import TransferHistory, scale_loss_for_replicas
 
 
 @keras.saving.register_keras_serializable(package="keras_transfer")
@@ -59,7 +47,8 @@ class TransferModel(MultiWorkerFitMixin, keras.Model):
     """A backbone component with one or several heads, trained in phases.
 
     Args:
-        backbone: an `ImageBackbone` or `TextBackbone`, or a function that
+        backbone: an `ImageBackbone` or `TextBackbone` (any
+            `contracts.BackboneComponent`), or a function that
             builds one (called inside the strategy's scope, where a backbone
             that trains under a strategy must be built).
         heads: a `Head` (one task), or a dict `{name: Head}` (several tasks
@@ -84,8 +73,8 @@ class TransferModel(MultiWorkerFitMixin, keras.Model):
         >>> history = model.fit({"species": (x1, y1), "tags": (x2, y2)}, head_epochs=3, verbose=0)
     """
 
-    def __init__(self, backbone, heads, *, sampling="round_robin", strategy=None, name=None,
-                 **kwargs):
+    def __init__(self, backbone: BackboneComponent | Callable[[], BackboneComponent], heads,
+                 *, sampling="round_robin", strategy=None, name=None, **kwargs):
         strategy = get_strategy(strategy)
         with scope(strategy):
             if callable(backbone) and not isinstance(backbone, keras.layers.Layer):
@@ -95,7 +84,7 @@ class TransferModel(MultiWorkerFitMixin, keras.Model):
             if strategy is not None and not backend.is_tensorflow():
                 self._keras_distribution = strategy  # TensorFlow's lives on the model
             self.single = isinstance(heads, Head)
-            specs = {SINGLE: as_head(SINGLE, heads)} if self.single else _check_heads(heads)
+            specs = {SINGLE: as_head(SINGLE, heads)} if self.single else check_heads(heads)
             self.head_specs = specs
             self.sampling = data_lib.check_sampling(sampling)
             self.backbone = backbone
@@ -109,7 +98,6 @@ class TransferModel(MultiWorkerFitMixin, keras.Model):
             self.built = True
             self.backbone.freeze()
         self._features_are_inputs = False
-        self._fitting = False
 
     # ------------------------------------------------------------ properties
     @property
@@ -213,7 +201,7 @@ class TransferModel(MultiWorkerFitMixin, keras.Model):
         chosen = {n: spec.metrics() for n, spec in self.head_specs.items()}
         if metrics is not None:
             chosen.update({SINGLE: list(metrics)} if self.single
-                          else self._check_head_dict(metrics, "metrics"))
+                          else routing.check_head_dict(self, metrics, "metrics"))
         if self.single:
             super().compile(optimizer=optimizer, metrics=chosen[SINGLE], **kwargs)
         else:
@@ -230,19 +218,8 @@ class TransferModel(MultiWorkerFitMixin, keras.Model):
                 f"{sorted(y) if isinstance(y, dict) else None}; a model with heads "
                 f"{self.head_names} trains on batches with targets and masks for all of "
                 "them. Pass data as {head name: (x, y)}.")
-        total = 0.0
-        trackers = dict(zip(self.head_specs, self.head_loss_trackers))
-        for name, spec in self.head_specs.items():
-            values = keras.ops.cast(spec.loss(y[name], y_pred[name]), "float32")
-            if sample_weight is not None:
-                mask = keras.ops.cast(sample_weight[name], "float32")
-            else:
-                mask = keras.ops.ones_like(values)
-            if name in trackers:
-                trackers[name].update_state(values, sample_weight=mask)
-            # An empty batch (the last one of a worker) adds nothing, not NaN.
-            batch = keras.ops.maximum(keras.ops.cast(keras.ops.shape(values)[0], "float32"), 1.0)
-            total = total + spec.loss_weight * keras.ops.sum(values * mask) / batch
+        total = heads_loss(self.head_specs, y, y_pred, sample_weight,
+                           dict(zip(self.head_specs, self.head_loss_trackers)))
         if self.losses:
             total = total + keras.ops.sum(keras.ops.stack(
                 [keras.ops.cast(v, "float32") for v in self.losses]))
@@ -259,142 +236,28 @@ class TransferModel(MultiWorkerFitMixin, keras.Model):
 
     # ------------------------------------------------------------------ data
     def head_data(self, x, y=None, arg: str = "x") -> dict:
-        """`{head: (x, y)}` of what a user passed to `fit` or `evaluate`."""
-        if self.single:
-            return {SINGLE: (x, y)}
-        if y is not None:
-            raise DataError(f"Received y; a model with heads {self.head_names} takes its "
-                            f"labels in x: x={{head name: (x, y)}}.")
-        if not isinstance(x, dict):
-            raise DataError(
-                f"Received {arg} of type {type(x).__name__}; a model with heads "
-                f"{self.head_names} takes a dict {{head name: data}}, where data is "
-                f"{self.backbone.data_forms}, e.g. {{{self.head_names[0]!r}: (x, y)}}.")
-        if not x:
-            raise DataError(f"Received {arg}={{}}: no head has data. The heads are "
-                            f"{self.head_names}.")
-        self._check_head_dict(x, arg, DataError)
-        fed = {}
-        for name in self.head_names:
-            if name not in x:
-                continue
-            value = x[name]
-            if isinstance(value, tuple):
-                if len(value) != 2:
-                    raise DataError(f"Received a tuple of {len(value)} items for head "
-                                    f"{name!r}; expected (x, y).")
-                fed[name] = value
-            else:
-                fed[name] = (value, None)
-        return fed
+        """`{head: (x, y)}` of what a user passed to `fit` or `evaluate` (`routing.head_data`)."""
+        return routing.head_data(self, x, y, arg)
 
-    def _check_head_dict(self, value, arg, error=ValueError) -> dict:
-        if not isinstance(value, dict):
-            raise TypeError(f"Received {arg}={value!r}; expected a dict {{head name: ...}} "
-                            f"for the heads {self.head_names}.")
-        unknown = [n for n in value if n not in self.head_specs]
-        if unknown:
-            import difflib
+    def head_dataset(self, name, x, y=None, **options):
+        """One head's labelled batches `(inputs, labels)` (`routing.head_dataset`)."""
+        return routing.head_dataset(self, name, x, y, **options)
 
-            hints = {n: difflib.get_close_matches(str(n), self.head_names, n=1) for n in unknown}
-            hint = "; ".join(f"{n!r}: did you mean {h[0]!r}?" for n, h in hints.items() if h)
-            raise error(f"Received {arg} for unknown head(s) {unknown}; this model's heads "
-                        f"are {self.head_names}. {hint}".rstrip())
-        return dict(value)
-
-    def head_dataset(self, name, x, y=None, *, batch_size=32, training=False,
-                     augmentation=None, seed=None, drop_remainder=False):
-        """One head's labelled batches `(inputs, labels)`; adopts the class names the data gives."""
-        spec = self.head_specs[name]
-        try:
-            dataset, class_names = self.backbone.make_dataset(
-                x, y, head=spec, batch_size=batch_size, shuffle=training,
-                augmentation=augmentation if training else None, seed=seed,
-                drop_remainder=drop_remainder)
-        except DataError as error:
-            if self.single:
-                raise
-            raise DataError(f"Head {name!r}: {error}") from error
-        self._adopt_class_names(name, class_names)
-        return dataset
-
-    def _adopt_class_names(self, name, class_names):
-        if class_names is None:
-            return
-        spec = self.head_specs[name]
-        where = "" if self.single else f"Head {name!r}: "
-        if spec.class_names is None:
-            if spec.kind != "regression" and len(class_names) != spec.num_classes:
-                raise DataError(
-                    f"{where}the data names {len(class_names)} classes "
-                    f"{list(class_names)[:10]}, but the model has num_classes="
-                    f"{spec.num_classes}.")
-            spec.class_names = list(class_names)
-        elif list(class_names) != list(spec.class_names):
-            raise DataError(
-                f"{where}the data names the classes {list(class_names)[:10]}, but this "
-                f"model was built for {spec.class_names[:10]}. Rename the class folders "
-                "or build the model with matching class_names.")
-
-    def join(self, datasets: dict, *, training=False, seed=None, class_weight=None):
-        """Joins `{head: batches}` into what Keras trains on; returns `(dataset, steps)`."""
-        weights = self._class_weight_tables(class_weight)
-        if self.single:
-            dataset = datasets[SINGLE]
-            if weights:
-                dataset = data_lib.weigh_classes(dataset, weights[SINGLE])
-            return dataset, data_lib.steps_of(dataset)
-        return data_lib.join_heads(datasets, self.head_specs, training=training,
-                                   sampling=self.sampling, seed=seed, class_weights=weights)
-
-    def _class_weight_tables(self, class_weight) -> dict:
-        if class_weight is None:
-            return {}
-        given = {SINGLE: class_weight} if self.single else self._check_head_dict(
-            class_weight, "class_weight")
-        tables = {}
-        for name, weights in given.items():
-            spec = self.head_specs[name]
-            if spec.kind != "classification" or not isinstance(weights, dict):
-                raise ValueError(
-                    f"Received class_weight={weights!r} for a {spec.kind} head; expected "
-                    "{class index: weight} for a classification head.")
-            table = np.ones(spec.num_classes, np.float32)
-            for index, weight in weights.items():
-                if not isinstance(index, (int, np.integer)) or not 0 <= index < spec.num_classes:
-                    raise ValueError(f"Received class_weight for class {index!r}; expected "
-                                     f"class indices in [0, {spec.num_classes - 1}].")
-                table[int(index)] = float(weight)
-            tables[name] = table
-        return tables
-
-    def make_dataset(self, x, y=None, *, batch_size=32, training=False, augmentation=None,
-                     seed=None, class_weight=None):
-        """Turns user data into the batches Keras trains or evaluates on.
-
-        Args:
-            x, y: the data as for `fit` (several heads: `{head: (x, y)}`).
-            batch_size: int. Examples per batch (each batch holds one head's data).
-            training: bool. Shuffle, augment and interleave the heads.
-            augmentation: Keras layer(s) for training batches (images).
-            seed: int, optional. Shuffle and sampling seed.
-            class_weight: dict, optional. `{class: weight}` (several heads:
-                `{head: {class: weight}}`).
+    def make_dataset(self, x, y=None, **options):
+        """User data as the batches Keras trains or evaluates on (`routing.make_dataset`).
 
         Returns:
             `(dataset, steps)`: batches of `(inputs, targets[, weights])`.
         """
-        datasets = {n: self.head_dataset(n, hx, hy, batch_size=batch_size, training=training,
-                                         augmentation=augmentation, seed=seed)
-                    for n, (hx, hy) in self.head_data(x, y).items()}
-        return self.join(datasets, training=training, seed=seed, class_weight=class_weight)
+        return routing.make_dataset(self, x, y, **options)
 
     # ------------------------------------------------------------- training
     @data_lib.warns_once
-    def fit(self, x=None, y=None, *, validation_data=None, phases=None, head_epochs=None,
+    def fit(self, x=None, y=None, *, validation_data=None,
+            phases: Sequence[Phase] | Phase | None = None, head_epochs=None,
             fine_tune_epochs=None, epochs=None, batch_size=32, augmentation=None,
             callbacks=None, class_weight=None, shuffle=True, seed=None, backup_dir=None,
-            verbose="auto"):
+            verbose="auto") -> TransferHistory:
         """Trains in phases: the heads on the frozen backbone, then fine-tuning.
 
         Args:
@@ -405,9 +268,10 @@ class TransferModel(MultiWorkerFitMixin, keras.Model):
                 trained).
             y: labels when `x` is an array or a list (one head only).
             validation_data: `(x, y)` or anything `x` can be.
-            phases: list of `HeadPhase` / `FineTunePhase` objects, run in
-                order; they hold every training option (learning rates,
-                unfreezing, warmup, early stopping, feature cache, LoRA).
+            phases: list of `HeadPhase` / `FineTunePhase` objects (or any
+                `contracts.Phase`), run in order; they hold every training
+                option (learning rates, unfreezing, warmup, early stopping,
+                feature cache, LoRA).
             head_epochs: int. Shorthand for `phases=[HeadPhase(epochs=...)]`.
             fine_tune_epochs: int. Shorthand adding `FineTunePhase(epochs=...)`.
             epochs: int. Keras-style shorthand: the head phase only.
@@ -444,23 +308,25 @@ class TransferModel(MultiWorkerFitMixin, keras.Model):
             ...     kt.HeadPhase(epochs=5),
             ...     kt.FineTunePhase(epochs=10, learning_rate=2e-5, unfreeze=20)], verbose=0)
         """
-        phases = resolve_phases(phases, head_epochs, fine_tune_epochs, epochs,
-                                         pretrained=getattr(self.backbone, "pretrained", True),
-                                         verbose=verbose)
-        fit_data = training.FitData(
-            model=self, train=self.head_data(x, y),
-            validation=None if validation_data is None else self.head_data(
-                *_split_xy(validation_data), arg="validation_data"),
-            batch_size=batch_size, augmentation=augmentation, class_weight=class_weight,
-            shuffle=shuffle, seed=seed, backup_dir=backup_dir)
-        self._fitting = True
-        try:
-            history = training.run_phases(self, fit_data, phases, callbacks or [], verbose)
-        finally:
-            self._fitting = False
-            fit_data.close()
-        self.history = history
-        return history
+        self.history = trainer.fit(
+            self, x, y, validation_data=validation_data, phases=phases,
+            head_epochs=head_epochs, fine_tune_epochs=fine_tune_epochs, epochs=epochs,
+            batch_size=batch_size, augmentation=augmentation, callbacks=callbacks,
+            class_weight=class_weight, shuffle=shuffle, seed=seed, backup_dir=backup_dir,
+            verbose=verbose)
+        return self.history
+
+    def fit_batches(self, batches, **kwargs):
+        """Keras's own `fit` on batches already made (`make_dataset`): one phase's loop.
+
+        `fit` is the phased recipe on user data; a phase (`training.fit_phase`)
+        runs Keras's loop through this method.
+        """
+        return super().fit(batches, **kwargs)
+
+    def evaluate_batches(self, batches, y=None, **kwargs):
+        """Keras's own `evaluate` on batches already made (phases, their callbacks)."""
+        return super().evaluate(batches, y, **kwargs)
 
     @data_lib.warns_once
     def evaluate(self, x=None, y=None, *, batch_size=32, verbose=0, **kwargs):
@@ -472,20 +338,16 @@ class TransferModel(MultiWorkerFitMixin, keras.Model):
             metric: ...}}` for the heads given data, each counting its own
             examples only.
         """
-        if self._fitting:  # Keras fit's validation pass: the data is already batched
-            return super().evaluate(x, y, verbose=verbose, **kwargs)
+        if kwargs.get("_use_cached_eval_dataset"):
+            # Keras's own `fit` (`fit_batches`) evaluates its validation batches
+            # through this method, with this flag: they are batches already.
+            return self.evaluate_batches(x, y, verbose=verbose, **kwargs)
         dataset, _ = self.make_dataset(x, y, batch_size=batch_size)
         self._ensure_compiled()
         results = super().evaluate(dataset, verbose=verbose, return_dict=True, **kwargs)
         if self.single:
             return {k: float(v) for k, v in results.items()}
-        fed = self.head_data(x, y)
-        per_head = {n: {} for n in fed}
-        for key, value in results.items():
-            owner = head_of_key(key, self.head_names)
-            if owner in per_head:
-                per_head[owner][key[len(owner) + 1:]] = float(value)
-        return per_head
+        return routing.results_by_head(self, results, fed=self.head_data(x, y))
 
     @data_lib.warns_once
     def predict(self, x, *, batch_size=32, verbose=0, **kwargs):
@@ -512,50 +374,12 @@ class TransferModel(MultiWorkerFitMixin, keras.Model):
 
     # ----------------------------------------------------------------- LoRA
     def save_adapters(self, path: str) -> str:
-        """Saves the LoRA adapters and the heads, nothing else.
-
-        Args:
-            path: str. A file name ending in `.lora.h5`.
-
-        Returns:
-            The path written (a few MB at most, not the whole backbone).
-        """
-        import h5py
-
-        if getattr(self.backbone, "lora_rank", None) is None:
-            raise ValueError("No adapters to save: fine-tune with "
-                             "FineTunePhase(lora_rank=...) first (or backbone.enable_lora).")
-        if not str(path).endswith(".lora.h5"):
-            raise ValueError(f"Received path={path!r}; adapter files end in '.lora.h5'.")
-        self.backbone.network.save_lora_weights(path)
-        with h5py.File(path, "a") as file:
-            for name, head in self.heads.items():
-                for i, weight in enumerate(head.weights):
-                    file[f"heads/{name}/{i}"] = keras.ops.convert_to_numpy(weight)
-        return path
+        """Saves the LoRA adapters and the heads, nothing else (`adapters.save_adapters`)."""
+        return adapters.save_adapters(self, path)
 
     def load_adapters(self, path: str) -> None:
-        """Loads adapters and heads saved by `save_adapters` into this model."""
-        import h5py
-
-        if not os.path.isfile(path):
-            raise ValueError(f"Received adapter file {path!r}, which does not exist.")
-        with h5py.File(path, "r") as file:
-            rank = int(file["lora/vars/rank"][()])
-            saved = {name: [np.asarray(file[f"heads/{name}/{i}"])
-                            for i in range(len(file[f"heads/{name}"]))]
-                     for name in file["heads"]}
-        if sorted(saved) != sorted(self.heads):
-            raise ValueError(f"The adapter file {path!r} holds heads {sorted(saved)}; this "
-                             f"model has {sorted(self.heads)}.")
-        for name, weights in saved.items():
-            if [w.shape for w in weights] != [tuple(w.shape) for w in self.heads[name].weights]:
-                raise ValueError(f"The head {name!r} in {path!r} does not fit this model's "
-                                 "head (different num_classes or hidden_units).")
-        self.backbone.enable_lora(rank)
-        self.backbone.network.load_lora_weights(path)
-        for name, weights in saved.items():
-            self.heads[name].set_weights(weights)
+        """Loads adapters and heads saved by `save_adapters` (`adapters.load_adapters`)."""
+        adapters.load_adapters(self, path)
 
     # ---------------------------------------------------------------- export
     def serving_endpoints(self) -> dict:
@@ -615,8 +439,6 @@ class TransferModel(MultiWorkerFitMixin, keras.Model):
             '.../saved_models/flowers'
             >>> serve = tf.saved_model.load("saved_models/flowers").signatures["serving_default"]
         """
-        from keras_transfer.export import check_backend, export_saved_model
-
         check_backend()  # before a worker's scratch export, too
 
         flat = {}
@@ -669,45 +491,3 @@ class TransferModel(MultiWorkerFitMixin, keras.Model):
         model = cls.__new__(cls)
         TransferModel.__init__(model, backbone, heads, **config)
         return model
-
-
-def heads_argument(num_classes, heads, **head_arguments):
-    """The `heads` argument of `TransferModel` from a thin constructor's arguments."""
-    if heads is not None:
-        if num_classes is not None:
-            raise ValueError(f"Received num_classes={num_classes!r} and heads=...; give "
-                             "num_classes (one head) or heads={name: kt.Head(...)}, not both.")
-        return check_tasks(heads)
-    if num_classes is None:
-        raise ValueError("Received neither num_classes nor heads; give num_classes=N (one "
-                         "head) or heads={name: kt.Head(...)} (several).")
-    return Head(num_classes, **head_arguments)
-
-
-def check_tasks(tasks) -> dict:
-    """`tasks` of the multi-task constructors, checked to be a non-empty dict."""
-    if not isinstance(tasks, dict) or not tasks:
-        raise ValueError(f"Received tasks={tasks!r}; expected a non-empty dict "
-                         "{name: kt.Head(...)}, e.g. {'digits': kt.Head(num_classes=10)}.")
-    return tasks
-
-
-def _check_heads(heads) -> dict:
-    import re
-
-    if not isinstance(heads, dict) or not heads:
-        raise ValueError(f"Received heads={heads!r}; expected a kt.Head or a non-empty dict "
-                         "{name: kt.Head(...)}, e.g. {'digits': kt.Head(num_classes=10)}.")
-    for name in heads:
-        if not isinstance(name, str) or not re.match(r"^[A-Za-z][A-Za-z0-9_]*$", name):
-            raise ValueError(
-                f"Received head name {name!r}; expected an identifier (a letter, then "
-                "letters, digits or underscores), e.g. 'digits'. It becomes an output key "
-                "and a metric prefix.")
-    return {n: as_head(n, h) for n, h in heads.items()}
-
-
-def _split_xy(data):
-    if isinstance(data, tuple) and len(data) == 2:
-        return data
-    return data, None

@@ -1,7 +1,8 @@
 """The training phases: `HeadPhase`, `FineTunePhase`, and the phases `fit` picks.
 
 A phase is a small dataclass with every option of one stage of transfer
-learning; `run_phases` runs them in order on a `TransferModel`:
+learning (the `contracts.Phase` protocol); `trainer.run_phases` runs them in
+order on a `TransferModel`:
 
 - `HeadPhase`: the backbone is frozen (inference mode) and the heads train.
   When nothing random happens to the inputs, the backbone runs once over
@@ -39,7 +40,10 @@ import keras
 import numpy as np
 
 from keras_transfer.callbacks import RestoreBest
+from keras_transfer.contracts import Phase
 from keras_transfer.distribute import model_scope
+from keras_transfer.feature_cache import CacheUnwritableError
+from keras_transfer.probe import fit_linear_probe
 from keras_transfer.training import (
     PhaseRecord,
     WarmupDecay,
@@ -119,6 +123,7 @@ class HeadPhase:
     cache_dir: str | None = None
     validation_split: float | None = None
     name: str = "head"
+    trains_backbone = False  # (contracts.Phase) not a field: not in the repr a backup compares
 
     def __post_init__(self):
         if self.epochs is not None:
@@ -164,7 +169,7 @@ class HeadPhase:
 
     def run(self, model, data, callbacks, initial_epoch, verbose):
         """Trains the heads; returns `(PhaseRecord, keras History)`."""
-        if not getattr(model.backbone, "pretrained", True):
+        if not model.backbone.pretrained:
             warn(f"Phase '{self.name}' trains the heads on a frozen backbone with random "
                  "weights (weights=None): its features were never trained, so this is not "
                  "transfer learning and accuracy is often near chance. Load pretrained "
@@ -225,8 +230,6 @@ class HeadPhase:
 
     def _caches(self, data, verbose):
         """`{"train": {head: FeatureCache}, "validation": {...}}`, or None without a cache."""
-        from keras_transfer.feature_cache import CacheUnwritableError
-
         if self.feature_cache is False:
             say("Feature cache: off (feature_cache=False): the frozen backbone runs on every "
                 "batch of every epoch.", verbose)
@@ -320,8 +323,6 @@ def _held_out_rows(model, caches: dict, names, fraction, seed, verbose) -> dict 
 
 def solve_linear_heads(model, caches, data, required, verbose) -> dict:
     """Solves every linear head with data by the probe; returns `{head: what was chosen}`."""
-    from keras_transfer.probe import fit_linear_probe
-
     solved = {}
     for name, cache in caches["train"].items():
         spec = model.head_specs[name]
@@ -396,11 +397,11 @@ def _solved_phase(model, name, data, caches, solved, callbacks, initial_epoch, v
     with model.features_as_inputs():
         with model_scope(model):
             model.compile(optimizer=keras.optimizers.Adam())
-        logs = {k: float(v) for k, v in keras.Model.evaluate(
-            model, train, verbose=0, return_dict=True).items()}
+        logs = {k: float(v) for k, v in model.evaluate_batches(
+            train, verbose=0, return_dict=True).items()}
         if validation is not None:
-            logs.update({f"val_{k}": float(v) for k, v in keras.Model.evaluate(
-                model, validation, verbose=0, return_dict=True).items()})
+            logs.update({f"val_{k}": float(v) for k, v in model.evaluate_batches(
+                validation, verbose=0, return_dict=True).items()})
         history = keras.callbacks.History()
         callback_list = keras.callbacks.CallbackList(list(callbacks) + [history], model=model)
         callback_list.on_train_begin()
@@ -484,6 +485,7 @@ class FineTunePhase:
     lora_rank: int | None = None
     lora_targets: tuple | None = None
     name: str = "fine_tune"
+    trains_backbone = True  # (contracts.Phase) not a field: not in the repr a backup compares
 
     def __post_init__(self):
         if self.epochs is not None:
@@ -575,7 +577,7 @@ class FineTunePhase:
 
 
 def resolve_phases(phases=None, head_epochs=None, fine_tune_epochs=None, epochs=None,
-                   pretrained: bool = True, verbose=False) -> list:
+                   pretrained: bool = True, verbose=False) -> list[Phase]:
     """The phases `fit` runs, from `phases=` or the epoch shorthands.
 
     Args:
@@ -597,10 +599,14 @@ def resolve_phases(phases=None, head_epochs=None, fine_tune_epochs=None, epochs=
             raise ValueError(f"Received phases= and {sorted(given)}; the phases hold the "
                              "epochs: give one or the other.")
         phases = list(phases) if isinstance(phases, (list, tuple)) else [phases]
-        bad = [p for p in phases if not isinstance(p, (HeadPhase, FineTunePhase))]
+        bad = [p for p in phases if not isinstance(p, Phase)]
         if bad or not phases:
-            raise ValueError(f"Received phases={phases!r}; expected a non-empty list of "
-                             "kt.HeadPhase(...) and kt.FineTunePhase(...).")
+            raise ValueError(
+                f"Received phases={phases!r}; expected a non-empty list of phases: "
+                "kt.HeadPhase(...), kt.FineTunePhase(...), or objects with the members of "
+                "kt.contracts.Phase (name, trains_backbone, prepare(model), run(model, data, "
+                "callbacks, initial_epoch, verbose))"
+                + (f"; {bad[0]!r} ({type(bad[0]).__name__}) is not one." if bad else "."))
         return phases
     if epochs is not None:
         if head_epochs is not None or fine_tune_epochs is not None:

