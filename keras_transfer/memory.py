@@ -62,6 +62,7 @@ import os
 import re
 import shutil
 import subprocess
+from collections.abc import Sequence
 
 import keras
 import numpy as np
@@ -232,8 +233,8 @@ def _variable_bytes(variables) -> int:
     return sum(int(np.prod(v.shape)) * _itemsize(v.dtype) for v in variables)
 
 
-def estimate_memory(model, batch_size: int, phase="fine_tune", *, cached: bool = True,
-                    replicas: int = 1) -> MemoryEstimate:
+def estimate_memory(model, batch_size: int, phase: str | Phase = "fine_tune", *,
+                    cached: bool = True, replicas: int = 1) -> MemoryEstimate:
     """Estimates the memory one training phase of `model` needs.
 
     Args:
@@ -407,13 +408,13 @@ def gpu_memory_totals() -> list[int]:
     return [int(float(v)) * MiB for v in out.split() if v.strip()]
 
 
-def warn_if_too_large(model, phases, data, verbose=0) -> list[MemoryEstimate]:
+def warn_if_too_large(model, phases: Sequence[Phase], data, verbose=0) -> list[MemoryEstimate]:
     """Warns when a phase about to run needs more memory than there is.
 
     Args:
         model: the `TransferModel`.
         phases: the phases about to run.
-        data: the `training.FitData` (batch size, augmentation, strategy).
+        data: the `trainer.FitData` (batch size, augmentation, strategy).
         verbose: print the warning as well as logging it.
 
     Returns:

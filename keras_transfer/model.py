@@ -113,6 +113,11 @@ class TransferModel(MultiWorkerFitMixin, keras.Model):
         return list(self.head_specs)
 
     @property
+    def strategy(self):
+        """The strategy (TensorFlow) or Keras distribution (JAX) it was built in, or None."""
+        return strategy_of(self)
+
+    @property
     def kind(self):
         """The head's kind (one head), or `{head: kind}`."""
         return self._per_head(lambda spec: spec.kind)
@@ -234,22 +239,13 @@ class TransferModel(MultiWorkerFitMixin, keras.Model):
             with model_scope(self):
                 self.compile()
 
-    # ------------------------------------------------------------------ data
-    def head_data(self, x, y=None, arg: str = "x") -> dict:
-        """`{head: (x, y)}` of what a user passed to `fit` or `evaluate` (`routing.head_data`)."""
-        return routing.head_data(self, x, y, arg)
-
-    def head_dataset(self, name, x, y=None, **options):
-        """One head's labelled batches `(inputs, labels)` (`routing.head_dataset`)."""
-        return routing.head_dataset(self, name, x, y, **options)
-
-    def make_dataset(self, x, y=None, **options):
-        """User data as the batches Keras trains or evaluates on (`routing.make_dataset`).
-
-        Returns:
-            `(dataset, steps)`: batches of `(inputs, targets[, weights])`.
-        """
-        return routing.make_dataset(self, x, y, **options)
+    # ------------------------------------------------------ data, LoRA files
+    # Functions of the model written in their own modules, bound as methods.
+    head_data = routing.head_data
+    head_dataset = routing.head_dataset
+    make_dataset = routing.make_dataset
+    save_adapters = adapters.save_adapters
+    load_adapters = adapters.load_adapters
 
     # ------------------------------------------------------------- training
     @data_lib.warns_once
@@ -371,15 +367,6 @@ class TransferModel(MultiWorkerFitMixin, keras.Model):
         if self.single:
             return np.asarray(outputs)
         return {n: np.asarray(outputs[n]) for n in self.head_names}
-
-    # ----------------------------------------------------------------- LoRA
-    def save_adapters(self, path: str) -> str:
-        """Saves the LoRA adapters and the heads, nothing else (`adapters.save_adapters`)."""
-        return adapters.save_adapters(self, path)
-
-    def load_adapters(self, path: str) -> None:
-        """Loads adapters and heads saved by `save_adapters` (`adapters.load_adapters`)."""
-        adapters.load_adapters(self, path)
 
     # ---------------------------------------------------------------- export
     def serving_endpoints(self) -> dict:

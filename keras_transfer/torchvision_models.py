@@ -361,7 +361,7 @@ def torchvision_eval_crop(image, resize: int = 256, crop: int = 224) -> np.ndarr
     Returns:
         A uint8 array `(crop, crop, 3)`.
     """
-    from PIL import Image
+    from PIL import Image  # lazy: PIL only for image files
 
     if not isinstance(image, Image.Image):
         image = Image.fromarray(np.asarray(image, np.uint8))

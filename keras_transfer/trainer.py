@@ -1,20 +1,12 @@
 """The training recipe: what `TransferModel.fit` runs.
 
-`fit` turns what the user gave into a `FitData` (the batches every phase
-shares, built once), picks the phases (`phases.resolve_phases`) and runs
-them with `run_phases`: the backup (`backup.RunBackup`) decides which
-phases a restarted run skips, the memory estimate warns before a phase too
-large for the machine, each phase's `run` trains (a head phase on the
-feature cache, `FitData.feature_caches`), and a warning is given when
-training ended at chance. The model itself (`model.py`) knows nothing of
-this: it routes data to its heads and computes their losses.
-
-```
-fit(model, x, y, ...) ─► FitData: routing.head_data ─► routing.head_dataset per head
-                         (backbone.make_dataset) ─► routing.join ─► batches, steps
-                     ─► run_phases ─► phase.prepare / phase.run(model, data, ...)
-                                     ─► training.fit_phase ─► keras.Model.fit
-```
+`fit` turns the user's data into a `FitData` (every phase's batches, built
+once, through `routing`), picks the phases (`phases.resolve_phases`) and
+runs them with `run_phases`: the backup says which phases a restarted run
+skips, the memory estimate warns before a phase too large for the machine,
+each phase's `run` trains (a head phase on the feature cache,
+`FitData.feature_caches`), and a warning comes when training ended at
+chance. ARCHITECTURE.md draws the data's path.
 """
 
 from __future__ import annotations

@@ -119,7 +119,7 @@ def test_strategy_auto_on_jax_is_data_parallel_over_the_devices():
                                           kt.FineTunePhase(epochs=1)], batch_size=8, verbose=0)
         kernel = model.head.layers[-1].kernel.value
         print(json.dumps({
-            "distribution": type(model._keras_distribution).__name__,
+            "distribution": type(model.strategy).__name__,
             "built_outside_refused": refused,
             "kernel_devices": len(kernel.sharding.device_set),
             "losses_finite": bool(np.isfinite(history.history["loss"]).all()),
