@@ -93,8 +93,10 @@ class Phase(Protocol):
     trains_backbone: bool
 
     def prepare(self, model) -> None:
-        """Its change to the model (frozen or unfrozen layers, adapters); also run
-        alone for a phase a resumed run skips, before the backup's weights load."""
+        """Its change to the model: frozen or unfrozen layers, adapters.
+
+        Also run alone for a phase a resumed run skips, before the backup's weights load.
+        """
 
     def run(self, model, data, callbacks: list, initial_epoch: int, verbose):
         """Trains; returns `(training.PhaseRecord, keras.callbacks.History)`.

@@ -7,6 +7,7 @@ tf.distribute, SavedModel export) are skipped, and so are the modules in
 """
 
 import os
+import socket
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
@@ -36,6 +37,28 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip_large)
         if "tensorflow" in item.keywords and not ON_TENSORFLOW:
             item.add_marker(skip_tf)
+
+
+# Where weights and datasets come from: the offline checks run only when none answers.
+DOWNLOAD_HOSTS = ("storage.googleapis.com", "www.kaggle.com")
+
+
+def online(hosts=DOWNLOAD_HOSTS) -> bool:
+    """Whether any of `hosts` accepts a connection on port 443 within 2 s."""
+    for host in hosts:
+        try:
+            socket.create_connection((host, 443), timeout=2).close()
+            return True
+        except OSError:
+            continue
+    return False
+
+
+@pytest.fixture
+def offline():
+    """Skips a test of how a download fails when this machine can download."""
+    if online():
+        pytest.skip("online: this check is for offline machines")
 
 
 @pytest.fixture(scope="session", autouse=True)

@@ -1,6 +1,5 @@
 """The registry: every backbone builds at its minimum size with the right feature size."""
 
-import socket
 import time
 
 import keras
@@ -67,16 +66,7 @@ def test_wrong_channel_count_is_refused():
         kt.ImageTransferModel("mobilenet_v2", 2, weights=None, input_shape=(32, 32, 4))
 
 
-def _online(host="storage.googleapis.com"):
-    try:
-        socket.create_connection((host, 443), timeout=2).close()
-        return True
-    except OSError:
-        return False
-
-
-@pytest.mark.skipif(_online(), reason="this check is for offline machines")
-def test_imagenet_download_fails_fast_and_clearly_offline(tmp_path, monkeypatch):
+def test_imagenet_download_fails_fast_and_clearly_offline(tmp_path, monkeypatch, offline):
     monkeypatch.setenv("KERAS_HOME", str(tmp_path))
     start = time.time()
     with pytest.raises(kt.WeightsError) as error:

@@ -193,14 +193,7 @@ def test_predict_on_a_folder_that_is_not_an_export(tmp_path, capsys):
 
 
 @pytest.mark.tensorflow  # exports a SavedModel or reads tf.data
-def test_offline_imagenet_weights_name_the_cli_options(image_folder, tmp_path):
-    import socket
-
-    try:
-        socket.create_connection(("storage.googleapis.com", 443), timeout=2).close()
-        pytest.skip("online: this check is for offline machines")
-    except OSError:
-        pass
+def test_offline_imagenet_weights_name_the_cli_options(image_folder, tmp_path, offline):
     result = run_cli("train", str(image_folder), "--image-size", "96",
                      "--output", str(tmp_path / "x"))
     assert result.returncode == 2 and "Traceback" not in result.stderr

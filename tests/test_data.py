@@ -113,14 +113,7 @@ def test_tfds_unknown_name_is_clear():
 
 
 @pytest.mark.tensorflow
-def test_tfds_offline_fails_fast(tmp_path):
-    import socket
-
-    try:
-        socket.create_connection(("storage.googleapis.com", 443), timeout=2).close()
-        pytest.skip("online: this check is for offline machines")
-    except OSError:
-        pass
+def test_tfds_offline_fails_fast(tmp_path, offline):
     start = time.time()
     with pytest.raises(kt.DataError, match="offline.*tfds build tf_flowers"):
         read_tfds("tfds:tf_flowers", data_dir=str(tmp_path))

@@ -4,10 +4,15 @@ import json
 
 import pytest
 
+from keras_transfer import doctor
 from keras_transfer.cli import build_parser, main
 
 
-def test_doctor_prints_versions_devices_and_whether_a_run_fits(capsys):
+@pytest.mark.parametrize("available, verdict", [(2**40, ": fits."), (2**20, "DOES NOT FIT")])
+def test_doctor_prints_versions_devices_and_whether_a_run_fits(capsys, monkeypatch, available,
+                                                               verdict):
+    # A terabyte fits any estimate and a megabyte none: the verdict is known.
+    monkeypatch.setattr(doctor, "available_memory", lambda device: (available, "a test"))
     assert main(["doctor", "--backbone", "mobilenet_v2", "--image-size", "96",
                  "--batch-size", "8"]) == 0
     out = capsys.readouterr().out
@@ -16,7 +21,8 @@ def test_doctor_prints_versions_devices_and_whether_a_run_fits(capsys):
                      "Phase 'head' of mobilenet_v2 at 96 px, global batch 8",
                      "Phase 'fine_tune'", "activations", "optimizer"):
         assert expected in out, expected
-    assert ": fits." in out or "DOES NOT FIT" in out
+    assert out.count(verdict) == 2, out  # both phases
+    assert "fit unknown" not in out
 
 
 def test_doctor_json_has_every_part(capsys):
