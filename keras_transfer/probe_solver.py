@@ -52,12 +52,21 @@ _COVARIANCE_MAX_FEATURES = 4_096
 def _standardize(x: np.ndarray, scaling: str):
     """Float64 copy, centred and scaled in place; constant columns are left at 0.
 
+    Scale-invariant: each column is first divided by the power of two at its
+    largest magnitude (exact in floating point), so that features of 1e200 or
+    1e-200 neither overflow nor underflow when squared; the factor is folded
+    back into `mean` and `scale`.
+
     Returns:
         `(xs, mean, scale, constant)`: `xs = (x - mean) / scale` and the mask of
         constant columns.
     """
     n = len(x)
     xs = np.array(x, dtype=np.float64)  # one copy; reads a memmap once
+    with np.errstate(invalid="ignore"):  # NaN and inf are reported below
+        exponent = np.frexp(np.max(np.abs(xs), axis=0))[1]
+        exponent[~np.isfinite(xs).all(axis=0)] = 0
+    xs = np.ldexp(xs, -exponent, out=xs)
     mean = xs.mean(axis=0)
     if not np.all(np.isfinite(mean)):
         bad = np.flatnonzero(~np.isfinite(xs).all(axis=1))
@@ -65,16 +74,25 @@ def _standardize(x: np.ndarray, scaling: str):
             f"features contain NaN or infinite values ({bad.size} of {n} rows, e.g. rows "
             f"{bad[:5].tolist()}). Check the backbone's outputs or drop those rows.")
     xs -= mean
-    scale = np.sqrt(np.einsum("ij,ij->j", xs, xs) / n)
+    spread = np.sqrt(np.einsum("ij,ij->j", xs, xs) / n)  # in each column's own unit
     # Columns whose spread is only rounding error of their mean are constant.
-    constant = (scale <= 1e-10 * np.abs(mean)) | (scale == 0)
+    constant = (spread <= 1e-10 * np.abs(mean)) | (spread == 0)
     xs[:, constant] = 0.0
-    if scaling == "global":  # one unit for all columns: their root-mean-square std
-        scale[:] = np.sqrt(np.mean(scale[~constant] ** 2)) if not constant.all() else 1.0
+    spread[constant] = 1.0
+    if scaling == "global" and not constant.all():
+        # One unit for all columns, their root-mean-square std, computed relative
+        # to the largest column exponent so that it cannot overflow.
+        top = exponent[~constant].max()
+        relative = np.ldexp(spread, exponent - top)[~constant]
+        unit = np.sqrt(np.mean(relative ** 2))
+        spread = np.ldexp(np.full_like(spread, unit), top - exponent)  # in each column's unit
+        scale = np.full_like(spread, np.ldexp(unit, top))
     else:
-        scale[constant] = 1.0
-    xs /= scale
-    return xs, mean, scale, constant
+        scale = np.ldexp(spread, exponent)
+        if scaling == "global":
+            scale[:] = 1.0
+    xs /= spread
+    return xs, np.ldexp(mean, exponent), scale, constant
 
 
 class _Basis:

@@ -196,6 +196,25 @@ def test_constant_columns_get_zero_weight_and_nd_features_are_flattened():
     np.testing.assert_allclose(probe.logits(x.reshape(50, 2, 2, 3)), flat.logits(x))
 
 
+@pytest.mark.parametrize("scaling", ["global", "per_feature"])
+@pytest.mark.parametrize("factor", [1e200, 1e-200, 1e300])
+def test_features_of_extreme_scale_give_the_same_probe(factor, scaling):
+    """Squaring 1e200 overflows and 1e-200 underflows float64: the probe must not care."""
+    x, y = blobs(60, 8, 3, spread=0.5, scale=np.ones(8))
+    ref = fit_linear_probe(x, y, "classification", 3, scaling=scaling)
+    probe = fit_linear_probe(x * factor, y, "classification", 3, scaling=scaling)
+    assert probe.report.C == pytest.approx(ref.report.C, rel=1e-9)
+    np.testing.assert_allclose(probe.kernel * factor, ref.kernel, rtol=1e-6,
+                               atol=1e-9 * np.abs(ref.kernel).max())
+    np.testing.assert_allclose(probe.logits(x * factor), ref.logits(x), atol=1e-6)
+    if scaling == "per_feature":  # one column of another scale: the same problem
+        mixed = x.copy()
+        mixed[:, 0] *= factor
+        a = fit_linear_probe(mixed, y, "classification", 3, scaling=scaling, regularization=0.5)
+        b = fit_linear_probe(x, y, "classification", 3, scaling=scaling, regularization=0.5)
+        np.testing.assert_allclose(a.logits(mixed), b.logits(x), atol=1e-6)
+
+
 def test_memmap_features(tmp_path):
     x, y = blobs(60, 8, 3, spread=0.5)
     mapped = np.lib.format.open_memmap(tmp_path / "f.npy", mode="w+", dtype=np.float32,
