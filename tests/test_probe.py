@@ -237,8 +237,11 @@ def test_cross_validation_is_deterministic_for_a_seed():
     assert a.report.C == b.report.C and a.report.fold_scores == b.report.fold_scores
     np.testing.assert_array_equal(a.kernel, b.kernel)
     assert a.report.fold_scores != c.report.fold_scores
-    assert a.report.cv == "5-fold stratified"
-    assert len(a.report.fold_scores) == 5
+    # 150 rows: the first split and 3 more, every fold of each reported.
+    assert a.report.cv == "5-fold stratified + 3 x 5-fold stratified"
+    assert len(a.report.fold_scores) == 20
+    assert fit_linear_probe(x, y, "classification", 3, seed=1, repeats=0).report.cv == (
+        "5-fold stratified")
     assert len(a.report.mean_scores) == len(a.report.grid) == len(a.report.fold_scores[0])
     assert a.report.C in a.report.grid
     assert a.report.scoring == "accuracy"  # higher is better
@@ -346,6 +349,32 @@ def test_cv_scores_are_held_out_scores():
         assert score == pytest.approx(errors.mean(), rel=1e-8)
 
 
+def test_repeated_splits_pool_the_held_out_accuracy_of_every_split():
+    """With repeats, the score of C is the held-out accuracy over every fold of every split:
+    leave-one-out on 40 rows, then 2 stratified 5-fold splits shuffled afresh."""
+    x, y = blobs(40, 6, 4, spread=0.5)
+    grid = [0.01, 1.0]
+    probe = fit_linear_probe(x, y, "classification", 4, grid=grid, repeats=2, seed=3)
+    assert probe.report.cv == "leave-one-out + 2 x 5-fold stratified"
+    fold_of, _ = probe_solver._repeated_folds(40, y, 5, 3, 2)
+    assert fold_of.shape == (3, 40) and not np.array_equal(fold_of[1], fold_of[2])
+    for split in fold_of[1:]:  # stratified: each class of 10 spread 2 per fold
+        assert (np.bincount(split[y == 0], minlength=5) == 2).all()
+    centred = x - x.mean(axis=0)
+    scaled = centred / np.sqrt(np.mean(centred.var(axis=0)))  # the default global scaling
+    for c, score in zip(grid, probe.report.mean_scores):
+        correct = []
+        for split in fold_of:
+            for f in range(split.max() + 1):
+                held = split == f
+                ref = LogisticRegression(C=c, tol=1e-10, max_iter=10_000).fit(
+                    scaled[~held], y[~held])
+                correct.extend(ref.predict(scaled[held]) == y[held])
+        assert score == pytest.approx(np.mean(correct), abs=1e-12)
+    assert probe.report.C == grid[int(np.argmax(probe.report.mean_scores))] or (
+        probe.report.mean_scores[0] == probe.report.mean_scores[1])
+
+
 def test_accuracy_ties_are_broken_by_the_held_out_log_loss():
     x, y = blobs(80, 4, 2, spread=10.0)  # separable: accuracy 1 over most of the grid
     probe = fit_linear_probe(x, y, "classification", 2, scoring="accuracy")
@@ -360,8 +389,8 @@ def test_accuracy_ties_are_broken_by_the_held_out_log_loss():
 def test_tiny_data_uses_leave_one_out():
     x, y = blobs(6, 5, 3, spread=3.0)  # 2 examples per class
     probe = fit_linear_probe(x, y, "classification", 3)
-    assert probe.report.cv == "leave-one-out"
-    assert len(probe.report.fold_scores) == 6
+    assert probe.report.cv == "leave-one-out + 3 x 5-fold stratified"
+    assert len(probe.report.fold_scores) == 6 + 3 * 5
     assert np.isfinite(probe.kernel).all() and np.isfinite(probe.bias).all()
     assert (probe.logits(x).argmax(axis=1) == y).all()
 
@@ -420,13 +449,16 @@ def test_calibration_brings_the_training_loss_to_the_held_out_loss(kind):
     x = rng.normal(size=(80, 300))
     signal = x[:, :3] + 0.8 * rng.normal(size=(80, 3))
     y = signal.argmax(axis=1) if kind == "classification" else (signal > 0).astype(int)
-    solved = fit_linear_probe(x, y, kind, 3, seed=2, calibrate=False)
-    calibrated = fit_linear_probe(x, y, kind, 3, seed=2)
+    # One split: C lands at the weak end here, where the probe is over-confident
+    # (with the repeated splits of the default, at the strong end).
+    solved = fit_linear_probe(x, y, kind, 3, seed=2, calibrate=False, repeats=0)
+    calibrated = fit_linear_probe(x, y, kind, 3, seed=2, repeats=0)
     report = calibrated.report
     assert solved.report.C == report.C and solved.report.logit_scale == 1.0
     # Over-confident as solved; the held-out loss is what cross-validation measured.
     assert training_log_loss(solved, x, y, kind) < 0.5 * report.held_out_log_loss
-    same_folds = fit_linear_probe(x, y, kind, 3, seed=2, scoring="log_loss", grid=[report.C])
+    same_folds = fit_linear_probe(x, y, kind, 3, seed=2, scoring="log_loss", grid=[report.C],
+                                  repeats=0)
     assert report.held_out_log_loss == pytest.approx(same_folds.report.mean_scores[0], rel=1e-3)
     # One factor on every logit, chosen so that the training loss is the held-out one.
     assert 0 < report.logit_scale < 1
@@ -516,6 +548,8 @@ def test_bad_inputs_raise_data_errors_that_name_what_was_received(features, targ
     ({"regularization": -1.0}, r"received -1.0"),
     ({"regularization": "strong"}, r"received 'strong'"),
     ({"folds": 1}, r"folds=1"),
+    ({"repeats": -1}, r"received repeats=-1"),
+    ({"repeats": "many"}, r"received repeats='many'"),
     ({"scoring": "mse"}, r"received scoring='mse'"),
     ({"scaling": "minmax"}, r"received scaling='minmax'"),
     ({"grid": [1.0, -2.0]}, r"grid must hold positive"),
