@@ -369,7 +369,8 @@ def fit_linear_probe(
     if not (isinstance(repeats, str) and repeats == "auto") and (
             isinstance(repeats, bool) or not isinstance(repeats, (int, np.integer))
             or repeats < 0):
-        raise ValueError(f"repeats must be 'auto' or an integer >= 0; received repeats={repeats!r}.")
+        raise ValueError(
+            f"repeats must be 'auto' or an integer >= 0; received repeats={repeats!r}.")
     x = _check_features(features)
     n, d = x.shape
     y, k = _check_targets(targets, kind, num_classes, n)

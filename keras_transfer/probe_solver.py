@@ -420,7 +420,7 @@ def _assign_folds(n: int, labels: np.ndarray | None, folds: int, seed: int,
 
 
 def _repeated_folds(n: int, labels: np.ndarray | None, folds: int, seed: int, repeats: int):
-    """`_assign_folds`'s split, then `repeats` more k-fold splits: (1 + repeats, n) and a description.
+    """`_assign_folds`'s split and `repeats` more k-fold splits: (1 + repeats, n), a description.
 
     Each split is shuffled afresh (seeded by `seed` and its number), so the
     held-out scores, averaged over the splits, depend less on which rows
