@@ -334,7 +334,7 @@ def fit_linear_probe(
         tol: float. L-BFGS stops when every coordinate of the gradient,
             preconditioned by the diagonal of the Hessian, is below `tol`
             (about sqrt(2 * (f - f*)) per coordinate, f the loss averaged over
-            rows plus the penalty). Cross-validation fits use 10 * tol.
+            rows plus the penalty). Cross-validation fits use 100 * tol.
 
     Returns:
         A `LinearProbe`: `kernel` (D, K) and `bias` (K,) in logits space for
