@@ -23,16 +23,24 @@ from keras_transfer.errors import DataError
 
 # The log-loss path stops after this many values of C without improvement.
 PATIENCE = 2
+# With accuracy scoring and at least this many held-out rows, the walk stops after
+# this many values of C that improve neither the accuracy nor the log-loss.
+ACCURACY_STOP_MIN_ROWS = 500
+ACCURACY_PATIENCE = 3
 # Below this many examples, cross-validation is leave-one-out: each fold then
 # trains on N - 1 rows, closest to the final fit, and fits are tiny.
 LOO_MAX_EXAMPLES = 50
 # Above this many examples, C is cross-validated on a stratified subset of this size.
 CV_MAX_EXAMPLES = 5_000
+# Up to this many examples, C is scored on more splits than one (see `_repeated_folds`).
+REPEAT_MAX_EXAMPLES = 200
+REPEATS = 3
 # Held-out probabilities are clipped here before the log (a class absent from a
 # fold's training rows has probability 0).
 _PROB_FLOOR = 1e-15
-# Cross-validation fits stop at this multiple of `tol` (scores change in the 6th digit).
-_CV_TOL_FACTOR = 10.0
+# Cross-validation fits stop at this multiple of `tol` (scikit-learn's default 1e-4
+# for the default tol; the held-out scores change in the 5th digit).
+_CV_TOL_FACTOR = 100.0
 # The calibration's factor on the logits is searched in [this, 1].
 _SMALLEST_LOGIT_SCALE = 1e-3
 # Cross-validation fits all folds as one L-BFGS problem (`_Problem.fit_folds`) up to
@@ -52,12 +60,21 @@ _COVARIANCE_MAX_FEATURES = 4_096
 def _standardize(x: np.ndarray, scaling: str):
     """Float64 copy, centred and scaled in place; constant columns are left at 0.
 
+    Scale-invariant: each column is first divided by the power of two at its
+    largest magnitude (exact in floating point), so that features of 1e200 or
+    1e-200 neither overflow nor underflow when squared; the factor is folded
+    back into `mean` and `scale`.
+
     Returns:
         `(xs, mean, scale, constant)`: `xs = (x - mean) / scale` and the mask of
         constant columns.
     """
     n = len(x)
     xs = np.array(x, dtype=np.float64)  # one copy; reads a memmap once
+    with np.errstate(invalid="ignore"):  # NaN and inf are reported below
+        exponent = np.frexp(np.max(np.abs(xs), axis=0))[1]
+        exponent[~np.isfinite(xs).all(axis=0)] = 0
+    xs = np.ldexp(xs, -exponent, out=xs)
     mean = xs.mean(axis=0)
     if not np.all(np.isfinite(mean)):
         bad = np.flatnonzero(~np.isfinite(xs).all(axis=1))
@@ -65,16 +82,25 @@ def _standardize(x: np.ndarray, scaling: str):
             f"features contain NaN or infinite values ({bad.size} of {n} rows, e.g. rows "
             f"{bad[:5].tolist()}). Check the backbone's outputs or drop those rows.")
     xs -= mean
-    scale = np.sqrt(np.einsum("ij,ij->j", xs, xs) / n)
+    spread = np.sqrt(np.einsum("ij,ij->j", xs, xs) / n)  # in each column's own unit
     # Columns whose spread is only rounding error of their mean are constant.
-    constant = (scale <= 1e-10 * np.abs(mean)) | (scale == 0)
+    constant = (spread <= 1e-10 * np.abs(mean)) | (spread == 0)
     xs[:, constant] = 0.0
-    if scaling == "global":  # one unit for all columns: their root-mean-square std
-        scale[:] = np.sqrt(np.mean(scale[~constant] ** 2)) if not constant.all() else 1.0
+    spread[constant] = 1.0
+    if scaling == "global" and not constant.all():
+        # One unit for all columns, their root-mean-square std, computed relative
+        # to the largest column exponent so that it cannot overflow.
+        top = exponent[~constant].max()
+        relative = np.ldexp(spread, exponent - top)[~constant]
+        unit = np.sqrt(np.mean(relative ** 2))
+        spread = np.ldexp(np.full_like(spread, unit), top - exponent)  # in each column's unit
+        scale = np.full_like(spread, np.ldexp(unit, top))
     else:
-        scale[constant] = 1.0
-    xs /= scale
-    return xs, mean, scale, constant
+        scale = np.ldexp(spread, exponent)
+        if scaling == "global":
+            scale[:] = 1.0
+    xs /= spread
+    return xs, np.ldexp(mean, exponent), scale, constant
 
 
 class _Basis:
@@ -372,18 +398,21 @@ def _sigmoid_curvature(logits: np.ndarray) -> np.ndarray:
 # --- Cross-validation ----------------------------------------------------------------
 
 
-def _assign_folds(n: int, labels: np.ndarray | None, folds: int, seed: int):
+def _assign_folds(n: int, labels: np.ndarray | None, folds: int, seed: int,
+                  leave_one_out: bool = True):
     """Fold index per row (-1: not used), and a description of the split.
 
-    Leave-one-out up to `LOO_MAX_EXAMPLES` rows. Otherwise the rows are
-    shuffled, grouped by class (stratified), and dealt out to the folds in
-    turn, so that each class's members go to as many folds as it has members.
-    Above `CV_MAX_EXAMPLES` rows, an evenly spread, class-proportional subset
-    of that many rows is cross-validated (C in this convention does not
-    drift with N), and the final fit still uses every row.
+    Leave-one-out up to `LOO_MAX_EXAMPLES` rows (unless `leave_one_out` is
+    False). Otherwise the rows are shuffled, grouped by class (stratified),
+    and dealt out to the folds in turn, so that each class's members go to as
+    many folds as it has members. Above `CV_MAX_EXAMPLES` rows, an evenly
+    spread, class-proportional subset of that many rows is cross-validated
+    (C in this convention does not drift with N), and the final fit still
+    uses every row.
     """
-    if n <= LOO_MAX_EXAMPLES or folds >= n:
+    if leave_one_out and (n <= LOO_MAX_EXAMPLES or folds >= n):
         return np.arange(n), "leave-one-out"
+    folds = min(folds, n)
     order = np.random.default_rng(seed).permutation(n)
     if labels is not None:
         order = order[np.argsort(labels[order], kind="stable")]
@@ -393,6 +422,23 @@ def _assign_folds(n: int, labels: np.ndarray | None, folds: int, seed: int):
     fold_of[order] = np.arange(used) % folds
     cv = f"{folds}-fold" + (" stratified" if labels is not None else "")
     return fold_of, cv + (f" on {used} of {n} rows" if used < n else "")
+
+
+def _repeated_folds(n: int, labels: np.ndarray | None, folds: int, seed: int, repeats: int):
+    """`_assign_folds`'s split and `repeats` more k-fold splits: (1 + repeats, n), a description.
+
+    Each split is shuffled afresh (seeded by `seed` and its number), so the
+    held-out scores, averaged over the splits, depend less on which rows
+    happen to share a fold: on tiny data one split's accuracy moves by whole
+    rows between values of C.
+    """
+    main, cv = _assign_folds(n, labels, folds, seed)
+    if repeats <= 0:
+        return main[None], cv
+    extra = [_assign_folds(n, labels, folds, int(np.random.default_rng([seed, r]).integers(2**31)),
+                           leave_one_out=False)
+             for r in range(1, repeats + 1)]
+    return np.stack([main] + [fold_of for fold_of, _ in extra]), f"{cv} + {repeats} x {extra[0][1]}"
 
 
 @dataclasses.dataclass
@@ -413,31 +459,45 @@ def _cross_validate(problem: _Problem, fold_of: np.ndarray, cs,
                     scoring: str) -> _CrossValidation:
     """Held-out scores of every C on every fold; the C to use and a warm start for it.
 
+    `fold_of` is one split (N,) or several (S, N) from `_repeated_folds`: the
+    scores of C are then pooled over every split's held-out rows.
+
     Classification and multilabel walk the grid from strong to weak
     regularisation, each fold starting from its solution at the previous C.
     With the log-loss, the walk stops once `PATIENCE` values in a row have
     not improved the best mean score: held-out log-loss is unimodal in C in
-    practice, and the weak end is where fits cost the most iterations.
+    practice, and the weak end is where fits cost the most iterations. With
+    the accuracy on at least `ACCURACY_STOP_MIN_ROWS` held-out rows, it stops
+    once `ACCURACY_PATIENCE` values in a row have improved neither the
+    accuracy nor its tie-break, the log-loss.
     """
-    n_folds = int(fold_of.max()) + 1
-    splits = [(np.flatnonzero((fold_of != f) & (fold_of >= 0)), np.flatnonzero(fold_of == f))
-              for f in range(n_folds)]
-    used = np.flatnonzero(fold_of >= 0)
-    weights = problem.weights[used]
-    row_loss = np.full((len(cs), len(fold_of)), np.nan)
+    # Several splits (rows of a 2-D fold_of) are pooled: a row's held-out score
+    # in split s sits at slot s * n + row; every fold of every split is one fit.
+    fold_of = np.atleast_2d(fold_of)
+    n = fold_of.shape[1]
+    splits = [(np.flatnonzero((row != f) & (row >= 0)), np.flatnonzero(row == f), s * n)
+              for s, row in enumerate(fold_of) for f in range(int(row.max()) + 1)]
+    n_folds = len(splits)
+    used = np.flatnonzero(fold_of.ravel() >= 0)
+    weights = np.tile(problem.weights, len(fold_of))[used]
+    row_loss = np.full((len(cs), fold_of.size), np.nan)
     # Accuracy is a step function of C with many ties on small data: the
     # held-out log-loss breaks them.
-    row_tiebreak = np.full((len(cs), len(fold_of)), np.nan) if scoring == "accuracy" else None
+    row_tiebreak = np.full((len(cs), fold_of.size), np.nan) if scoring == "accuracy" else None
     iterations = unconverged = 0
     best_solutions = None
     if problem.kind == "regression":
-        for train, held in splits:
+        for train, held, offset in splits:
             for i, solution in enumerate(problem.ridge_path(train, cs)):
-                row_loss[i, held] = problem.losses(solution, held, scoring)
+                row_loss[i, offset + held] = problem.losses(solution, held, scoring)
     else:
         states: list[_Solution | None] = [None] * n_folds
         groups = _fold_groups(problem, n_folds)
         best, since_best = math.inf, 0
+        best_loss, since_best_loss = math.inf, 0  # the accuracy's tie-break
+        # Accuracy over many held-out rows varies smoothly with C: the walk
+        # stops as for the log-loss once neither it nor the log-loss improves.
+        accuracy_stops = scoring == "accuracy" and len(used) >= ACCURACY_STOP_MIN_ROWS
         for i, c in enumerate(cs):
             for group in groups:
                 # Scores need 4 digits, not the weights' 6: a looser stop.
@@ -446,24 +506,32 @@ def _cross_validate(problem: _Problem, fold_of: np.ndarray, cs,
                                            tol=_CV_TOL_FACTOR * problem.tol)
                 iterations += max(solution.iterations for solution in solved)
                 for f, solution in zip(group, solved):
-                    held = splits[f][1]
+                    _, held, offset = splits[f]
                     states[f] = solution
                     unconverged += not solution.converged
-                    row_loss[i, held] = problem.losses(solution, held, scoring)
+                    row_loss[i, offset + held] = problem.losses(solution, held, scoring)
                     if row_tiebreak is not None:
-                        row_tiebreak[i, held] = problem.losses(solution, held, "log_loss")
+                        row_tiebreak[i, offset + held] = problem.losses(solution, held,
+                                                                        "log_loss")
             score = _weighted_mean(row_loss[i, used], weights)
             if best == math.inf or score < best - _tie(best):
                 best, best_solutions, since_best = score, list(states), 0
             else:
                 since_best += 1
-            if scoring == "log_loss" and since_best >= PATIENCE:
+            if accuracy_stops:
+                loss = _weighted_mean(row_tiebreak[i, used], weights)
+                if best_loss == math.inf or loss < best_loss - _tie(best_loss):
+                    best_loss, since_best_loss = loss, 0
+                else:
+                    since_best_loss += 1
+            if (scoring == "log_loss" and since_best >= PATIENCE) or (
+                    accuracy_stops and min(since_best, since_best_loss) >= ACCURACY_PATIENCE):
                 row_loss = row_loss[: i + 1]
                 break
     cs = tuple(cs[: len(row_loss)])
     mean_scores = np.array([_weighted_mean(row[used], weights) for row in row_loss])
-    fold_scores = np.array([[_weighted_mean(row[held], problem.weights[held])
-                             for row in row_loss] for _, held in splits])
+    fold_scores = np.array([[_weighted_mean(row[offset + held], problem.weights[held])
+                             for row in row_loss] for _, held, offset in splits])
     ties = np.flatnonzero(mean_scores <= mean_scores.min() + _tie(mean_scores.min()))
     if row_tiebreak is not None:  # the lowest held-out log-loss among the ties
         tiebreak = np.array([_weighted_mean(row_tiebreak[i, used], weights) for i in ties])

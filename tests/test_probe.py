@@ -196,6 +196,26 @@ def test_constant_columns_get_zero_weight_and_nd_features_are_flattened():
     np.testing.assert_allclose(probe.logits(x.reshape(50, 2, 2, 3)), flat.logits(x))
 
 
+@pytest.mark.parametrize("scaling", ["global", "per_feature"])
+@pytest.mark.parametrize("factor", [1e200, 1e-200])
+def test_features_of_extreme_scale_give_the_same_probe(factor, scaling):
+    """Squaring 1e200 overflows and 1e-200 underflows float64: the probe must not care."""
+    x, y = blobs(60, 8, 3, spread=0.5, scale=np.ones(8))
+    ref = fit_linear_probe(x, y, "classification", 3, scaling=scaling, grid=[0.1, 10.0])
+    probe = fit_linear_probe(x * factor, y, "classification", 3, scaling=scaling,
+                             grid=[0.1, 10.0])
+    assert probe.report.C == pytest.approx(ref.report.C, rel=1e-9)
+    np.testing.assert_allclose(probe.kernel * factor, ref.kernel, rtol=1e-6,
+                               atol=1e-9 * np.abs(ref.kernel).max())
+    np.testing.assert_allclose(probe.logits(x * factor), ref.logits(x), atol=1e-6)
+    if scaling == "per_feature":  # one column of another scale: the same problem
+        mixed = x.copy()
+        mixed[:, 0] *= factor
+        a = fit_linear_probe(mixed, y, "classification", 3, scaling=scaling, regularization=0.5)
+        b = fit_linear_probe(x, y, "classification", 3, scaling=scaling, regularization=0.5)
+        np.testing.assert_allclose(a.logits(mixed), b.logits(x), atol=1e-6)
+
+
 def test_memmap_features(tmp_path):
     x, y = blobs(60, 8, 3, spread=0.5)
     mapped = np.lib.format.open_memmap(tmp_path / "f.npy", mode="w+", dtype=np.float32,
@@ -218,8 +238,11 @@ def test_cross_validation_is_deterministic_for_a_seed():
     assert a.report.C == b.report.C and a.report.fold_scores == b.report.fold_scores
     np.testing.assert_array_equal(a.kernel, b.kernel)
     assert a.report.fold_scores != c.report.fold_scores
-    assert a.report.cv == "5-fold stratified"
-    assert len(a.report.fold_scores) == 5
+    # 150 rows: the first split and 3 more, every fold of each reported.
+    assert a.report.cv == "5-fold stratified + 3 x 5-fold stratified"
+    assert len(a.report.fold_scores) == 20
+    assert fit_linear_probe(x, y, "classification", 3, seed=1, repeats=0).report.cv == (
+        "5-fold stratified")
     assert len(a.report.mean_scores) == len(a.report.grid) == len(a.report.fold_scores[0])
     assert a.report.C in a.report.grid
     assert a.report.scoring == "accuracy"  # higher is better
@@ -327,6 +350,50 @@ def test_cv_scores_are_held_out_scores():
         assert score == pytest.approx(errors.mean(), rel=1e-8)
 
 
+def test_repeated_splits_pool_the_held_out_accuracy_of_every_split():
+    """With repeats, the score of C is the held-out accuracy over every fold of every split:
+    leave-one-out on 20 rows, then 2 stratified 5-fold splits shuffled afresh."""
+    x, y = blobs(20, 6, 4, spread=0.5)
+    grid = [0.01, 1.0]
+    probe = fit_linear_probe(x, y, "classification", 4, grid=grid, repeats=2, seed=3)
+    assert probe.report.cv == "leave-one-out + 2 x 5-fold stratified"
+    fold_of, _ = probe_solver._repeated_folds(20, y, 5, 3, 2)
+    assert fold_of.shape == (3, 20) and not np.array_equal(fold_of[1], fold_of[2])
+    for split in fold_of[1:]:  # stratified: each class of 5 spread 1 per fold
+        assert (np.bincount(split[y == 0], minlength=5) == 1).all()
+    centred = x - x.mean(axis=0)
+    scaled = centred / np.sqrt(np.mean(centred.var(axis=0)))  # the default global scaling
+    for c, score in zip(grid, probe.report.mean_scores):
+        correct = []
+        for split in fold_of:
+            for f in range(split.max() + 1):
+                held = split == f
+                ref = LogisticRegression(C=c, tol=1e-10, max_iter=10_000).fit(
+                    scaled[~held], y[~held])
+                correct.extend(ref.predict(scaled[held]) == y[held])
+        assert score == pytest.approx(np.mean(correct), abs=1e-12)
+    assert probe.report.C == grid[int(np.argmax(probe.report.mean_scores))] or (
+        probe.report.mean_scores[0] == probe.report.mean_scores[1])
+
+
+def test_the_cheaper_cross_validation_picks_what_the_full_tight_one_picks(monkeypatch):
+    """Looser CV fits and the accuracy walk that stops early choose the same C, and the
+    final fit (at the full tolerance) is the same solution."""
+    x, y = blobs(300, 40, 4, spread=0.25)
+    monkeypatch.setattr(probe_solver, "ACCURACY_STOP_MIN_ROWS", 300)  # 300 held out here
+    fast = fit_linear_probe(x, y, "classification", 4)
+    monkeypatch.setattr(probe_solver, "_CV_TOL_FACTOR", 1.0)
+    monkeypatch.setattr(probe_solver, "ACCURACY_STOP_MIN_ROWS", 10**9)
+    full = fit_linear_probe(x, y, "classification", 4)
+    assert len(full.report.grid) == len(probe_module.DEFAULT_GRID)
+    assert len(fast.report.grid) < len(full.report.grid)  # it stopped on the weak side
+    assert fast.report.C == full.report.C
+    # At most one held-out row of 300 on the border between two classes flips.
+    np.testing.assert_allclose(fast.report.mean_scores, full.report.mean_scores[
+        :len(fast.report.mean_scores)], atol=1.01 / 300)
+    np.testing.assert_allclose(fast.predict(x), full.predict(x), atol=1e-4)
+
+
 def test_accuracy_ties_are_broken_by_the_held_out_log_loss():
     x, y = blobs(80, 4, 2, spread=10.0)  # separable: accuracy 1 over most of the grid
     probe = fit_linear_probe(x, y, "classification", 2, scoring="accuracy")
@@ -341,8 +408,8 @@ def test_accuracy_ties_are_broken_by_the_held_out_log_loss():
 def test_tiny_data_uses_leave_one_out():
     x, y = blobs(6, 5, 3, spread=3.0)  # 2 examples per class
     probe = fit_linear_probe(x, y, "classification", 3)
-    assert probe.report.cv == "leave-one-out"
-    assert len(probe.report.fold_scores) == 6
+    assert probe.report.cv == "leave-one-out + 3 x 5-fold stratified"
+    assert len(probe.report.fold_scores) == 6 + 3 * 5
     assert np.isfinite(probe.kernel).all() and np.isfinite(probe.bias).all()
     assert (probe.logits(x).argmax(axis=1) == y).all()
 
@@ -401,13 +468,16 @@ def test_calibration_brings_the_training_loss_to_the_held_out_loss(kind):
     x = rng.normal(size=(80, 300))
     signal = x[:, :3] + 0.8 * rng.normal(size=(80, 3))
     y = signal.argmax(axis=1) if kind == "classification" else (signal > 0).astype(int)
-    solved = fit_linear_probe(x, y, kind, 3, seed=2, calibrate=False)
-    calibrated = fit_linear_probe(x, y, kind, 3, seed=2)
+    # One split: C lands at the weak end here, where the probe is over-confident
+    # (with the repeated splits of the default, at the strong end).
+    solved = fit_linear_probe(x, y, kind, 3, seed=2, calibrate=False, repeats=0)
+    calibrated = fit_linear_probe(x, y, kind, 3, seed=2, repeats=0)
     report = calibrated.report
     assert solved.report.C == report.C and solved.report.logit_scale == 1.0
     # Over-confident as solved; the held-out loss is what cross-validation measured.
     assert training_log_loss(solved, x, y, kind) < 0.5 * report.held_out_log_loss
-    same_folds = fit_linear_probe(x, y, kind, 3, seed=2, scoring="log_loss", grid=[report.C])
+    same_folds = fit_linear_probe(x, y, kind, 3, seed=2, scoring="log_loss", grid=[report.C],
+                                  repeats=0)
     assert report.held_out_log_loss == pytest.approx(same_folds.report.mean_scores[0], rel=1e-3)
     # One factor on every logit, chosen so that the training loss is the held-out one.
     assert 0 < report.logit_scale < 1
@@ -497,6 +567,8 @@ def test_bad_inputs_raise_data_errors_that_name_what_was_received(features, targ
     ({"regularization": -1.0}, r"received -1.0"),
     ({"regularization": "strong"}, r"received 'strong'"),
     ({"folds": 1}, r"folds=1"),
+    ({"repeats": -1}, r"received repeats=-1"),
+    ({"repeats": "many"}, r"received repeats='many'"),
     ({"scoring": "mse"}, r"received scoring='mse'"),
     ({"scaling": "minmax"}, r"received scaling='minmax'"),
     ({"grid": [1.0, -2.0]}, r"grid must hold positive"),
