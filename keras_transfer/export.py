@@ -12,6 +12,9 @@ half-written or half-overwritten export. A process killed between the two
 renames of a replacement leaves the old export in a hidden `.NAME.old-*`
 folder: the next export to the same path, or `load_metadata`, puts it back.
 The next export also removes the staging folders of killed exports.
+
+ONNX and LiteRT exports (`export_model(format=...)`, written and checked by
+`export_formats.py`) are folders too, staged and replaced by the same rules.
 """
 
 from __future__ import annotations
