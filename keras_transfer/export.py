@@ -12,6 +12,9 @@ half-written or half-overwritten export. A process killed between the two
 renames of a replacement leaves the old export in a hidden `.NAME.old-*`
 folder: the next export to the same path, or `load_metadata`, puts it back.
 The next export also removes the staging folders of killed exports.
+
+ONNX and LiteRT exports (`export_model(format=...)`, written and checked by
+`export_formats.py`) are folders too, staged and replaced by the same rules.
 """
 
 from __future__ import annotations
@@ -26,7 +29,7 @@ import uuid
 
 import numpy as np
 
-from keras_transfer import __version__
+from keras_transfer import __version__, export_formats
 from keras_transfer.errors import ExportError
 
 # TensorFlow and Keras are imported where an export is written or read, so
@@ -39,7 +42,13 @@ METADATA_FILE = "metadata.json"
 # training report, and files operating systems drop into any folder.
 EXPORT_ENTRIES = frozenset({"saved_model.pb", "saved_model.pbtxt", "fingerprint.pb", "variables",
                             "assets", METADATA_FILE, "report", ".DS_Store", "Thumbs.db",
-                            "desktop.ini"})
+                            "desktop.ini",
+                            # ONNX and LiteRT exports (export_formats.py), and the
+                            # vocabulary files KerasHub tokenizers write beside them.
+                            "model.onnx", "model.tflite", "vocabulary.txt", "vocabulary.json",
+                            "vocabulary.spm", "merges.txt"})
+# What makes a folder an export, in each format.
+EXPORT_FILES = ("saved_model.pb", "model.onnx", "model.tflite")
 
 
 def _library_versions() -> dict:
@@ -69,11 +78,14 @@ def build_metadata(model, metrics=None) -> dict:
     }
 
 
-def check_backend() -> None:
-    """Checks that Keras runs on TensorFlow, whose format a SavedModel is.
+def check_backend(format: str = "saved_model") -> None:
+    """Checks that Keras runs on TensorFlow, which writes every format.
 
-    A model trained on another backend exports from its `.keras` file: the
-    `keras-transfer export` command runs on TensorFlow whatever
+    A SavedModel is TensorFlow's; the ONNX and LiteRT files are converted
+    from TensorFlow traces (Keras's own exporters on TensorFlow: its JAX
+    ONNX path needs jax2onnx and cannot quantize, and it has no JAX LiteRT
+    path). A model trained on another backend exports from its `.keras`
+    file: the `keras-transfer export` command runs on TensorFlow whatever
     `KERAS_BACKEND` says.
 
     Raises:
@@ -83,16 +95,19 @@ def check_backend() -> None:
 
     backend = keras.config.backend()
     if backend != "tensorflow":
+        what = {"onnx": "an ONNX file", "litert": "a LiteRT file"}.get(format, "a SavedModel")
         raise ExportError(
-            f"Exporting a SavedModel needs Keras on the TensorFlow backend; this process runs "
+            f"Exporting {what} needs Keras on the TensorFlow backend; this process runs "
             f"Keras on {backend!r} (KERAS_BACKEND={backend}). Save the model with "
-            "model.save('model.keras'), then run `keras-transfer export model.keras out/` "
+            "model.save('model.keras'), then run `keras-transfer export model.keras out/"
+            f"{'' if format == 'saved_model' else ' --format ' + format}` "
             "with TensorFlow installed (pip install tensorflow): the command exports on "
             "TensorFlow whatever KERAS_BACKEND says. Nothing was written.")
 
 
 def _is_saved_model(path: str) -> bool:
-    return os.path.isfile(os.path.join(path, "saved_model.pb"))
+    """Whether `path` holds an export (a SavedModel, or an ONNX or LiteRT file)."""
+    return any(os.path.isfile(os.path.join(path, f)) for f in EXPORT_FILES)
 
 
 def check_export_path(path, overwrite: bool = False) -> str:
@@ -124,7 +139,7 @@ def check_export_path(path, overwrite: bool = False) -> str:
         if not _is_saved_model(path):
             raise ExportError(
                 f"Refusing to overwrite {path!r}: it exists but is not a "
-                "SavedModel export, so replacing it could destroy other files. "
+                "SavedModel, ONNX or LiteRT export, so replacing it could destroy other files. "
                 "Choose another path or remove it yourself."
             )
         foreign = sorted(set(os.listdir(path)) - EXPORT_ENTRIES)
@@ -230,7 +245,7 @@ def export_saved_model(model, path, *, overwrite=False, metrics=None, verify=Tru
         model: a `TransferModel`.
         path: str. Target folder.
         overwrite: bool. Replace an existing export at `path`. A folder that
-            is not a SavedModel, or that holds other files too, is never
+            is not an export, or that holds other files too, is never
             replaced.
         metrics: dict, optional. Metrics to record in the metadata.
         verify: bool. Reload the new export and check its signatures first.
@@ -244,6 +259,77 @@ def export_saved_model(model, path, *, overwrite=False, metrics=None, verify=Tru
     """
     check_backend()
     path = check_export_path(path, overwrite)
+
+    def write(staging):
+        _write(model, staging, metrics)
+        if verify:
+            check_export(staging, expected=sorted(model.serving_endpoints()))
+
+    return stage_export(path, write)
+
+
+def export_model(model, path, *, format="saved_model", overwrite=False, metrics=None,
+                 verify=True, quantize=None, representative_data=None,
+                 evaluation_data=None) -> str:
+    """Writes `model` in `format` with `metadata.json` (see `export_formats`).
+
+    Args:
+        model: a `TransferModel`.
+        path: str. Target folder.
+        format: str. `"saved_model"`, `"onnx"` or `"litert"`.
+        overwrite, metrics, verify: as for `export_saved_model`. An ONNX or
+            LiteRT file is always run in its runtime and compared with
+            Keras before it replaces anything.
+        quantize: str, optional. LiteRT: `"dynamic"`, `"float16"` or `"int8"`.
+        representative_data: inputs int8 calibrates on (a sample of the
+            training inputs, in any form `predict` takes).
+        evaluation_data: `(x, y)`, optional. Held-out data whose accuracy
+            in Keras and in the runtime goes into the metadata.
+
+    Returns:
+        The absolute path of the export folder.
+
+    Raises:
+        ExportError: a bad format or quantization, int8 without data, a
+            runtime that is not installed, Keras not on TensorFlow, or see
+            `check_export_path`; all before anything is written. Also a
+            file that does not match Keras in its runtime (nothing replaced).
+    """
+    export_formats.check_format(format, quantize, representative_data)
+    if format == "saved_model":
+        if evaluation_data is not None:
+            raise ExportError("Received evaluation_data for a SavedModel export; it measures "
+                              "ONNX and LiteRT files against Keras. Use model.evaluate.")
+        return export_saved_model(model, path, overwrite=overwrite, metrics=metrics,
+                                  verify=verify)
+    check_backend(format)
+    export_formats.check_runtime(format)
+    path = check_export_path(path, overwrite)
+
+    def write(staging):
+        file = export_formats.write_format(model, staging, format, quantize=quantize,
+                                           representative_data=representative_data)
+        checks = export_formats.verify(model, format, file, quantize)
+        evaluation = None if evaluation_data is None else \
+            export_formats.accuracy(model, format, file, evaluation_data)
+        metadata = {**build_metadata(model, metrics),
+                    **export_formats.format_metadata(model, format, file, quantize, checks,
+                                                     evaluation)}
+        metadata.pop("signatures")
+        metadata.pop("serving_needs", None)
+        with open(os.path.join(staging, METADATA_FILE), "w", encoding="utf-8") as f:
+            json.dump(metadata, f, indent=2, allow_nan=False)
+
+    return stage_export(path, write)
+
+
+def stage_export(path: str, write) -> str:
+    """Runs `write(staging folder)`, then moves the folder to `path`.
+
+    An export already at `path` (checked by `check_export_path`) is moved
+    aside first and put back if anything fails; staging and backup folders
+    of killed exports are removed.
+    """
     parent = os.path.dirname(path)
     os.makedirs(parent, exist_ok=True)
     _remove_leftovers(path)
@@ -251,9 +337,7 @@ def export_saved_model(model, path, *, overwrite=False, metrics=None, verify=Tru
     staging = os.path.join(parent, f".{os.path.basename(path)}.tmp-{token}")
     backup = os.path.join(parent, f".{os.path.basename(path)}.old-{token}")
     try:
-        _write(model, staging, metrics)
-        if verify:
-            check_export(staging, expected=sorted(model.serving_endpoints()))
+        write(staging)
         if os.path.exists(path):
             os.rename(path, backup)
         os.rename(staging, path)

@@ -37,7 +37,7 @@ from keras_transfer.distribute import (
     strategy_of,
 )
 from keras_transfer.errors import DataError
-from keras_transfer.export import check_backend, export_saved_model
+from keras_transfer.export import check_backend, export_model, export_saved_model
 from keras_transfer.heads import SINGLE, Head, as_head, check_heads, heads_loss
 from keras_transfer.training import TransferHistory, scale_loss_for_replicas
 
@@ -396,8 +396,9 @@ class TransferModel(MultiWorkerFitMixin, keras.Model):
             "heads": heads,
         }
 
-    def export(self, path, *, overwrite=False, metrics=None, verify=True) -> str:
-        """Exports a SavedModel for serving, preprocessing inside.
+    def export(self, path, *, overwrite=False, metrics=None, verify=True, format="saved_model",
+               quantize=None, representative_data=None, evaluation_data=None) -> str:
+        """Exports a SavedModel (or an ONNX or LiteRT file) for serving, preprocessing inside.
 
         Args:
             path: str. The export folder (created; must not exist unless
@@ -409,6 +410,12 @@ class TransferModel(MultiWorkerFitMixin, keras.Model):
                 (as `evaluate` returns them).
             verify: bool. Reload the written SavedModel and check its
                 signatures before it replaces anything.
+            format: str. `"saved_model"`, `"onnx"` or `"litert"` (see
+                `keras_transfer.export_formats`).
+            quantize, representative_data, evaluation_data: LiteRT
+                quantization, the inputs int8 calibrates on, and held-out
+                `(x, y)` whose accuracy goes into the metadata (see
+                `keras_transfer.export.export_model`).
 
         Returns:
             The path of the export; None on a worker that is not the chief
@@ -426,7 +433,7 @@ class TransferModel(MultiWorkerFitMixin, keras.Model):
             '.../saved_models/flowers'
             >>> serve = tf.saved_model.load("saved_models/flowers").signatures["serving_default"]
         """
-        check_backend()  # before a worker's scratch export, too
+        check_backend(format)  # before a worker's scratch export, too
 
         flat = {}
         for key, value in (metrics or {}).items():
@@ -439,7 +446,10 @@ class TransferModel(MultiWorkerFitMixin, keras.Model):
                 export_saved_model(self, os.path.join(scratch, "export"), metrics=flat,
                                    verify=False)
             return None
-        return export_saved_model(self, path, overwrite=overwrite, metrics=flat, verify=verify)
+        return export_model(self, path, format=format, overwrite=overwrite, metrics=flat,
+                            verify=verify, quantize=quantize,
+                            representative_data=representative_data,
+                            evaluation_data=evaluation_data)
 
     # ---------------------------------------------------------------- config
     @property
