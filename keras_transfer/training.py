@@ -343,9 +343,10 @@ class FitData:
 
     def settings(self, phases) -> dict:
         """What a backup must match to resume this run (see `backup.RunBackup`)."""
-        from keras_transfer.cache_key import _config_digest
+        from keras_transfer.cache_key import _config_digest, fit_data_fingerprints
 
-        return {"phases": [repr(p) for p in phases], "batch_size": self.batch_size,
+        return {"data": fit_data_fingerprints(self.model, self.train, self.validation),
+                "phases": [repr(p) for p in phases], "batch_size": self.batch_size,
                 "shuffle": self.shuffle, "class_weight": repr(self.class_weight),
                 "augmentation": None if self.augmentation is None
                 else _config_digest(self.augmentation),
@@ -468,7 +469,7 @@ def majority_share(labels, head) -> float:
 
 def fit_phase(model, name, train, validation, epochs, make_optimizer, callbacks=(),
               early_stopping=None, initial_epoch=0, verbose="auto", peak_learning_rate=None,
-              backup=None):
+              backup=None, divergence_factor=DivergenceGuard.FACTOR):
     """Compiles `model` with a fresh optimizer in its strategy's scope and fits one phase.
 
     Args:
@@ -486,6 +487,8 @@ def fit_phase(model, name, train, validation, epochs, make_optimizer, callbacks=
         peak_learning_rate: float. The phase's highest rate, for the record.
         backup: `backup.PhaseBackup`, optional. Saves every epoch; a phase
             saved before a restart resumes after its last saved epoch.
+        divergence_factor: float. The loss that many times its first value
+            stops the phase (`DivergenceGuard`).
 
     Returns:
         `(PhaseRecord, keras.callbacks.History)`.
@@ -497,7 +500,8 @@ def fit_phase(model, name, train, validation, epochs, make_optimizer, callbacks=
     message = (f"Phase '{name}': {trainable:,} trainable and {frozen:,} frozen "
                f"parameters, peak learning rate {peak_learning_rate:g}, {epochs} epochs.")
     say(message, verbose)
-    phase_callbacks = [DivergenceGuard(name), LearningRateLogger(), *callbacks]
+    phase_callbacks = [DivergenceGuard(name, divergence_factor), LearningRateLogger(),
+                       *callbacks]
     stopper = None
     if early_stopping:
         stopper = keras.callbacks.EarlyStopping(
