@@ -119,6 +119,12 @@ def as_text_source(x, y=None, *, text_column="text",
             raise DataError("Received a tf.data.Dataset and separate labels y; "
                             "put the labels in the dataset as (text, label) pairs.")
         check_finite(x)
+        spec = x.element_spec
+        if isinstance(spec, tuple) and getattr(spec[1], "dtype", None) is not None \
+                and spec[1].dtype.name == "string":
+            raise DataError("Received a tf.data.Dataset with string labels; expected class "
+                            "indices or numbers. Pass lists (texts, labels), where class "
+                            "names are mapped for you, or map the names to indices first.")
         return x
     if isinstance(x, (str, os.PathLike)):
         if isinstance(x, str) and not os.path.isfile(x):
