@@ -14,6 +14,7 @@ across workers and feed TPUs); on the others it is `keras.utils.PyDataset`
 from __future__ import annotations
 
 import importlib.util
+import sys
 
 import keras
 
@@ -54,6 +55,10 @@ def tensorflow(purpose: str):
             "KERAS_BACKEND=tensorflow before importing Keras, or, on this backend, pass "
             "NumPy arrays, an image folder or a list of texts (and save a .keras file to "
             "export it with `keras-transfer export` where TensorFlow is installed).")
+    # Once imported, no look-up: this runs inside tf.data functions too, where
+    # AutoGraph would try (and fail, with a warning) to convert `find_spec`.
+    if sys.modules.get("tensorflow") is not None:
+        return sys.modules["tensorflow"]
     if importlib.util.find_spec("tensorflow") is None:
         raise BackendError(f"{purpose} needs TensorFlow, which is not installed: "
                            "pip install tensorflow.")

@@ -9,9 +9,11 @@ floating-point tolerance).
 The folder::
 
     runs/x/
-        state.json        written last, atomically: the run's settings, its
-                          seed, the finished phases (record and history), the
-                          phase in progress (epochs done, their logs)
+        state.json        written last, atomically: the run's settings (with a
+                          fingerprint of its training and validation data:
+                          a resume on other data is refused), its seed, the
+                          finished phases (record and history), the phase
+                          in progress (epochs done, their logs)
         phase-<i>.npz     every model variable after phase i finished
         progress-<n>.npz  the phase in progress after its last saved epoch:
                           model and optimizer variables (moments and the
@@ -61,6 +63,8 @@ import logging
 import math
 import os
 import re
+import zipfile
+import zlib
 
 import keras
 import numpy as np
@@ -116,6 +120,19 @@ def restore_optimizer(model, values) -> None:
         if not optimizer.built:
             optimizer.build(model.trainable_variables)
         _assign(optimizer.variables, values, "optimizer")
+
+
+def _other_data(path: str, stored, given) -> str:
+    """Why a backup refuses the data of this run, and how to start over."""
+    stored = stored or {}
+    differ = [f"{which} data" + (" (added)" if stored.get(which) is None else
+                                 " (left out)" if given[which] is None else "")
+              for which in ("train", "validation") if stored.get(which) != given[which]]
+    return (f"The backup in {path} is of a run on other data: the {' and the '.join(differ)} "
+            "differ from the saved run's. Resuming would go on training the saved weights on "
+            "this data. Give the same data to resume, or start over with a new backup_dir "
+            f"(or delete {path}). A tf.data pipeline that shuffles itself must use a fixed "
+            "seed (fit shuffles the data anyway).")
 
 
 # ------------------------------------------------------ callbacks with state
@@ -229,6 +246,8 @@ class RunBackup:
             return
         changed = sorted(k for k in set(stored) | set(settings)
                          if stored.get(k) != settings.get(k))
+        if "data" in changed:
+            raise BackupError(_other_data(self.path, stored.get("data"), settings["data"]))
         if changed:
             raise BackupError(
                 f"The backup in {self.path} is of a run with other settings ({', '.join(changed)} "
@@ -289,9 +308,11 @@ class RunBackup:
         try:
             with np.load(file) as loaded:
                 return {k: loaded[k] for k in loaded.files}
-        except (OSError, ValueError) as error:
-            raise BackupError(f"Cannot read {file} of the backup: {error}. Remove the "
-                              "folder to start over.") from error
+        except (OSError, ValueError, EOFError, zipfile.BadZipFile, zlib.error) as error:
+            # A truncated or damaged file (not one a crash left: those are renamed in whole).
+            raise BackupError(f"Cannot read {file} of the backup ({type(error).__name__}: "
+                              f"{error}): the file is damaged. Start over with a new "
+                              "backup_dir, or delete the folder.") from error
 
     def _write_state(self) -> None:
         if not self.writer:

@@ -187,6 +187,29 @@ def data_fingerprint(dataset) -> tuple[str, int]:
     return fingerprint.hexdigest(), fingerprint.count
 
 
+def fit_data_fingerprints(model, train: dict, validation: dict | None) -> dict:
+    """Fingerprints of a fit's training and validation data, head by head.
+
+    A backup records them, so a run resumed with other data is refused
+    (`backup.RunBackup.check_settings`).
+
+    Args:
+        model: the `TransferModel`.
+        train: `{head: (x, y)}`.
+        validation: `{head: (x, y)}` or None.
+
+    Returns:
+        `{"train": {head: digest}, "validation": {head: digest} or None}`.
+    """
+    def fingerprints(data):
+        if data is None:
+            return None
+        return {name: data_fingerprint(model.head_dataset(name, x, y, batch_size=64))[0]
+                for name, (x, y) in sorted(data.items())}
+
+    return {"train": fingerprints(train), "validation": fingerprints(validation)}
+
+
 def _entry_name(key: dict) -> str:
     digest = _digest(json.dumps(key, sort_keys=True))[:24]
     slug = "".join(c if c.isalnum() or c in "-_." else "_" for c in key["model"]["backbone"])

@@ -24,10 +24,16 @@ class DivergenceGuard(keras.callbacks.Callback):
 
     Args:
         phase: str. Name of the phase, for the message.
-        factor: float. How many times the first loss counts as diverged.
+        factor: float. How many times the first loss counts as diverged
+            (`HEAD_FACTOR` for a head on a frozen backbone: its loss is
+            convex, and at a sound learning rate stays within a few times its
+            first value; 100 times is a learning rate far too high).
     """
 
-    def __init__(self, phase: str, factor: float = 1e4):
+    FACTOR = 1e4
+    HEAD_FACTOR = 1e2
+
+    def __init__(self, phase: str, factor: float = FACTOR):
         super().__init__()
         self.phase = phase
         self.factor = factor

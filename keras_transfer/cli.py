@@ -98,6 +98,10 @@ def _train(args) -> int:
     if args.head_epochs == 0 and args.fine_tune_epochs == 0:
         raise CommandError("Received --head-epochs 0 and --fine-tune-epochs 0: nothing to "
                            "train. Give one of them a number of epochs.")
+    if args.head_solver == "probe" and args.augment and args.head_epochs != 0:
+        raise CommandError("Received --head-solver probe with --augment: the probe solves the "
+                           "head on features computed once. Drop --augment, or pass "
+                           "--head-solver adam to train it on freshly augmented images.")
     if _keras_backend() != "tensorflow" and importlib.util.find_spec("tensorflow") is None:
         raise CommandError(
             f"train exports a SavedModel, which needs TensorFlow, and it is not installed "
@@ -338,7 +342,7 @@ def _use_tensorflow_backend() -> None:
 
 # ------------------------------------------------------------------- predict
 def _predict(args) -> int:
-    from keras_transfer.export import load_metadata
+    from keras_transfer.export import load_metadata, load_saved_model
 
     metadata = load_metadata(args.export)
     if not os.path.isfile(os.path.join(args.export, "saved_model.pb")):
@@ -355,10 +359,12 @@ def _predict(args) -> int:
     missing = [f for f in args.images if not os.path.isfile(f)]
     if missing:
         raise CommandError(f"These image files do not exist: {', '.join(missing)}")
+    if importlib.util.find_spec("tensorflow") is None:  # with KERAS_BACKEND=jax, say
+        raise CommandError("predict serves SavedModels with TensorFlow: pip install tensorflow")
     _import_tensorflow(args.debug)
     import tensorflow as tf
 
-    serve = tf.saved_model.load(args.export).signatures["serving_bytes"]
+    serve = load_saved_model(args.export).signatures["serving_bytes"]
     heads = metadata.get("heads") or {"head": {"kind": metadata["task"],
                                                "class_names": metadata.get("class_names")}}
     single = metadata.get("task") != "multitask"

@@ -418,6 +418,19 @@ def weigh_classes(dataset, class_weight):
                        num_parallel_calls=tf.data.AUTOTUNE)
 
 
+def check_finite(dataset) -> None:
+    """Refuses a `tf.data.Dataset` that never ends (`.repeat()`), before it is counted.
+
+    Once batched again (`unbatch`, `map`, `filter`), TensorFlow no longer
+    knows an infinite dataset's size, and counting it would never end.
+    """
+    tf = backend.tensorflow("tf.data pipelines")
+    if int(dataset.cardinality()) == tf.data.INFINITE_CARDINALITY:
+        raise DataError("Received an infinite tf.data.Dataset (made with .repeat()); each epoch "
+                        "is one pass over the data. Give a finite dataset: drop .repeat(), or "
+                        "take the examples of one epoch with .take(steps).")
+
+
 def steps_of(dataset, name: str | None = None) -> int:
     """Batches in one pass of a finite dataset (counted if unknown).
 

@@ -19,6 +19,7 @@ import numpy as np
 
 from keras_transfer import __version__
 from keras_transfer.distribute import find_tpu
+from keras_transfer.errors import DataError
 from keras_transfer.image import ImageTransferModel
 from keras_transfer.memory import (
     MemoryEstimate,
@@ -80,6 +81,7 @@ def system_report(backbone: str | None = "mobilenet_v2", input_size: int | None 
     Returns:
         A JSON-ready dict.
     """
+    phases = _check_options(input_size, batch_size, phases, num_classes)
     if keras.backend.backend() == "tensorflow":
         devices = _tensorflow_devices()
     else:
@@ -127,6 +129,34 @@ def system_report(backbone: str | None = "mobilenet_v2", input_size: int | None 
                 "available_source": source, "fits": estimate.fits(available),
                 **estimate.as_dict()})
     return report
+
+
+PHASES = ("head", "fine_tune")
+# The estimate builds the model: a head of more classes than this is refused
+# before TensorFlow runs out of memory building it (1e6 classes x 1280
+# features is 5 GB of float32 weights already).
+MAX_CLASSES = 1_000_000
+
+
+def _check_options(input_size, batch_size, phases, num_classes) -> tuple:
+    """Refuses what `keras-transfer doctor` refuses, before anything is built; the phases."""
+    for name, value in (("batch_size", batch_size), ("num_classes", num_classes),
+                        ("input_size", input_size)):
+        if value is None and name == "input_size":
+            continue
+        if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+            raise DataError(f"Received {name}={value!r}; expected a whole number >= 1.")
+    if num_classes > MAX_CLASSES:
+        raise DataError(f"Received num_classes={num_classes:,} classes; the doctor builds the "
+                        f"head to estimate it and takes at most {MAX_CLASSES:,}. Estimate a "
+                        "head of that size from its weights: num_classes x features x 4 bytes.")
+    if isinstance(phases, str):
+        phases = (phases,)
+    unknown = [p for p in phases if p not in PHASES]
+    if unknown or not phases:
+        raise DataError(f"Received phases={tuple(phases)!r}; expected names among {PHASES} "
+                        f"(unknown: {unknown}).")
+    return tuple(phases)
 
 
 def _tensorflow_devices():

@@ -23,6 +23,7 @@ import json
 import logging
 import os
 import platform
+import re
 import shutil
 import time
 import uuid
@@ -30,7 +31,7 @@ import uuid
 import numpy as np
 
 from keras_transfer import __version__, export_formats
-from keras_transfer.errors import ExportError
+from keras_transfer.errors import DataError, ExportError
 
 # TensorFlow and Keras are imported where an export is written or read, so
 # the command line checks its paths before the slow imports.
@@ -72,10 +73,34 @@ def build_metadata(model, metrics=None) -> dict:
         **model.export_metadata(),
         "signatures": sorted(model.serving_endpoints()),
         # JSON has no NaN: a metric that is not a number is recorded as null.
-        "metrics": {k: (float(v) if np.isfinite(float(v)) else None)
-                    for k, v in (metrics or {}).items()},
+        "metrics": {k: (v if np.isfinite(v) else None)
+                    for k, v in check_metrics(metrics).items()},
         "versions": _library_versions(),
     }
+
+
+def check_metrics(metrics) -> dict:
+    """`{name: float}` from the metrics given to an export.
+
+    Raises:
+        DataError: not a dict of names to single numbers (named in the message).
+    """
+    if metrics is None:
+        return {}
+    if not isinstance(metrics, dict):
+        raise DataError(f"Received metrics of type {type(metrics).__name__}; expected a dict "
+                        "{name: number}, e.g. model.evaluate(...)'s result. Nothing was "
+                        "written.")
+    checked = {}
+    for name, value in metrics.items():
+        try:
+            if isinstance(value, (str, bytes, bool)) or np.size(value) != 1:
+                raise TypeError
+            checked[str(name)] = float(np.asarray(value).reshape(()))
+        except (TypeError, ValueError):
+            raise DataError(f"Received metrics[{name!r}] = {str(value)[:80]!r}, which is not "
+                            "a number; expected {name: number}. Nothing was written.") from None
+    return checked
 
 
 def check_backend(format: str = "saved_model") -> None:
@@ -142,7 +167,7 @@ def check_export_path(path, overwrite: bool = False) -> str:
                 "SavedModel, ONNX or LiteRT export, so replacing it could destroy other files. "
                 "Choose another path or remove it yourself."
             )
-        foreign = sorted(set(os.listdir(path)) - EXPORT_ENTRIES)
+        foreign = sorted(set(os.listdir(path)) - EXPORT_ENTRIES) + _foreign_inside(path)
         if foreign:
             raise ExportError(
                 f"Refusing to overwrite {path!r}: besides the export it holds {foreign[:10]}, "
@@ -151,6 +176,46 @@ def check_export_path(path, overwrite: bool = False) -> str:
         return path
     check_can_create(path)
     return path
+
+
+# What an export writes inside its own subfolders (assets: those the SavedModel names).
+_VARIABLES = re.compile(r"^variables\.(index|data-\d+-of-\d+)$")
+_REPORT = frozenset({"metrics.json", "history.png"})
+_SYSTEM_FILES = frozenset({".DS_Store", "Thumbs.db", "desktop.ini"})
+
+
+def _foreign_inside(path: str) -> list[str]:
+    """Files in an export's `variables/`, `assets/` and `report/` that no export wrote.
+
+    Replacing the export replaces these folders whole, so such files would be lost.
+    """
+    foreign = []
+    for folder in ("variables", "assets", "report"):
+        root = os.path.join(path, folder)
+        if not os.path.isdir(root):
+            continue
+        ours = _asset_names(path) if folder == "assets" else None
+        for name in sorted(os.listdir(root)):
+            if name in _SYSTEM_FILES:
+                continue
+            written = (_VARIABLES.match(name) if folder == "variables" else
+                       name in _REPORT if folder == "report" else name in ours)
+            if not written or os.path.isdir(os.path.join(root, name)):
+                foreign.append(f"{folder}/{name}")
+    return foreign
+
+
+def _asset_names(path: str) -> set[str]:
+    """The asset files the SavedModel at `path` names (read from saved_model.pb)."""
+    from tensorflow.core.protobuf import saved_model_pb2
+
+    saved = saved_model_pb2.SavedModel()
+    try:
+        with open(os.path.join(path, "saved_model.pb"), "rb") as f:
+            saved.ParseFromString(f.read())
+    except Exception:  # noqa: BLE001 - unreadable: no asset counts as ours
+        return set()
+    return {asset.filename for graph in saved.meta_graphs for asset in graph.asset_file_def}
 
 
 def check_can_create(path) -> None:
@@ -258,6 +323,7 @@ def export_saved_model(model, path, *, overwrite=False, metrics=None, verify=Tru
             `check_backend`), or see `check_export_path`.
     """
     check_backend()
+    check_metrics(metrics)
     path = check_export_path(path, overwrite)
 
     def write(staging):
@@ -362,11 +428,33 @@ def _write(model, folder, metrics):
         json.dump(build_metadata(model, metrics), f, indent=2, allow_nan=False)
 
 
-def check_export(path: str, expected=("serving_default",)) -> None:
-    """Loads a SavedModel and checks that it has the expected signatures."""
+def load_saved_model(path: str):
+    """`tf.saved_model.load(path)`, saying what to import when an op is missing.
+
+    A text export holds KerasHub's tokenizer ops, which `tensorflow_text`
+    registers: a process that loads it must `import tensorflow_text` first.
+
+    Raises:
+        ExportError: the SavedModel uses ops this process has not registered.
+    """
     import tensorflow as tf
 
-    loaded = tf.saved_model.load(path)
+    try:
+        return tf.saved_model.load(path)
+    except tf.errors.NotFoundError as error:
+        if "Op type not registered" not in str(error):
+            raise
+        op = re.search(r"Op type not registered '([^']+)'", str(error))
+        raise ExportError(
+            f"Cannot load the SavedModel {path!r}: it uses the op "
+            f"{op.group(1) if op else '?'!r}, which this process has not registered. A text "
+            "export's tokenizer ops come from tensorflow_text: `import tensorflow_text` "
+            "(pip install tensorflow-text) before tf.saved_model.load.") from None
+
+
+def check_export(path: str, expected=("serving_default",)) -> None:
+    """Loads a SavedModel and checks that it has the expected signatures."""
+    loaded = load_saved_model(path)
     missing = set(expected) - set(loaded.signatures)
     if missing:
         raise ExportError(f"The export at {path!r} lacks signatures {sorted(missing)}.")

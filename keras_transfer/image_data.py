@@ -25,7 +25,7 @@ import numpy as np
 
 from keras_transfer import backend
 from keras_transfer.batches import ExampleBatches
-from keras_transfer.data import labels_for_head, shuffle_each_epoch, warn
+from keras_transfer.data import check_finite, labels_for_head, shuffle_each_epoch, warn
 from keras_transfer.errors import DataError
 
 
@@ -206,7 +206,24 @@ def decode_image_file(file: str) -> np.ndarray:
     from PIL import Image
 
     with Image.open(file) as image:
-        return np.asarray(image.convert("RGB"))
+        return np.asarray(pil_rgb(image))
+
+
+def pil_rgb(image):
+    """A PIL image as 8-bit RGB, 16-bit images scaled (not clipped) to 0-255.
+
+    Pillow reads a 16-bit grayscale PNG as mode `"I;16"`, and its
+    `convert("RGB")` clips every value above 255 to white; TensorFlow's
+    decoder scales them instead (value / 257), and so does this.
+    """
+    from PIL import Image
+
+    if image.mode.startswith("I;16") or image.mode in ("I", "F"):
+        values = np.asarray(image, np.float64)
+        if image.mode.startswith("I;16") or values.max(initial=0) > 255:
+            values = values / 257.0
+        image = Image.fromarray(np.clip(np.rint(values), 0, 255).astype(np.uint8), "L")
+    return image.convert("RGB")
 
 
 def read_tfds(spec: str, data_dir: str | None = None) -> ImageSource:
@@ -309,6 +326,8 @@ def _dataset_source(dataset) -> ImageSource:
     spec = dataset.element_spec
     has_labels = isinstance(spec, tuple)
     image_spec = spec[0] if has_labels else spec
+    _check_dataset_spec(image_spec, spec[1] if has_labels else None)
+    check_finite(dataset)
     rank = image_spec.shape.rank
     if rank == 4 or (rank == 3 and image_spec.shape[-1] not in (1, 3)):
         dataset = dataset.unbatch()  # batched: rebatch to our own batch size
@@ -320,6 +339,33 @@ def _dataset_source(dataset) -> ImageSource:
     return ImageSource(None, n if n > 0 else None, has_labels, dataset=dataset)
 
 
+def _check_dataset_spec(image_spec, label_spec) -> None:
+    """Refuses, before anything runs, the tf.data elements the pipeline cannot read right."""
+    if not hasattr(image_spec, "dtype") or not hasattr(image_spec, "shape"):
+        raise DataError(f"Received a tf.data.Dataset of {image_spec}; expected images, or "
+                        "(image, label) pairs.")
+    dtype, shape = image_spec.dtype, image_spec.shape
+    if dtype.is_integer and dtype.size > 1 and dtype.name.startswith("uint"):
+        raise DataError(f"Received tf.data images of dtype {dtype.name}: {8 * dtype.size}-bit "
+                        "pixels, but the models take 8-bit values 0-255. Convert them, e.g. "
+                        "map(lambda x, y: (tf.cast(x, tf.float32) / 257.0, y)) for 16-bit.")
+    if not (dtype.is_integer or dtype.is_floating):
+        raise DataError(f"Received tf.data images of dtype {dtype.name}; expected decoded "
+                        "pixels (numbers 0-255). Decode files with tf.io.decode_image, or "
+                        "pass the folder of images instead.")
+    # (H, W, 4) is RGBA; (B, H, W) grayscale batches have any width.
+    if (shape.rank == 4 and shape[-1] not in (1, 3, None)) or \
+            (shape.rank == 3 and shape[-1] == 4):
+        raise DataError(f"Received tf.data images of shape {shape} with {shape[-1]} channels; "
+                        "expected 1 (grayscale) or 3 (RGB). For RGBA drop the alpha channel: "
+                        "map(lambda x, y: (x[..., :3], y)).")
+    if getattr(getattr(label_spec, "dtype", None), "name", None) == "string":
+        raise DataError("Received a tf.data.Dataset with string labels; expected class "
+                        "indices 0..num_classes-1 (or one-hot rows). Map the names to "
+                        "indices, e.g. with tf.lookup.StaticHashTable, or pass arrays or a "
+                        "folder, whose class names are read for you.")
+
+
 def _array_source(x, y, label_options=None) -> ImageSource:
     try:
         x = np.asarray(x)
@@ -327,6 +373,12 @@ def _array_source(x, y, label_options=None) -> ImageSource:
         raise DataError(f"Could not read the images as an array: {error}") from error
     if x.ndim == 0 or len(x) == 0:
         raise DataError(f"Received no images (an array of shape {x.shape}).")
+    if x.dtype.kind in "USO" and x.ndim == 1:
+        raise DataError(
+            f"Received a list of {len(x)} names such as {str(x[0])[:80]!r}, not images. Give "
+            "image arrays (N, H, W, 3), a folder with one subfolder of images per class, or "
+            "for files, arrays read with e.g. np.stack([np.asarray(PIL.Image.open(f)."
+            "convert('RGB').resize((W, H))) for f in files]).")
     if x.ndim == 3 and x.shape[-1] in (1, 3):
         one = "RGB" if x.shape[-1] == 3 else "grayscale"
         raise DataError(
@@ -347,7 +399,7 @@ def _array_source(x, y, label_options=None) -> ImageSource:
         bad = np.flatnonzero(~np.isfinite(x.reshape(len(x), -1)).all(axis=1))
         raise DataError(f"Received images with NaN or infinite pixels, at positions "
                         f"{bad[:10].tolist()}; fix or drop those images.")
-    _check_pixel_range(x)
+    check_pixel_range(x)
     class_names = None
     if y is None:
         labels = np.full(len(x), -1, np.int64)
@@ -361,9 +413,19 @@ def _array_source(x, y, label_options=None) -> ImageSource:
     return ImageSource(class_names, len(x), y is not None, images=x, labels=labels)
 
 
-def _check_pixel_range(x: np.ndarray) -> None:
-    """Warns when float images look scaled already: the models take 0-255."""
-    if not np.issubdtype(x.dtype, np.floating) or x.size == 0:
+def check_pixel_range(x: np.ndarray) -> None:
+    """Refuses integer pixels above 255; warns when float images look scaled already."""
+    if x.size == 0:
+        return
+    if np.issubdtype(x.dtype, np.integer) and x.dtype.itemsize > 1:
+        high = int(x.max())
+        if high > 255:
+            raise DataError(
+                f"Received integer images of dtype {x.dtype} with values up to {high}, but the "
+                "models take 8-bit pixels 0-255 (read as such they would be mostly white). "
+                "Convert them: (x / 257).astype('uint8') for 16-bit images, or "
+                "x * (255 / x.max()) as floats for another range.")
+    if not np.issubdtype(x.dtype, np.floating):
         return
     low, high = float(np.nanmin(x)), float(np.nanmax(x))
     if 0.0 < high <= 1.0:
@@ -433,6 +495,11 @@ def make_image_dataset(
             image = image[..., tf.newaxis]
         if image.shape[-1] == 1:
             image = tf.image.grayscale_to_rgb(image)
+        if image.dtype.is_integer and image.dtype.size > 1:  # int32 of 16-bit values, say
+            tf.debugging.assert_less_equal(
+                image, tf.constant(255, image.dtype),
+                message=f"Received integer images of dtype {image.dtype.name} with values "
+                        "above 255; the models take 8-bit pixels 0-255: convert them")
         image = tf.cast(image, tf.float32)
         if tuple(image.shape[:2]) != (height, width):
             image = tf.image.resize(image, (height, width))
@@ -492,8 +559,21 @@ def _prepare_label(label, kind, num_classes, has_labels):
         return label
     if kind == "classification":
         label = tf.convert_to_tensor(label)
-        if label.shape.rank == 1:  # one-hot
+        if label.shape.rank == 1 and label.shape[0] == 1:  # (x, y[:, None]): an index
+            label = label[0]
+        elif label.shape.rank == 1 and label.shape[0] == num_classes:  # one-hot
             label = tf.argmax(label, axis=-1)
+        elif label.shape.rank != 0:
+            raise DataError(f"Received tf.data labels of shape {label.shape} per example; "
+                            f"expected a class index (shape ()) or a one-hot row of "
+                            f"{num_classes}. For several labels per example use "
+                            "kind='multilabel'.")
+        if label.dtype.is_floating:  # 1.7 is not class 1: refused as for arrays
+            tf.debugging.assert_equal(
+                label, tf.round(label),
+                message=f"Received a class label that is not a whole number; expected class "
+                        f"indices 0..{num_classes - 1} (for numeric targets use "
+                        "kind='regression')")
         label = tf.cast(label, tf.int64)
         tf.debugging.assert_less(
             label, tf.constant(num_classes, tf.int64),

@@ -26,6 +26,7 @@ import os
 import numpy as np
 
 from keras_transfer.errors import DataError
+from keras_transfer.image_data import check_pixel_range, pil_rgb
 from keras_transfer.torchvision_models import torchvision_eval_crop, torchvision_mobilenet_v2
 
 NUM_IMAGENET_CLASSES = 1000
@@ -119,15 +120,25 @@ def _imagenet_classifier(weights: str):
 
 
 def _read_image(image):
-    """An image as `torchvision_eval_crop` takes it; a path is opened with PIL."""
-    if not isinstance(image, (str, os.PathLike)):
-        return image
+    """An image as `torchvision_eval_crop` takes it; a path is opened with PIL.
+
+    16-bit images (files or PIL images) are scaled to 8 bits, not clipped;
+    integer arrays above 255 are refused (see `image_data.pil_rgb`).
+    """
     from PIL import Image, UnidentifiedImageError  # lazy: PIL only for image files
+
+    if isinstance(image, Image.Image):
+        return pil_rgb(image)
+    if not isinstance(image, (str, os.PathLike)):
+        array = np.asarray(image)
+        if array.dtype.kind in "iu":
+            check_pixel_range(array)
+        return image
 
     if not os.path.isfile(image):
         raise DataError(f"Received the image file {os.fspath(image)!r}, which does not exist.")
     try:
         with Image.open(image) as opened:
-            return opened.convert("RGB")
+            return pil_rgb(opened)
     except (UnidentifiedImageError, OSError) as error:
         raise DataError(f"Cannot read {os.fspath(image)!r} as an image: {error}") from error

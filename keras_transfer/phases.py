@@ -39,7 +39,7 @@ import math
 import keras
 import numpy as np
 
-from keras_transfer.callbacks import RestoreBest
+from keras_transfer.callbacks import DivergenceGuard, RestoreBest
 from keras_transfer.contracts import Phase
 from keras_transfer.distribute import model_scope
 from keras_transfer.feature_cache import CacheUnwritableError
@@ -221,7 +221,8 @@ class HeadPhase:
             record, history = fit_phase(
                 model, self.name, train, validation, epochs,
                 lambda: keras.optimizers.Adam(self.learning_rate), callbacks, patience,
-                initial_epoch, verbose, self.learning_rate, backup=data.phase_backup)
+                initial_epoch, verbose, self.learning_rate, backup=data.phase_backup,
+                divergence_factor=DivergenceGuard.HEAD_FACTOR)
         record.details.update(probed)
         if held_out:
             record.details["held_out"] = {name: {"rows": len(held), "of": len(kept) + len(held)}

@@ -13,6 +13,7 @@ import os
 import numpy as np
 
 from keras_transfer import backend
+from keras_transfer.data import check_finite
 from keras_transfer.errors import DataError
 
 
@@ -59,7 +60,7 @@ def read_text_file(path: str, text_column: str = "text", label_column: str | Non
     rows = list(csv.DictReader(io.StringIO(text, newline=""), delimiter=delimiter))
     if not rows:
         raise DataError(f"{path!r} has a header but no rows, or is empty.")
-    columns = list(rows[0].keys())
+    columns = [c for c in rows[0].keys() if c is not None]
     for column in (text_column, label_column):
         if column is not None and column not in columns:
             raise DataError(f"{path!r} has no column {column!r}; its columns are {columns}. "
@@ -68,6 +69,12 @@ def read_text_file(path: str, text_column: str = "text", label_column: str | Non
     if short:
         raise DataError(f"{path!r} has rows with fewer fields than its header, at lines "
                         f"{short[:10]} (counting the header as line 1); fill them in.")
+    # DictReader puts the fields beyond the header under the key None.
+    long = [i + 2 for i, row in enumerate(rows) if None in row]
+    if long:
+        raise DataError(f"{path!r} has rows with more fields than its header ({len(columns)}), "
+                        f"at lines {long[:10]} (counting the header as line 1); quote fields "
+                        "that hold the delimiter, or remove the extra fields.")
     texts = [row[text_column] for row in rows]
     if label_column is None:
         return TextSource(texts)
@@ -111,8 +118,19 @@ def as_text_source(x, y=None, *, text_column="text",
         if y is not None:
             raise DataError("Received a tf.data.Dataset and separate labels y; "
                             "put the labels in the dataset as (text, label) pairs.")
+        check_finite(x)
+        spec = x.element_spec
+        if isinstance(spec, tuple) and getattr(spec[1], "dtype", None) is not None \
+                and spec[1].dtype.name == "string":
+            raise DataError("Received a tf.data.Dataset with string labels; expected class "
+                            "indices or numbers. Pass lists (texts, labels), where class "
+                            "names are mapped for you, or map the names to indices first.")
         return x
     if isinstance(x, (str, os.PathLike)):
+        if isinstance(x, str) and not os.path.isfile(x):
+            raise DataError(
+                f"Received the string {x[:60]!r}, which is not an existing CSV/TSV file. "
+                f"Texts are given as a list: [{x[:30]!r}, ...] (one text: a list of one).")
         if y is not None:
             raise DataError("Received labels y together with a file; the labels come "
                             "from its label column. Drop y or pass a list of texts.")
@@ -129,6 +147,13 @@ def as_text_source(x, y=None, *, text_column="text",
     not_str = [i for i, t in enumerate(source.texts) if not isinstance(t, str)]
     if not_str:
         raise DataError(f"Received non-string texts at positions {not_str[:10]}.")
+    unencodable = [i for i, t in enumerate(source.texts) if not _is_utf8(t)]
+    if unencodable:
+        raise DataError(
+            f"Received texts that cannot be written as UTF-8 (a lone surrogate such as "
+            f"'\\ud800', often half of an emoji cut in two) at positions {unencodable[:10]}. "
+            "Fix them, or drop the broken characters: "
+            "text.encode('utf-8', 'replace').decode('utf-8').")
     empty = [i for i, t in enumerate(source.texts) if not t.strip()]
     if empty:
         raise DataError(f"Received {len(empty)} empty strings, at positions {empty[:10]}. "
@@ -137,6 +162,14 @@ def as_text_source(x, y=None, *, text_column="text",
         raise DataError(f"Received {len(source.texts)} texts but {len(source.labels)} "
                         "labels; expected one label per text.")
     return source
+
+
+def _is_utf8(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+        return True
+    except UnicodeEncodeError:
+        return False
 
 
 def _decode(text):

@@ -263,6 +263,11 @@ def load_torch_weights(
         except KeyError as missing:
             problems.append(f"{layer_name}: {source} lacks {missing.args[0]!r}")
             continue
+        except ValueError:  # a tensor of another rank: its transpose or reshape fails
+            got = {k: np.shape(v) for k, v in state.items() if k.startswith(prefix + ".")}
+            problems.append(f"{layer_name} <- {prefix}: tensors {got} for the shapes "
+                            f"{[tuple(w.shape) for w in layer.weights]}")
+            continue
         want = [tuple(w.shape) for w in layer.weights]
         got = [a.shape for a in arrays]
         if want != got:

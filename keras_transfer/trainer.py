@@ -23,7 +23,7 @@ import numpy as np
 
 from keras_transfer import routing
 from keras_transfer.backup import RunBackup
-from keras_transfer.cache_key import _config_digest
+from keras_transfer.cache_key import _config_digest, fit_data_fingerprints
 from keras_transfer.callbacks import DropUnfedHeads, ShuffleEpoch
 from keras_transfer.contracts import Phase
 from keras_transfer.data import EpochSeed, labels_for_head
@@ -234,7 +234,8 @@ class FitData:
 
     def settings(self, phases) -> dict:
         """What a backup must match to resume this run (see `backup.RunBackup`)."""
-        return {"phases": [repr(p) for p in phases], "batch_size": self.batch_size,
+        return {"data": fit_data_fingerprints(self.model, self.train, self.validation),
+                "phases": [repr(p) for p in phases], "batch_size": self.batch_size,
                 "shuffle": self.shuffle, "class_weight": repr(self.class_weight),
                 "augmentation": None if self.augmentation is None
                 else _config_digest(self.augmentation),

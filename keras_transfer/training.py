@@ -177,7 +177,7 @@ def unfreeze_plan(network: keras.Model, layers="all", train_batchnorm: bool = Fa
 
 def fit_phase(model, name, train, validation, epochs, make_optimizer, callbacks=(),
               early_stopping=None, initial_epoch=0, verbose="auto", peak_learning_rate=None,
-              backup=None):
+              backup=None, divergence_factor=DivergenceGuard.FACTOR):
     """Compiles `model` with a fresh optimizer in its strategy's scope and fits one phase.
 
     Args:
@@ -195,6 +195,8 @@ def fit_phase(model, name, train, validation, epochs, make_optimizer, callbacks=
         peak_learning_rate: float. The phase's highest rate, for the record.
         backup: `backup.PhaseBackup`, optional. Saves every epoch; a phase
             saved before a restart resumes after its last saved epoch.
+        divergence_factor: float. The loss that many times its first value
+            stops the phase (`DivergenceGuard`).
 
     Returns:
         `(PhaseRecord, keras.callbacks.History)`.
@@ -206,7 +208,8 @@ def fit_phase(model, name, train, validation, epochs, make_optimizer, callbacks=
     message = (f"Phase '{name}': {trainable:,} trainable and {frozen:,} frozen "
                f"parameters, peak learning rate {peak_learning_rate:g}, {epochs} epochs.")
     say(message, verbose)
-    phase_callbacks = [DivergenceGuard(name), LearningRateLogger(), *callbacks]
+    phase_callbacks = [DivergenceGuard(name, divergence_factor), LearningRateLogger(),
+                       *callbacks]
     stopper = None
     if early_stopping:
         stopper = keras.callbacks.EarlyStopping(
