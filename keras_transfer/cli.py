@@ -112,6 +112,7 @@ def _train(args) -> int:
     import keras_transfer as kt
     from keras_transfer.image_data import TFDS_PREFIX, folder_class_names, read_tfds
     from keras_transfer.distribute import is_chief
+    from keras_transfer.run_report import summary_table, write_report
 
     # Only the class names are needed here: fit reads and checks the images.
     class_names = (read_tfds(args.data).class_names if args.data.startswith(TFDS_PREFIX)
@@ -209,71 +210,6 @@ def _keras_backend() -> str:
             return json.load(file).get("backend", "tensorflow")
     except (OSError, ValueError):
         return "tensorflow"
-
-
-def summary_table(history) -> str:
-    """A table of the last epoch of every phase: epochs, parameters, metrics.
-
-    Args:
-        history: the `TransferHistory` that `fit` returned.
-
-    Returns:
-        The table as text, one row per phase.
-    """
-    keys = [k for k in history.history if k != "learning_rate"]
-    train = sorted((k for k in keys if not k.startswith("val_")), key=lambda k: k != "loss")
-    keys = train + [f"val_{k}" for k in train if f"val_{k}" in history.history]
-    header = ["phase", "epochs", "trainable", *keys]
-    rows = [header]
-    for phase in history.phases:
-        if not phase.epochs_run:
-            continue
-        last = phase.first_epoch + phase.epochs_run - 1
-        values = [history.history[k][last] for k in keys]
-        rows.append([phase.name, f"{phase.first_epoch + 1}-{last + 1}",
-                     f"{phase.trainable_params:,}",
-                     *("-" if math.isnan(v) else f"{v:.4f}" for v in values)])
-    widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
-    lines = ["  ".join(cell.ljust(w) if i < 3 else cell.rjust(w)
-                       for i, (cell, w) in enumerate(zip(row, widths))) for row in rows]
-    return "Training summary (last epoch of each phase)\n" + "\n".join(lines)
-
-
-def write_report(history, metrics: dict, folder: str, evaluated_on: str = "") -> str:
-    """Writes `metrics.json` (final metrics, phases, history) and `history.png`.
-
-    Args:
-        history: the `TransferHistory` that `fit` returned.
-        metrics: dict. The final metrics.
-        folder: str. Where to write (created).
-        evaluated_on: str. What the final metrics were measured on.
-
-    Returns:
-        The folder.
-    """
-    import dataclasses
-
-    from keras_transfer.plots import plot_history
-
-    os.makedirs(folder, exist_ok=True)
-
-    def finite(value):
-        return float(value) if math.isfinite(float(value)) else None
-
-    report = {
-        "metrics": {k: finite(v) for k, v in metrics.items()},
-        "evaluated_on": evaluated_on,
-        "phases": [dataclasses.asdict(p) for p in history.phases],
-        "history": {k: [finite(v) for v in values] for k, values in history.history.items()},
-    }
-    with open(os.path.join(folder, "metrics.json"), "w", encoding="utf-8") as f:
-        json.dump(report, f, indent=2, allow_nan=False)
-    try:
-        plot_history(history, path=os.path.join(folder, "history.png"))
-    except ImportError as error:
-        print(f"Warning: no history plot ({error}); pip install matplotlib to get one.",
-              file=sys.stderr)
-    return folder
 
 
 # -------------------------------------------------------------------- export
