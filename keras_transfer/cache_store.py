@@ -307,7 +307,7 @@ def make_room(root: str, needed: int = 0, keep=(), limit: int | None | str = "en
             break
         if os.path.abspath(entry.path) in keep:
             continue
-        if remove_entry(entry.path, f"(least recently used) to keep the cache under "
+        if remove_entry(entry.path, f"as the least recently used, to keep the cache under "
                                     f"{format_size(limit)} (${MAX_ENV_VAR})"):
             total -= entry.bytes
             removed.append(entry.path)
@@ -342,7 +342,7 @@ def clear(root: str, pattern: str | None = None, older_than: float | None = None
             continue
         if older_than is not None and now - entry.last_used < older_than:
             continue
-        (removed if remove_entry(entry.path, "(keras-transfer cache clear)")
+        (removed if remove_entry(entry.path, "by keras-transfer cache clear")
          else skipped).append(entry)
     remove_stale_temporaries(root)
     return removed, skipped
@@ -432,7 +432,7 @@ def move_into_place(temporary: str, final: str, key: dict, version: int) -> str:
         if is_sound(final, key, version):  # another process finished the same entry first
             shutil.rmtree(temporary, ignore_errors=True)
             return final
-        remove_entry(final, "(incomplete or damaged: replaced)", damaged=True)
+        remove_entry(final, "to replace it (incomplete or damaged)", damaged=True)
     try:
         os.rename(temporary, final)
     except OSError:

@@ -78,6 +78,7 @@ from keras_transfer import backend
 from keras_transfer.batches import ExampleBatches, is_batches
 from keras_transfer.cache_store import (
     MANIFEST,
+    cache_limit,
     check_complete,
     make_room,
     move_into_place,
@@ -506,6 +507,7 @@ def extract_features(model, x, y=None, *, head: str | None = None, batch_size: i
     if shard_size is not None and (not isinstance(shard_size, int) or shard_size < 1):
         raise ValueError(f"Received shard_size={shard_size!r}; expected a positive int or None.")
     root = default_cache_dir(cache_dir)
+    cache_limit()  # a bad $KERAS_TRANSFER_CACHE_MAX fails before anything runs
     augment = None
     if augmentation is not None:
         from keras_transfer.image_data import as_augmentation
