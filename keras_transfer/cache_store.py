@@ -57,6 +57,8 @@ from keras_transfer.errors import DataError, KerasTransferError
 
 logger = logging.getLogger("keras_transfer")
 
+CACHE_ENV_VAR = "KERAS_TRANSFER_CACHE"
+DEFAULT_CACHE_DIR = os.path.join("~", ".cache", "keras_transfer", "features")
 MANIFEST = "manifest.json"
 LOCK_FILE = ".lock"
 LAST_USED = ".last_used"
@@ -72,6 +74,20 @@ _AGE_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
 
 class CacheLimitError(KerasTransferError, ValueError):
     """A cache size limit (`KERAS_TRANSFER_CACHE_MAX`) or age that cannot be read."""
+
+
+def default_cache_dir(cache_dir: str | os.PathLike | None = None) -> str:
+    """The root folder of feature caches.
+
+    Args:
+        cache_dir: str, optional. Wins when given.
+
+    Returns:
+        `cache_dir`, else `$KERAS_TRANSFER_CACHE`, else
+        `~/.cache/keras_transfer/features`, with `~` expanded.
+    """
+    root = cache_dir if cache_dir is not None else os.environ.get(CACHE_ENV_VAR)
+    return os.path.abspath(os.path.expanduser(os.fspath(root or DEFAULT_CACHE_DIR)))
 
 
 # ------------------------------------------------------------- the limit
@@ -486,7 +502,9 @@ def _pid_alive(pid: int) -> bool:
 def add_cache_command(command) -> None:
     """Adds `keras-transfer cache list|clear` through cli's `command(name, help, run)`."""
     p = command("cache", "list or clear the feature cache", run_cache_command)
-    p.add_argument("action", choices=["list", "clear"])
+    p.add_argument("action", choices=["list", "clear"],
+                   help="list: the entries, most recently used first, their size and whether "
+                        "a process uses them; clear: remove entries not in use")
     p.add_argument("--cache-dir", metavar="FOLDER",
                    help="the cache root (default: $KERAS_TRANSFER_CACHE, else "
                         "~/.cache/keras_transfer/features)")
@@ -508,8 +526,6 @@ def _age_argument(text: str) -> float:
 
 def run_cache_command(args) -> int:
     """`keras-transfer cache list|clear`: prints what is there, or what was removed."""
-    from keras_transfer.feature_cache import default_cache_dir
-
     root = default_cache_dir(args.cache_dir)
     limit = cache_limit()
     if args.action == "clear":

@@ -76,10 +76,13 @@ import numpy as np
 
 from keras_transfer import backend
 from keras_transfer.batches import ExampleBatches, is_batches
-from keras_transfer.cache_store import (
+from keras_transfer.cache_store import (  # noqa: F401 - the cache root's names live there
+    CACHE_ENV_VAR,
+    DEFAULT_CACHE_DIR,
     MANIFEST,
     cache_limit,
     check_complete,
+    default_cache_dir,
     make_room,
     move_into_place,
     new_temporary,
@@ -95,27 +98,11 @@ from keras_transfer.feature_extraction import FORMAT_VERSION, write_features
 
 logger = logging.getLogger("keras_transfer")
 
-CACHE_ENV_VAR = "KERAS_TRANSFER_CACHE"
-DEFAULT_CACHE_DIR = os.path.join("~", ".cache", "keras_transfer", "features")
 # Shards are cut at about this many bytes of features, whatever the dataset size.
 # The shuffle buffer of `FeatureCache.dataset` holds at most this many bytes.
 DEFAULT_SHUFFLE_BYTES = 64 * 1024 * 1024
 # The backbone runs on batches of at least this many examples while extracting.
 MIN_EXTRACTION_BATCH = 64
-
-
-def default_cache_dir(cache_dir: str | os.PathLike | None = None) -> str:
-    """The root folder of feature caches.
-
-    Args:
-        cache_dir: str, optional. Wins when given.
-
-    Returns:
-        `cache_dir`, else `$KERAS_TRANSFER_CACHE`, else
-        `~/.cache/keras_transfer/features`, with `~` expanded.
-    """
-    root = cache_dir if cache_dir is not None else os.environ.get(CACHE_ENV_VAR)
-    return os.path.abspath(os.path.expanduser(os.fspath(root or DEFAULT_CACHE_DIR)))
 
 
 # ---------------------------------------------------------- the cache

@@ -24,8 +24,12 @@ with random augmentation (the bottom's inputs change every epoch),
 that is not a Keras functional model.
 
 Example:
-    >>> model.fit(x, y, phases=[kt.HeadPhase(),
-    ...                         kt.FineTunePhase(epochs=5, unfreeze=20)])  # bottom cached
+
+```python
+model.fit(x, y, phases=[kt.HeadPhase(), kt.FineTunePhase(epochs=5, unfreeze=20)])
+# Phase 'fine_tune': the frozen bottom ran once; the steps run the unfrozen top on its 1
+# cached output(s) (1,440 values per example).
+```
 """
 
 from __future__ import annotations

@@ -93,8 +93,8 @@ def test_an_entry_read_by_another_process_is_never_removed(root, tmp_path, monke
     model = tiny_model()
     held, other = extract(model, 0), extract(model, 1)
     ready = tmp_path / "ready"
-    child = start(["-c", HOLD, held.path, ready], child_env(tmp_path, lifetime=300, KERAS_BACKEND="numpy"),
-                  tmp_path / "child.log", script=None)
+    env = child_env(tmp_path, lifetime=300, KERAS_BACKEND="numpy")  # a quick import
+    child = start(["-c", HOLD, held.path, ready], env, tmp_path / "child.log", script=None)
     try:
         deadline = time.monotonic() + 120
         while not ready.exists() and child.poll() is None and time.monotonic() < deadline:
