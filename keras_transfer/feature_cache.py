@@ -350,6 +350,9 @@ class FeatureCache:
             self._lock.close()
             self._lock = None
 
+    def __del__(self):
+        self.close()
+
 
 def find_cache(key: dict, cache_dir: str | None = None) -> FeatureCache | None:
     """The complete cache stored under `key`, or None.

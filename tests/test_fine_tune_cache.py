@@ -60,7 +60,7 @@ def test_fine_tuning_on_the_cached_bottom_equals_the_whole_network(backbone_runs
     val = images(16, seed=1)
     cached, usual = model_pair()
     before = [np.array(w) for w in cached.backbone.weights]
-    phase = dict(epochs=3, unfreeze=3, learning_rate=1e-3, warmup=0.0)
+    phase = dict(epochs=3, unfreeze=3, learning_rate=1e-3, warmup=0.0, restore_best=False)
     with caplog.at_level(logging.INFO, logger="keras_transfer"):
         history = cached.fit(x, y, validation_data=val, batch_size=8, shuffle=False,
                              phases=[kt.FineTunePhase(**phase)], verbose=0)
