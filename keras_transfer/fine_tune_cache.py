@@ -160,9 +160,10 @@ def _position(network, tensor) -> list:
 
 
 def why_not(phase, model, data) -> str | None:
-    """Why the phase cannot cache a frozen bottom (None: it can), or "" when nothing to say."""
+    """Why the phase cannot cache a frozen bottom, or None when it can."""
     if phase.lora_rank or phase.unfreeze in ("all", None):
-        return ""
+        return (f"{'LoRA adapters' if phase.lora_rank else 'unfreeze=' + repr(phase.unfreeze)}"
+                " train throughout the network: no bottom is frozen")
     backbone = model.backbone
     if data.augmentation is not None:
         return ("augmentation is random, so the frozen bottom's outputs change every epoch")
@@ -205,7 +206,7 @@ def cached_fine_tune(phase, model, data, verbose):
         if phase.feature_cache is True:
             raise ValueError(f"Received FineTunePhase(feature_cache=True), but {reason}. "
                              "Pass feature_cache='auto' to run the whole network instead.")
-        if reason:
+        if not phase.lora_rank and phase.unfreeze not in ("all", None):  # else as expected
             say(f"Phase '{phase.name}': the whole network runs every step ({reason}).",
                 verbose)
         return None
