@@ -573,6 +573,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the phases to estimate")
     p.add_argument("--unfreeze", default="all", help="'all', a number of layers or a layer name")
     p.add_argument("--json", action="store_true", help="print JSON (default: a table)")
+
+    from keras_transfer.cache_store import add_cache_command
+
+    add_cache_command(command)  # keras-transfer cache list|clear
     return parser
 
 

@@ -3,9 +3,12 @@
 The second way of transfer learning (the first being a frozen backbone
 inside `fit`): pass the data through the preprocessing and the frozen
 backbone once, write the features to disk, and train the heads on them
-(`phases.HeadPhase` does this by itself). This module holds the reader, the
-lookup and the atomic publish (the key is in `cache_key`, the shard writer in
-`shard_writer`); nothing about training.
+(`phases.HeadPhase` does this by itself). This module holds the lookup and
+the reader; the key is in `cache_key`, the extraction pass in
+`feature_extraction` (its shards written by `shard_writer`), the entries on
+disk (atomic publish, locks, the size limit and least-recently-used
+eviction, `keras-transfer cache list|clear`) in `cache_store`; nothing about
+training.
 
 The cache on disk::
 
@@ -14,9 +17,12 @@ The cache on disk::
         features-00000.npy       float features, one record per example
         labels-00000.npy         the labels of the same examples
         ...
+        .lock, .last_used        held by readers; the last use (see `cache_store`)
 
 `<root>` is `cache_dir`, else the environment variable `KERAS_TRANSFER_CACHE`,
-else `~/.cache/keras_transfer/features`.
+else `~/.cache/keras_transfer/features`. It is kept under
+`$KERAS_TRANSFER_CACHE_MAX` (10 GiB by default): least recently used
+entries not in use by any process are removed first.
 
 How a cache is found. The key is made of what the backbone component says
 its features depend on (backbone name, preprocessing, input size, text
@@ -58,61 +64,47 @@ Example:
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import itertools
-import json
 import logging
 import math
 import os
 import shutil
-import socket
 import time
-import uuid
 
 import keras
 import numpy as np
 
 from keras_transfer import backend
 from keras_transfer.batches import ExampleBatches, is_batches
-from keras_transfer.cache_key import (
-    _augmentation_key,
-    _DataFingerprint,
-    _entry_name,
-    data_fingerprint,
-    model_key,
+from keras_transfer.cache_store import (  # noqa: F401 - the cache root's names live there
+    CACHE_ENV_VAR,
+    DEFAULT_CACHE_DIR,
+    MANIFEST,
+    cache_limit,
+    check_complete,
+    default_cache_dir,
+    make_room,
+    move_into_place,
+    new_temporary,
+    open_entry,
+    remove_stale_temporaries,
+    verify_shards,
+    write_manifest,
 )
+from keras_transfer.cache_key import _augmentation_key, _entry_name, data_fingerprint, model_key
 from keras_transfer.data import EpochSeed, shuffle_each_epoch
-from keras_transfer.distribute import all_workers_agree, is_multi_worker, is_tpu, strategy_of
+from keras_transfer.distribute import all_workers_agree, strategy_of
 from keras_transfer.errors import DataError
+from keras_transfer.feature_extraction import FORMAT_VERSION, write_features
 from keras_transfer.image_data import as_augmentation
-from keras_transfer.shard_writer import ShardWriter
 
 logger = logging.getLogger("keras_transfer")
 
-FORMAT_VERSION = 2
-CACHE_ENV_VAR = "KERAS_TRANSFER_CACHE"
-DEFAULT_CACHE_DIR = os.path.join("~", ".cache", "keras_transfer", "features")
-MANIFEST = "manifest.json"
 # Shards are cut at about this many bytes of features, whatever the dataset size.
 # The shuffle buffer of `FeatureCache.dataset` holds at most this many bytes.
 DEFAULT_SHUFFLE_BYTES = 64 * 1024 * 1024
 # The backbone runs on batches of at least this many examples while extracting.
 MIN_EXTRACTION_BATCH = 64
-_TMP_PREFIX = ".tmp-"
-
-
-def default_cache_dir(cache_dir: str | os.PathLike | None = None) -> str:
-    """The root folder of feature caches.
-
-    Args:
-        cache_dir: str, optional. Wins when given.
-
-    Returns:
-        `cache_dir`, else `$KERAS_TRANSFER_CACHE`, else
-        `~/.cache/keras_transfer/features`, with `~` expanded.
-    """
-    root = cache_dir if cache_dir is not None else os.environ.get(CACHE_ENV_VAR)
-    return os.path.abspath(os.path.expanduser(os.fspath(root or DEFAULT_CACHE_DIR)))
 
 
 # ---------------------------------------------------------- the cache
@@ -130,6 +122,8 @@ class FeatureCache:
     path: str
     manifest: dict
     reused: bool = False
+    # The entry's shared lock (cache_store.open_entry): held while this object lives.
+    _lock: object = dataclasses.field(default=None, repr=False, compare=False)
 
     @property
     def num_examples(self) -> int:
@@ -350,40 +344,16 @@ class FeatureCache:
         Raises:
             DataError: naming the first shard that differs.
         """
-        for shard in self.manifest["shards"]:
-            for part in (shard["features"], shard["labels"]):
-                path = os.path.join(self.path, part["file"])
-                h = hashlib.sha256()
-                with open(path, "rb") as file:
-                    file.seek(part["header_bytes"])
-                    for block in iter(lambda: file.read(1 << 20), b""):
-                        h.update(block)
-                if h.hexdigest() != part["sha256"]:
-                    raise DataError(
-                        f"The feature cache shard {path} does not match its checksum: "
-                        f"it was changed or damaged. Delete {self.path} and run again.")
+        verify_shards(self.path, self.manifest)
 
+    def close(self) -> None:
+        """Releases the entry (its shared lock): the cache may remove it once unused."""
+        if self._lock is not None:
+            self._lock.close()
+            self._lock = None
 
-def _check_complete(path: str, key: dict) -> tuple[dict | None, str]:
-    """Reads a cache directory's manifest: `(manifest, "")` or `(None, why not)`."""
-    manifest_path = os.path.join(path, MANIFEST)
-    try:
-        with open(manifest_path, encoding="utf-8") as file:
-            manifest = json.load(file)
-    except FileNotFoundError:
-        return None, "it has no manifest (an extraction did not finish)"
-    except (OSError, ValueError) as error:
-        return None, f"its manifest cannot be read ({error})"
-    if manifest.get("format") != FORMAT_VERSION or not manifest.get("complete"):
-        return None, "its manifest is incomplete or of another format"
-    if manifest.get("key") != key:
-        return None, "its key differs"
-    for shard in manifest.get("shards", []):
-        for part in (shard["features"], shard["labels"]):
-            file = os.path.join(path, part["file"])
-            if not os.path.isfile(file) or os.path.getsize(file) != part["bytes"]:
-                return None, f"the shard {part['file']} is missing or has the wrong size"
-    return manifest, ""
+    def __del__(self):
+        self.close()
 
 
 def find_cache(key: dict, cache_dir: str | None = None) -> FeatureCache | None:
@@ -401,66 +371,22 @@ def find_cache(key: dict, cache_dir: str | None = None) -> FeatureCache | None:
     path = os.path.join(default_cache_dir(cache_dir), _entry_name(key))
     if not os.path.isdir(path):
         return None
-    manifest, why = _check_complete(path, key)
+    lock = open_entry(path)  # held by the cache returned: the entry is in use
+    if lock is None:
+        return None  # removed while we waited
+    manifest, why = check_complete(path, key, FORMAT_VERSION)
     if manifest is None:
+        lock.close()
         logger.warning("Ignoring the feature cache at %s: %s. It will be rebuilt.", path, why)
         return None
-    cache = FeatureCache(path, manifest, reused=True)
+    cache = FeatureCache(path, manifest, reused=True, _lock=lock)
     try:
         cache.verify()  # a shard changed in place keeps its size: check its bytes
     except DataError as error:
+        cache.close()
         logger.warning("Ignoring the feature cache at %s: %s It will be rebuilt.", path, error)
         return None
     return cache
-
-
-def _is_sound(path: str, key: dict) -> bool:
-    """Whether the cache at `path` is complete, has `key` and matches its checksums."""
-    manifest, _ = _check_complete(path, key)
-    if manifest is None:
-        return False
-    try:
-        FeatureCache(path, manifest).verify()
-    except DataError:
-        return False
-    return True
-
-
-def _remove_stale_temporaries(root: str, max_age_s: float = 24 * 3600) -> None:
-    """Removes temporary directories of extractions whose process is gone."""
-    host = socket.gethostname()
-    try:
-        entries = os.listdir(root)
-    except FileNotFoundError:
-        return
-    for entry in entries:
-        if not entry.startswith(_TMP_PREFIX):
-            continue
-        path = os.path.join(root, entry)
-        try:
-            with open(os.path.join(path, "owner.json"), encoding="utf-8") as file:
-                owner = json.load(file)
-            alive = owner["host"] != host or _pid_alive(int(owner["pid"]))
-        except (OSError, ValueError, KeyError):
-            alive = True  # being created right now, or unreadable: judge by age
-        try:
-            old = time.time() - os.path.getmtime(path) > max_age_s
-        except OSError:
-            continue
-        if not alive or old:
-            logger.info("Removing the unfinished feature cache %s (its process is gone).", path)
-            shutil.rmtree(path, ignore_errors=True)
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
 
 
 class _ShardRows:
@@ -507,90 +433,6 @@ class _CacheBatches(ExampleBatches):
         return self._rows[copy].take(chosen)
 
 
-class _FeatureModel(keras.Model):
-    """The backbone in inference mode (after augmentation) as a model Keras compiles.
-
-    Off TensorFlow, `predict_on_batch` of this model is the compiled
-    feature function (a `jax.jit` on JAX), with the augmentation's random
-    state carried between calls.
-    """
-
-    def __init__(self, backbone, augmentation=None):
-        super().__init__(name="feature_extractor")
-        self.backbone = backbone
-        self.augmentation = augmentation
-
-    def call(self, inputs):
-        if self.augmentation is not None:
-            inputs = self.augmentation(inputs, training=True)
-        return self.backbone(inputs, training=False)
-
-
-def _feature_function(model, spec, augmentation=None):
-    """One compiled function: a raw input batch -> the features the heads take.
-
-    The backbone always runs in inference mode. On TensorFlow the function
-    is traced once for any batch size (the batch dimension of `spec` is left
-    open); elsewhere Keras compiles `_FeatureModel`'s prediction. It is kept
-    on the model, so the training and validation data share it.
-    """
-    key = ("_feature_functions", id(augmentation))
-    functions = model.__dict__.setdefault("_feature_functions", {})
-    if key not in functions and not backend.is_tensorflow():
-        functions[key] = _FeatureModel(model.backbone, augmentation).predict_on_batch
-    if key not in functions:
-        tf = backend.tensorflow("tf.function")
-
-        def features(inputs):
-            if augmentation is not None:
-                inputs = augmentation(inputs, training=True)
-            return model.backbone(inputs, training=False)
-
-        signature = tf.nest.map_structure(
-            lambda s: tf.TensorSpec((None, *s.shape[1:]), s.dtype), spec)
-        functions[key] = tf.function(features, input_signature=[signature])
-    return functions[key]
-
-
-def _replicated(model, function, batch_size: int):
-    """`function` (a batch -> features) with every replica computing a share of the batch.
-
-    Under a strategy with several replicas (devices, workers or TPU cores)
-    each batch is padded to `batch_size` rows (one shape: TPUs compile for
-    it), cut into one equal slice per replica, run with `strategy.run`, and
-    the slices gathered back in order on every worker. Without one,
-    `function` itself.
-    """
-    strategy = strategy_of(model)
-    if strategy is None or not backend.is_tensorflow() or (strategy.num_replicas_in_sync == 1
-                            and not (is_tpu(strategy) or is_multi_worker(strategy))):
-        return function
-    tf = backend.tensorflow("tf.distribute strategies")
-    replicas = strategy.num_replicas_in_sync
-    share = math.ceil(batch_size / replicas)
-
-    @tf.function
-    def step(values):
-        # A plain function for `run`: each replica calls the traced one on its slice.
-        return strategy.gather(strategy.run(lambda v: function(v), args=(values,)), axis=0)
-
-    def run(inputs):
-        rows = tf.shape(tf.nest.flatten(inputs)[0])[0]
-
-        def pad(t):
-            padding = [[0, share * replicas - rows]] + [[0, 0]] * (len(t.shape) - 1)
-            return tf.pad(t, padding)
-
-        padded = tf.nest.map_structure(pad, inputs)
-        values = strategy.experimental_distribute_values_from_function(
-            lambda context: tf.nest.map_structure(
-                lambda t: t[context.replica_id_in_sync_group * share:
-                            (context.replica_id_in_sync_group + 1) * share], padded))
-        return step(values)[:rows]
-
-    return run
-
-
 def _say(message: str, verbose) -> None:
     logger.info(message)
     if verbose:
@@ -599,7 +441,7 @@ def _say(message: str, verbose) -> None:
 
 def extract_features(model, x, y=None, *, head: str | None = None, batch_size: int = 32,
                      cache_dir=None, augmentation=None, augmented_copies: int = 0,
-                     shard_size: int | None = None, verbose=0) -> FeatureCache:
+                     shard_size: int | None = None, verbose=0, bottom=None) -> FeatureCache:
     """Runs the frozen backbone over the data once and caches the features.
 
     The cache is reused when the backbone (architecture and weights), the
@@ -628,6 +470,9 @@ def extract_features(model, x, y=None, *, head: str | None = None, batch_size: i
             about 64 MiB of features per shard.
         verbose: print what happens (it is always logged to the
             `keras_transfer` logger).
+        bottom: `fine_tune_cache.FrozenBottom`, optional. Cache the outputs
+            of this frozen bottom of the network (keyed by its own
+            `cache_key()`) instead of the backbone's features.
 
     Returns:
         A `FeatureCache`; `.reused` says whether the backbone ran.
@@ -654,6 +499,7 @@ def extract_features(model, x, y=None, *, head: str | None = None, batch_size: i
     if shard_size is not None and (not isinstance(shard_size, int) or shard_size < 1):
         raise ValueError(f"Received shard_size={shard_size!r}; expected a positive int or None.")
     root = default_cache_dir(cache_dir)
+    cache_limit()  # a bad $KERAS_TRANSFER_CACHE_MAX fails before anything runs
     augment = None
     if augmentation is not None:
         augment = as_augmentation(augmentation)
@@ -664,7 +510,8 @@ def extract_features(model, x, y=None, *, head: str | None = None, batch_size: i
     fingerprint, count = data_fingerprint(dataset)
     if count == 0:
         raise DataError("Received data that yields no examples; nothing to extract.")
-    key = {"format": FORMAT_VERSION, "model": model_key(model), "data": fingerprint,
+    model_part = model_key(model) if bottom is None else bottom.cache_key()
+    key = {"format": FORMAT_VERSION, "model": model_part, "data": fingerprint,
            "num_examples": count, "augmentation": _augmentation_key(augment, augmented_copies)}
     cache = find_cache(key, root)
     # Several workers extract together (each a share): all reuse, or none does.
@@ -676,44 +523,55 @@ def extract_features(model, x, y=None, *, head: str | None = None, batch_size: i
              f"(looked up in {time.perf_counter() - started:.1f} s; the backbone does not run).",
              verbose)
         return cache
+    final = os.path.join(root, _entry_name(key))
     try:
         os.makedirs(root, exist_ok=True)
-        _remove_stale_temporaries(root)
-        final = os.path.join(root, _entry_name(key))
-        temporary = os.path.join(
-            root, f"{_TMP_PREFIX}{os.path.basename(final)}-{uuid.uuid4().hex[:8]}")
-        os.makedirs(temporary)
+        remove_stale_temporaries(root)
+        make_room(root, needed=0 if bottom is not None else
+                  _expected_bytes(model, count, max(augmented_copies, 1)))
+        temporary, lock = new_temporary(root, os.path.basename(final))
     except OSError as error:
         raise CacheUnwritableError(
             f"Cannot write the feature cache under {root}: {error}. Pass cache_dir= (or set "
             f"${CACHE_ENV_VAR}) to a writable folder.") from error
-    with open(os.path.join(temporary, "owner.json"), "w", encoding="utf-8") as file:
-        json.dump({"host": socket.gethostname(), "pid": os.getpid()}, file)
     what = (f"{augmented_copies} augmented copies" if augmented_copies else "the data")
     _say(f"Feature cache: extracting backbone features of {count:,} examples ({what}) "
          f"into {final}.", verbose)
     try:
-        manifest = _extract(model, dataset, temporary, shard_size, augment,
-                            max(augmented_copies, 1), key, count, has_labels, batch_size)
+        manifest = write_features(model, dataset, temporary, shard_size, augment,
+                                  max(augmented_copies, 1), key, count, has_labels, batch_size,
+                                  network=bottom)
         if manifest["key"] != key:
             logger.warning(
                 "The data changed between two passes over it (a shuffled tf.data.Dataset?): "
                 "the features are cached under what was really extracted, but this cache "
                 "cannot be reused. Give a dataset that yields the same order every pass.")
             final = os.path.join(root, _entry_name(manifest["key"]))
-        _write_manifest(temporary, manifest)
-        final = _move_into_place(temporary, final, manifest["key"])
+        write_manifest(temporary, manifest)
+        final = move_into_place(temporary, final, manifest["key"], FORMAT_VERSION)
     except BaseException:
+        lock.close()
         shutil.rmtree(temporary, ignore_errors=True)
         raise
-    manifest, why = _check_complete(final, manifest["key"])
+    published = open_entry(final)  # taken before the temporary's: locked throughout
+    lock.close()
+    manifest, why = check_complete(final, manifest["key"], FORMAT_VERSION)
     if manifest is None:  # pragma: no cover - only if someone damages it right now
         raise DataError(f"The feature cache just written at {final} is unusable: {why}.")
-    cache = FeatureCache(final, manifest, reused=False)
+    cache = FeatureCache(final, manifest, reused=False, _lock=published)
+    make_room(root, keep=[final])
     _say(f"Feature cache: wrote {cache.num_examples:,} x {cache.copies} feature rows of shape "
          f"{cache.feature_shape} in {len(manifest['shards'])} shard(s) "
          f"({time.perf_counter() - started:.1f} s).", verbose)
     return cache
+
+
+def _expected_bytes(model, count: int, copies: int) -> int:
+    """About the bytes an extraction will write (0 when the feature shape is not known)."""
+    shape = getattr(model.backbone, "feature_shape", None)
+    if not shape or any(not isinstance(d, int) for d in shape):
+        return 0
+    return count * copies * (int(np.prod(shape)) * 4 + 8)
 
 
 class CacheUnwritableError(DataError, OSError):
@@ -736,79 +594,3 @@ def _plain_dataset(model, x, y, head, batch_size):
         return dataset.map(lambda inputs: (inputs, tf.fill(
             tf.shape(tf.nest.flatten(inputs)[0])[:1], tf.constant(-1, tf.int64)))), False
     return model.head_dataset(head, x, y, batch_size=batch_size), True
-
-
-def _extract(model, dataset, folder, shard_size, augment, copies, key, count,
-             has_labels, batch_size) -> dict:
-    """The extraction pass(es): writes shards into `folder`, returns the manifest."""
-    spec = None if is_batches(dataset) else dataset.element_spec[0]
-    plain = _replicated(model, _feature_function(model, spec), batch_size)
-    augmented = None if augment is None else _replicated(
-        model, _feature_function(model, spec, augment), batch_size)
-    shards: list[dict] = []
-    fingerprint = _DataFingerprint()
-    feature_info = label_info = None
-    for copy in range(copies):
-        writer = ShardWriter(folder, count, shard_size, copy)
-        for inputs, labels in dataset:
-            if copy == 0:
-                fingerprint.update(inputs, labels)
-            features = (augmented or plain)(inputs)
-            if keras.tree.is_nested(features):
-                raise DataError(
-                    "The backbone returns several outputs "
-                    f"({[tuple(t.shape) for t in keras.tree.flatten(features)]}); feature "
-                    "caching needs the one tensor the heads take. Cut the backbone at one "
-                    "layer (cut_layer=).")
-            features = keras.ops.convert_to_numpy(features)
-            if features.dtype not in (np.float16, np.float32, np.float64):
-                features = features.astype(np.float32)  # e.g. bfloat16
-            labels = np.asarray(labels)
-            writer.write(features, labels)
-            feature_info = (features.dtype, features.shape[1:])
-            label_info = (labels.dtype, labels.shape[1:])
-        shards.extend(writer.finish())
-    key = dict(key, data=fingerprint.hexdigest(), num_examples=fingerprint.count)
-    return {
-        "format": FORMAT_VERSION,
-        "complete": True,
-        "key": key,
-        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        "backbone_name": key["model"]["backbone"],
-        "num_examples": fingerprint.count,
-        "copies": copies,
-        "has_labels": has_labels,
-        "feature_shape": [int(d) for d in feature_info[1]],
-        "feature_dtype": np.dtype(feature_info[0]).newbyteorder("<").str,
-        "label_shape": [int(d) for d in label_info[1]],
-        "label_dtype": np.dtype(label_info[0]).newbyteorder("<").str,
-        "shards": shards,
-    }
-
-
-def _write_manifest(folder: str, manifest: dict) -> None:
-    partial = os.path.join(folder, MANIFEST + ".partial")
-    with open(partial, "w", encoding="utf-8") as file:
-        json.dump(manifest, file, indent=1)
-        file.flush()
-        os.fsync(file.fileno())
-    os.replace(partial, os.path.join(folder, MANIFEST))
-    os.remove(os.path.join(folder, "owner.json"))
-
-
-def _move_into_place(temporary: str, final: str, key: dict) -> str:
-    """Renames the finished temporary directory to `final` in one step."""
-    if os.path.isdir(final):
-        if _is_sound(final, key):  # another process finished the same cache first
-            shutil.rmtree(temporary, ignore_errors=True)
-            return final
-        shutil.rmtree(final)  # an incomplete or damaged one: replace it
-    try:
-        os.rename(temporary, final)
-    except OSError:
-        if not _is_sound(final, key):
-            raise
-        shutil.rmtree(temporary, ignore_errors=True)  # lost a race to an identical cache
-    return final
-
-

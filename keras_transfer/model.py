@@ -152,6 +152,8 @@ class TransferModel(MultiWorkerFitMixin, keras.Model):
         """Logits of every head: an array (one head) or `{head: logits}`."""
         features = inputs if self._features_are_inputs else self.backbone(inputs,
                                                                           training=training)
+        if callable(self._features_are_inputs):  # the inputs are a cached bottom's outputs
+            features = self._features_are_inputs(inputs, training=training)
         logits = {n: head(features, training=training) for n, head in self.heads.items()}
         return logits[SINGLE] if self.single else logits
 
@@ -162,13 +164,19 @@ class TransferModel(MultiWorkerFitMixin, keras.Model):
         return {n: self.head_specs[n].activate(logits[n]) for n in self.head_specs}
 
     @contextlib.contextmanager
-    def features_as_inputs(self):
+    def features_as_inputs(self, top=None):
         """Within this context the model takes backbone features, not raw inputs.
 
         The head phase trains on cached features this way: the model (and
         every callback) is the whole model, but its backbone does not run.
+
+        Args:
+            top: callable `(inputs, training) -> features`, optional. The
+                inputs are then what `top` takes: a fine-tune phase trains
+                the unfrozen top of the network on its frozen bottom's cached
+                outputs (`fine_tune_cache`).
         """
-        self._features_are_inputs = True
+        self._features_are_inputs = top or True
         self._reset_functions()
         try:
             yield self

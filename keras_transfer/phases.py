@@ -39,6 +39,7 @@ import math
 import keras
 import numpy as np
 
+from keras_transfer import fine_tune_cache
 from keras_transfer.callbacks import DivergenceGuard, RestoreBest
 from keras_transfer.contracts import Phase
 from keras_transfer.distribute import model_scope
@@ -456,6 +457,14 @@ class FineTunePhase:
         lora_rank: int, optional. Train rank-`lora_rank` adapters on the
             attention projections instead of the weights (text backbones).
         lora_targets: list of str, optional. Layer names for adapters.
+        feature_cache: `"auto"`, `True` or `False`. With `unfreeze=N` or a
+            layer name: run the frozen bottom of the network once, cache its
+            outputs on disk and train the unfrozen top on them
+            (`fine_tune_cache`; same results within float rounding).
+            `"auto"`: when nothing random happens before the network and
+            BatchNormalization does not train; otherwise the whole network
+            runs every step, as the log says. `True` makes that an error.
+        cache_dir: str, optional. Root of that cache (see `HeadPhase`).
         name: str. The phase's name in logs and the history.
 
     Example:
@@ -463,7 +472,7 @@ class FineTunePhase:
         FineTunePhase(epochs=None, learning_rate=None, unfreeze='all', train_batchnorm=False,
                       batchnorm_momentum=None, warmup=0.1, decay='cosine', early_stopping=None,
                       restore_best=True, min_steps=100, lora_rank=None, lora_targets=None,
-                      name='fine_tune')
+                      feature_cache='auto', cache_dir=None, name='fine_tune')
         >>> kt.FineTunePhase(epochs=10, learning_rate=2e-5, unfreeze=20)
         FineTunePhase(epochs=10, learning_rate=2e-05, unfreeze=20, ...)
         >>> kt.FineTunePhase(epochs=3, lora_rank=4)
@@ -485,6 +494,8 @@ class FineTunePhase:
     min_steps: int = 100
     lora_rank: int | None = None
     lora_targets: tuple | None = None
+    feature_cache: bool | str = "auto"
+    cache_dir: str | None = None
     name: str = "fine_tune"
     trains_backbone = True  # (contracts.Phase) not a field: not in the repr a backup compares
 
@@ -501,6 +512,9 @@ class FineTunePhase:
             raise ValueError(f"Received decay={self.decay!r}; expected 'cosine' or 'linear'.")
         if self.lora_rank is not None:
             _check_int(self.lora_rank, "lora_rank", minimum=1)
+        if self.feature_cache not in (True, False, "auto"):
+            raise ValueError(f"Received feature_cache={self.feature_cache!r}; expected True, "
+                             "False or 'auto'.")
         if self.batchnorm_momentum is not None:
             if not 0.0 <= self.batchnorm_momentum < 1.0:
                 raise ValueError(f"Received batchnorm_momentum={self.batchnorm_momentum!r}; "
@@ -564,8 +578,13 @@ class FineTunePhase:
         peak = self.peak_learning_rate
         schedule = WarmupDecay(peak, total_steps=total,
                                warmup_steps=int(round(self.warmup * total)), decay=self.decay)
+        # The frozen bottom run once and cached (fine_tune_cache); None: the whole network runs.
+        cached = fine_tune_cache.cached_fine_tune(self, model, data, verbose)
+        context = contextlib.nullcontext() if cached is None else cached[2]
+        if cached is not None:
+            train, validation = cached[:2]
         best = RestoreBest(validation) if self.restore_best and validation is not None else None
-        with _batchnorm_momentum(model.backbone.network, self.batchnorm_momentum):
+        with context, _batchnorm_momentum(model.backbone.network, self.batchnorm_momentum):
             record, history = fit_phase(
                 model, self.name, train, validation, epochs,
                 lambda: keras.optimizers.Adam(schedule), [*([best] if best else []), *callbacks],

@@ -19,6 +19,7 @@ except ImportError:  # a run on another backend without TensorFlow: its tests ar
 
 import keras_transfer as kt
 from keras_transfer import feature_cache as features
+from keras_transfer import feature_extraction as extraction
 from keras_transfer.data import steps_of
 from keras_transfer.errors import DataError
 
@@ -37,10 +38,10 @@ def cache_root(tmp_path, monkeypatch):
 def backbone_runs(monkeypatch):
     """Counts the batches the backbone runs on during extraction."""
     calls = []
-    original = features._feature_function
+    original = extraction._feature_function
 
-    def counting(model, spec, augmentation=None):
-        function = original(model, spec, augmentation)
+    def counting(model, spec, augmentation=None, network=None):
+        function = original(model, spec, augmentation, network)
 
         def run(inputs):
             calls.append(len(keras.tree.flatten(inputs)[0]))
@@ -48,7 +49,7 @@ def backbone_runs(monkeypatch):
 
         return run
 
-    monkeypatch.setattr(features, "_feature_function", counting)
+    monkeypatch.setattr(extraction, "_feature_function", counting)
     return calls
 
 
@@ -200,23 +201,24 @@ KILLED_SCRIPT = textwrap.dedent("""
     import numpy as np
     import keras_transfer as kt
     from keras_transfer import feature_cache as features
+    from keras_transfer import feature_extraction as extraction
 
     backbone_file, root = sys.argv[1], sys.argv[2]
     rng = np.random.default_rng(0)
     x, y = rng.integers(0, 256, (24, 16, 16, 3), dtype=np.uint8), rng.integers(0, 3, 24)
     model = kt.ImageTransferModel(keras.saving.load_model(backbone_file), 3,
                                   input_shape=(16, 16, 3), preprocessing="tf", pooling="avg")
-    original = features._feature_function
+    original = extraction._feature_function
 
-    def slow(model, spec, augmentation=None):
-        function = original(model, spec, augmentation)
+    def slow(model, spec, augmentation=None, network=None):
+        function = original(model, spec, augmentation, network)
 
         def run(inputs):
             time.sleep(0.5)
             return function(inputs)
         return run
 
-    features._feature_function = slow
+    extraction._feature_function = slow
     features.MIN_EXTRACTION_BATCH = 1  # one backbone call per 2 images: a slow extraction
     features.extract_features(model, x, y, batch_size=2, shard_size=2, cache_dir=root)
     print("finished")
@@ -263,10 +265,10 @@ def test_killed_extraction_leaves_no_usable_cache_and_is_rebuilt(tmp_path, backb
 def test_an_error_mid_extraction_leaves_nothing_behind(monkeypatch, cache_root):
     x, y = images()
     model = tiny_model()
-    original = features._feature_function
+    original = extraction._feature_function
 
-    def failing(model, spec, augmentation=None):
-        function = original(model, spec, augmentation)
+    def failing(model, spec, augmentation=None, network=None):
+        function = original(model, spec, augmentation, network)
         seen = []
 
         def run(inputs):
@@ -277,12 +279,12 @@ def test_an_error_mid_extraction_leaves_nothing_behind(monkeypatch, cache_root):
 
         return run
 
-    monkeypatch.setattr(features, "_feature_function", failing)
+    monkeypatch.setattr(extraction, "_feature_function", failing)
     monkeypatch.setattr(features, "MIN_EXTRACTION_BATCH", 1)
     with pytest.raises(RuntimeError, match="disk full"):
         features.extract_features(model, x, y, batch_size=4, shard_size=4)
     assert entries(cache_root) == []
-    monkeypatch.setattr(features, "_feature_function", original)
+    monkeypatch.setattr(extraction, "_feature_function", original)
     assert not features.extract_features(model, x, y, batch_size=4).reused
 
 
