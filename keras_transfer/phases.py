@@ -430,9 +430,12 @@ class FineTunePhase:
     Args:
         epochs: int, optional. Passes over the training data. None (default):
             at least `min_steps` optimiser steps and at least 3 epochs.
-        learning_rate: float. Peak Adam learning rate, reached after warmup
-            (default 1e-5: the pretrained weights are nudged, not rewritten;
-            1e-4 with `lora_rank`).
+        learning_rate: float or `(low, high)`. Peak Adam learning rate,
+            reached after warmup (default 1e-5: the pretrained weights are
+            nudged, not rewritten; 1e-4 with `lora_rank`). A `(low, high)`
+            pair spreads the rates geometrically over the backbone's blocks
+            (`kt.layer_groups`), the bottom block at `low`, the top block
+            and the heads at `high` (fastai's `slice(low, high)`).
         unfreeze: `"all"`, an int N (the top N layers with weights) or a
             layer name (from that layer on).
         train_batchnorm: bool. Let BatchNormalization layers train and
@@ -454,14 +457,19 @@ class FineTunePhase:
         lora_rank: int, optional. Train rank-`lora_rank` adapters on the
             attention projections instead of the weights (text backbones).
         lora_targets: list of str, optional. Layer names for adapters.
+        layer_decay: float in (0, 1], optional. Layer-wise rate decay: the
+            backbone's block g from the top trains at
+            `learning_rate * layer_decay**g`; the heads at `learning_rate`.
         name: str. The phase's name in logs and the history.
 
     Example:
+        >>> kt.FineTunePhase(epochs=20, learning_rate=3e-4, layer_decay=0.8)
+        FineTunePhase(epochs=20, learning_rate=0.0003, ..., layer_decay=0.8, ...)
         >>> kt.FineTunePhase()                                    # ~100 steps at 1e-5
         FineTunePhase(epochs=None, learning_rate=None, unfreeze='all', train_batchnorm=False,
                       batchnorm_momentum=None, warmup=0.1, decay='cosine', early_stopping=None,
                       restore_best=True, min_steps=100, lora_rank=None, lora_targets=None,
-                      name='fine_tune')
+                      layer_decay=None, name='fine_tune')
         >>> kt.FineTunePhase(epochs=10, learning_rate=2e-5, unfreeze=20)
         FineTunePhase(epochs=10, learning_rate=2e-05, unfreeze=20, ...)
         >>> kt.FineTunePhase(epochs=3, lora_rank=4)
@@ -483,13 +491,19 @@ class FineTunePhase:
     min_steps: int = 100
     lora_rank: int | None = None
     lora_targets: tuple | None = None
+    layer_decay: float | None = None
     name: str = "fine_tune"
 
     def __post_init__(self):
+        from keras_transfer.layer_groups import check_layer_rates
+
         if self.epochs is not None:
             _check_int(self.epochs, "epochs", minimum=1)
         _check_int(self.min_steps, "min_steps", minimum=1)
-        if self.learning_rate is not None:
+        check_layer_rates(self.learning_rate, self.layer_decay)
+        if isinstance(self.learning_rate, list):  # hashable, like the dataclass
+            object.__setattr__(self, "learning_rate", tuple(self.learning_rate))
+        if self.learning_rate is not None and not isinstance(self.learning_rate, tuple):
             _check_rate(self.learning_rate)
         _check_patience(self.early_stopping)
         if not isinstance(self.warmup, (int, float)) or not 0.0 <= self.warmup <= 1.0:
@@ -529,6 +543,9 @@ class FineTunePhase:
 
     @property
     def peak_learning_rate(self) -> float:
+        """The top rate (the heads'): `learning_rate`, the high end of a range, or the default."""
+        if isinstance(self.learning_rate, tuple):
+            return float(self.learning_rate[1])
         if self.learning_rate is not None:
             return self.learning_rate
         return 1e-4 if self.lora_rank else 1e-5
@@ -559,14 +576,30 @@ class FineTunePhase:
         epochs = self.epochs_for(steps)
         total = steps * epochs
         peak = self.peak_learning_rate
-        schedule = WarmupDecay(peak, total_steps=total,
-                               warmup_steps=int(round(self.warmup * total)), decay=self.decay)
+        warmup = int(round(self.warmup * total))
+
+        def adam(rate):
+            return keras.optimizers.Adam(WarmupDecay(rate, total_steps=total,
+                                                     warmup_steps=warmup, decay=self.decay))
+
+        make_optimizer, rates = lambda: adam(peak), None
+        if self.layer_decay is not None or isinstance(self.learning_rate, tuple):
+            from keras_transfer.layer_groups import per_group_optimizer
+
+            make_optimizer, rates = per_group_optimizer(
+                model, self.learning_rate if isinstance(self.learning_rate, tuple) else peak,
+                self.layer_decay, adam, peak)
+            say(f"Phase '{self.name}': {len(rates)} layer groups of the backbone, rates "
+                f"{min(rates.values()):.3g} (bottom) to {max(rates.values()):.3g} (top); the "
+                "heads at the top rate.", verbose)
         best = RestoreBest(validation) if self.restore_best and validation is not None else None
         with _batchnorm_momentum(model.backbone.network, self.batchnorm_momentum):
             record, history = fit_phase(
                 model, self.name, train, validation, epochs,
-                lambda: keras.optimizers.Adam(schedule), [*([best] if best else []), *callbacks],
+                make_optimizer, [*([best] if best else []), *callbacks],
                 self.early_stopping, initial_epoch, verbose, peak, backup=data.phase_backup)
+        if rates is not None:
+            record.details["group_rates"] = rates
         if best is not None and best.restored is not None:
             record.details["restored"] = best.restored
             say(f"Phase '{self.name}': kept the weights of {best.restored} (lowest validation "
