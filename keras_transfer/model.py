@@ -390,6 +390,19 @@ class TransferModel(MultiWorkerFitMixin, keras.Model):
         return self.join(datasets, training=training, seed=seed, class_weight=class_weight)
 
     # ------------------------------------------------------------- training
+    def find_learning_rate(self, x=None, y=None, **options):
+        """The learning-rate finder; the model is left exactly as it was.
+
+        A thin delegate: see `keras_transfer.lr_finder.find_learning_rate`
+        for the options (`unfreeze="all"` for the fine-tuning rate, `plot=`).
+
+        Returns:
+            A `lr_finder.LearningRateFinding` (its `suggestion`, the curve).
+        """
+        from keras_transfer.lr_finder import find_learning_rate
+
+        return find_learning_rate(self, x, y, **options)
+
     @data_lib.warns_once
     def fit(self, x=None, y=None, *, validation_data=None, phases=None, head_epochs=None,
             fine_tune_epochs=None, epochs=None, batch_size=32, augmentation=None,
