@@ -246,3 +246,4 @@ def _check(start, end, steps, smoothing, stop_factor):
         raise FinderError(f"Received smoothing={smoothing!r}; expected a number in [0, 1).")
     if not stop_factor > 1:
         raise FinderError(f"Received stop_factor={stop_factor!r}; expected a number > 1.")
+

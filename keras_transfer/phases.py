@@ -170,6 +170,9 @@ class HeadPhase:
                  "transfer learning and accuracy is often near chance. Load pretrained "
                  "weights, or train end to end with kt.FineTunePhase.from_scratch() (what "
                  "fit does on a random backbone when no phases are given).", verbose)
+        from keras_transfer.fine_tune_policy import forget_probe
+
+        forget_probe(model)  # the heads change: an earlier probe's evidence no longer holds
         self.prepare(model)
         caches = self._caches(data, verbose)
         probed = {}
@@ -320,6 +323,7 @@ def _held_out_rows(model, caches: dict, names, fraction, seed, verbose) -> dict 
 
 def solve_linear_heads(model, caches, data, required, verbose) -> dict:
     """Solves every linear head with data by the probe; returns `{head: what was chosen}`."""
+    from keras_transfer.fine_tune_policy import remember_probe
     from keras_transfer.probe import fit_linear_probe
 
     solved = {}
@@ -344,6 +348,7 @@ def solve_linear_heads(model, caches, data, required, verbose) -> dict:
         found = {k: v for k, v in report.as_dict().items() if k not in ("fold_scores", "grid")}
         solved[name] = {**found, "solver": "probe", "method": report.solver,
                         "summary": report.summary()}
+        remember_probe(model, name, solved[name])  # FineTunePhase(policy="auto") reads it
     return solved
 
 
@@ -460,6 +465,13 @@ class FineTunePhase:
         layer_decay: float in (0, 1], optional. Layer-wise rate decay: the
             backbone's block g from the top trains at
             `learning_rate * layer_decay**g`; the heads at `learning_rate`.
+        policy: `"auto"` or `"always"`. `"auto"` (default), with
+            `learning_rate`, `epochs` and `layer_decay` unset, decides from
+            the head phase's probe (`keras_transfer.fine_tune_policy`): after
+            a saturated probe the phase is skipped and the head kept; else
+            an image backbone gets the stronger recipe (1e-4, ~120 steps);
+            the log and `record.details["policy"]` say which and why.
+            `"always"` runs the phase as configured.
         name: str. The phase's name in logs and the history.
 
     Example:
@@ -469,7 +481,7 @@ class FineTunePhase:
         FineTunePhase(epochs=None, learning_rate=None, unfreeze='all', train_batchnorm=False,
                       batchnorm_momentum=None, warmup=0.1, decay='cosine', early_stopping=None,
                       restore_best=True, min_steps=100, lora_rank=None, lora_targets=None,
-                      layer_decay=None, name='fine_tune')
+                      layer_decay=None, policy='auto', name='fine_tune')
         >>> kt.FineTunePhase(epochs=10, learning_rate=2e-5, unfreeze=20)
         FineTunePhase(epochs=10, learning_rate=2e-05, unfreeze=20, ...)
         >>> kt.FineTunePhase(epochs=3, lora_rank=4)
@@ -492,6 +504,7 @@ class FineTunePhase:
     lora_rank: int | None = None
     lora_targets: tuple | None = None
     layer_decay: float | None = None
+    policy: str = "auto"
     name: str = "fine_tune"
 
     def __post_init__(self):
@@ -501,6 +514,9 @@ class FineTunePhase:
             _check_int(self.epochs, "epochs", minimum=1)
         _check_int(self.min_steps, "min_steps", minimum=1)
         check_layer_rates(self.learning_rate, self.layer_decay)
+        if self.policy not in ("auto", "always"):
+            raise ValueError(f"Received policy={self.policy!r}; expected 'auto' (decide from "
+                             "the probe) or 'always' (run as configured).")
         if isinstance(self.learning_rate, list):  # hashable, like the dataclass
             object.__setattr__(self, "learning_rate", tuple(self.learning_rate))
         if self.learning_rate is not None and not isinstance(self.learning_rate, tuple):
@@ -538,7 +554,7 @@ class FineTunePhase:
             A `FineTunePhase` named `"from_scratch"`.
         """
         defaults = dict(learning_rate=1e-3, train_batchnorm=True, batchnorm_momentum=0.9,
-                        name="from_scratch")
+                        policy="always", name="from_scratch")
         return cls(**{**defaults, **options})
 
     @property
@@ -570,7 +586,15 @@ class FineTunePhase:
                 model.backbone.unfreeze(self.unfreeze, self.train_batchnorm)
 
     def run(self, model, data, callbacks, initial_epoch, verbose):
-        """Unfreezes and fine-tunes; returns `(PhaseRecord, keras History)`."""
+        """Unfreezes and fine-tunes; returns `(PhaseRecord, keras History)`.
+
+        With `policy="auto"`, first decides from the probe's evidence whether
+        to skip, strengthen or run as configured (`fine_tune_policy.decide`).
+        """
+        if self.policy == "auto":
+            from keras_transfer.fine_tune_policy import run_with_policy
+
+            return run_with_policy(self, model, data, callbacks, initial_epoch, verbose)
         self.prepare(model)
         (train, steps), validation = data.batches(), data.validation_batches()
         epochs = self.epochs_for(steps)
@@ -582,16 +606,9 @@ class FineTunePhase:
             return keras.optimizers.Adam(WarmupDecay(rate, total_steps=total,
                                                      warmup_steps=warmup, decay=self.decay))
 
-        make_optimizer, rates = lambda: adam(peak), None
-        if self.layer_decay is not None or isinstance(self.learning_rate, tuple):
-            from keras_transfer.layer_groups import per_group_optimizer
+        from keras_transfer.layer_groups import phase_optimizer
 
-            make_optimizer, rates = per_group_optimizer(
-                model, self.learning_rate if isinstance(self.learning_rate, tuple) else peak,
-                self.layer_decay, adam, peak)
-            say(f"Phase '{self.name}': {len(rates)} layer groups of the backbone, rates "
-                f"{min(rates.values()):.3g} (bottom) to {max(rates.values()):.3g} (top); the "
-                "heads at the top rate.", verbose)
+        make_optimizer, rates = phase_optimizer(model, self, adam, verbose)
         best = RestoreBest(validation) if self.restore_best and validation is not None else None
         with _batchnorm_momentum(model.backbone.network, self.batchnorm_momentum):
             record, history = fit_phase(

@@ -66,3 +66,15 @@ def test_finder_refuses_nothing_to_train_and_bad_settings(tiny_images):
                 dict(smoothing=1.0)):
         with pytest.raises(FinderError):
             model.find_learning_rate(x, y, **bad)
+
+
+@pytest.mark.large  # a registry backbone: tens of seconds of tracing
+def test_lr_find_command(image_folder, tmp_path, capsys):
+    from keras_transfer.cli import main
+
+    plot = tmp_path / "curve.png"
+    code = main(["lr-find", str(image_folder), "--backbone", "mobilenet_v2", "--weights",
+                 "none", "--image-size", "32", "--steps", "6", "--batch-size", "8", "--unfreeze", "none",
+                 "--plot", str(plot)])
+    out = capsys.readouterr().out
+    assert code == 0 and "Suggested learning rate:" in out and plot.stat().st_size > 0
