@@ -71,7 +71,7 @@ def main():
     import keras_transfer as kt
 
     table = recipes()
-    names = args.recipes or list(table)
+    names = [] if args.recipes == ["none"] else args.recipes or list(table)  # none: heads only
     for task in args.tasks:
         _, load, build, num_classes = tasks[task]
         for seed in args.seeds:

@@ -37,7 +37,7 @@ import re
 import keras
 
 from keras_transfer.errors import KerasTransferError
-from keras_transfer.training import leaf_layers
+from keras_transfer.training import leaf_layers, say
 
 # What names a block in each family, tried in order (the first that matches
 # a layer's name wins): a ResNet's conv4_block2 also contains "block2".
@@ -212,16 +212,29 @@ def discriminative_optimizer(model: keras.Model, groups: list[LayerGroup], rates
     return keras.optimizers.MultiOptimizer(_ByVariable(optimizers[top_rate], chosen))
 
 
-def per_group_optimizer(model, learning_rate, layer_decay, make_optimizer, top_rate):
-    """A phase's optimizer factory with a rate per block of `model.backbone.network`.
+def phase_optimizer(model, phase, make_optimizer, verbose):
+    """A fine-tune phase's optimizer factory, with a rate per block where it asks for them.
+
+    Args:
+        model: the `TransferModel`; its `backbone.network` is cut into blocks.
+        phase: the `FineTunePhase` (its `learning_rate`, `layer_decay`,
+            `peak_learning_rate` and `name` are read).
+        make_optimizer: callable `rate -> optimizer` (the schedule's peak).
+        verbose: print the rates chosen.
 
     Returns:
-        `(factory, {group name: rate})`: `factory()` builds a fresh
-        `discriminative_optimizer`; the dict, bottom first, is for the record.
+        `(factory, rates)`: `factory()` builds a fresh optimizer; `rates` is
+        `{group name: rate}` bottom first, or None with one rate for all.
     """
+    top = phase.peak_learning_rate
+    ranged = isinstance(phase.learning_rate, tuple)
+    if phase.layer_decay is None and not ranged:
+        return (lambda: make_optimizer(top)), None
     groups = layer_groups(model.backbone.network)
-    rates = group_rates(len(groups), learning_rate, layer_decay)
-    return (lambda: discriminative_optimizer(model, groups, rates, make_optimizer, top_rate),
+    rates = group_rates(len(groups), phase.learning_rate if ranged else top, phase.layer_decay)
+    say(f"Phase '{phase.name}': {len(groups)} layer groups of the backbone, rates "
+        f"{rates[0]:.3g} (bottom) to {rates[-1]:.3g} (top); the heads at {top:.3g}.", verbose)
+    return (lambda: discriminative_optimizer(model, groups, rates, make_optimizer, top),
             {group.name: rate for group, rate in zip(groups, rates)})
 
 
