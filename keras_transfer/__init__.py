@@ -33,6 +33,7 @@ _MODULES = {
     "forgetting": (
         "ForgettingReport", "block_layers", "forgetting_report", "linear_cka", "snapshot_backbone",
     ),
+    "gradual": ("GradualUnfreezePhase",),
     "heads": ("Head",),
     "image": ("ImageBackbone", "ImagePreprocessing", "ImageTransferModel", "MultiTaskModel"),
     "image_data": ("default_augmentation", "make_image_dataset"),

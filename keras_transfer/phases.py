@@ -42,7 +42,6 @@ from keras_transfer.callbacks import RestoreBest
 from keras_transfer.distribute import model_scope
 from keras_transfer.training import (
     PhaseRecord,
-    WarmupDecay,
     count_params,
     fit_phase,
     leaf_layers,
@@ -452,7 +451,9 @@ class FineTunePhase:
             statistics (inference then falls to chance); 0.9 follows them.
             None keeps each layer's own.
         warmup: float. Share of the phase's steps spent warming up from 0.
-        decay: str. `"cosine"` or `"linear"` decay after warmup.
+        decay: str. `"cosine"` or `"linear"` decay after warmup, or
+            `"one_cycle"` (fastai's: from peak/25 up, then a cosine down to
+            almost 0; `keras_transfer.schedules`).
         early_stopping: int, optional. Patience in epochs (see `HeadPhase`).
         restore_best: bool. With validation data: at the end, put back the
             weights of the epoch with the lowest validation loss, the weights
@@ -524,8 +525,9 @@ class FineTunePhase:
         _check_patience(self.early_stopping)
         if not isinstance(self.warmup, (int, float)) or not 0.0 <= self.warmup <= 1.0:
             raise ValueError(f"Received warmup={self.warmup!r}; expected a share in [0, 1].")
-        if self.decay not in ("cosine", "linear"):
-            raise ValueError(f"Received decay={self.decay!r}; expected 'cosine' or 'linear'.")
+        if self.decay not in ("cosine", "linear", "one_cycle"):
+            raise ValueError(f"Received decay={self.decay!r}; expected 'cosine', 'linear' or "
+                             "'one_cycle'.")
         if self.lora_rank is not None:
             _check_int(self.lora_rank, "lora_rank", minimum=1)
         if self.batchnorm_momentum is not None:
@@ -603,10 +605,10 @@ class FineTunePhase:
         warmup = int(round(self.warmup * total))
 
         def adam(rate):
-            return keras.optimizers.Adam(WarmupDecay(rate, total_steps=total,
-                                                     warmup_steps=warmup, decay=self.decay))
+            return keras.optimizers.Adam(phase_schedule(rate, total, warmup, self.decay))
 
         from keras_transfer.layer_groups import phase_optimizer
+        from keras_transfer.schedules import phase_schedule
 
         make_optimizer, rates = phase_optimizer(model, self, adam, verbose)
         best = RestoreBest(validation) if self.restore_best and validation is not None else None
@@ -647,10 +649,10 @@ def resolve_phases(phases=None, head_epochs=None, fine_tune_epochs=None, epochs=
             raise ValueError(f"Received phases= and {sorted(given)}; the phases hold the "
                              "epochs: give one or the other.")
         phases = list(phases) if isinstance(phases, (list, tuple)) else [phases]
-        bad = [p for p in phases if not isinstance(p, (HeadPhase, FineTunePhase))]
-        if bad or not phases:
+        bad = [p for p in phases if not all(hasattr(p, a) for a in ("name", "prepare", "run"))]
+        if bad or not phases:  # the phase protocol: name, prepare(model), run(...)
             raise ValueError(f"Received phases={phases!r}; expected a non-empty list of "
-                             "kt.HeadPhase(...) and kt.FineTunePhase(...).")
+                             "phases: kt.HeadPhase(...), kt.FineTunePhase(...), ...")
         return phases
     if epochs is not None:
         if head_epochs is not None or fine_tune_epochs is not None:

@@ -1,0 +1,48 @@
+"""Gradual unfreezing and the one-cycle schedule."""
+
+import keras
+import numpy as np
+import pytest
+
+import keras_transfer as kt
+from keras_transfer.schedules import one_cycle
+
+
+def four_blocks():
+    inputs = keras.Input((32, 32, 3))
+    h = keras.layers.Conv2D(4, 3, strides=2, name="Conv1")(inputs)  # 112 parameters
+    for block in (1, 2, 3):
+        h = keras.layers.Conv2D(4, 3, name=f"block_{block}_project")(h)  # 148 each
+    return kt.ImageTransferModel(keras.Model(inputs, h, name="four"), 3, preprocessing="tf",
+                                 pooling="avg")
+
+
+def test_gradual_unfreezing_trains_more_blocks_at_each_stage(tiny_images):
+    x, y = tiny_images
+    model = four_blocks()
+    head = 4 * 3 + 3
+    history = model.fit(x[:16], y[:16], batch_size=16, verbose=0, phases=[
+        kt.GradualUnfreezePhase(stages=2, epochs_per_stage=1, learning_rate=1e-3)])
+    record = history.phases[0]
+    assert record.name == "gradual_unfreeze" and record.epochs_run == 2
+    stages = record.details["stages"]
+    assert [s["blocks"] for s in stages] == [2, 4]
+    assert [s["from_layer"] for s in stages] == ["block_2_project", "Conv1"]
+    assert [s["trainable_params"] for s in stages] == [2 * 148 + head, 112 + 3 * 148 + head]
+    assert len(history.history["loss"]) == 2 and history.epoch == [0, 1]
+    with pytest.raises(ValueError, match="stages=0"):
+        kt.GradualUnfreezePhase(stages=0)
+    with pytest.raises(ValueError, match="layer_decay"):
+        kt.GradualUnfreezePhase(layer_decay=2.0)
+
+
+def test_one_cycle_schedule_and_phase():
+    schedule = one_cycle(1e-3, total_steps=100, warmup_steps=25)
+    rates = np.array([float(schedule(s)) for s in range(101)])
+    assert rates[0] == pytest.approx(1e-3 / 25)
+    assert rates.argmax() == 25 and rates.max() == pytest.approx(1e-3)
+    assert rates[-1] == pytest.approx(1e-3 / 25 / 1e5, rel=1e-3)
+    assert np.all(np.diff(rates[25:]) <= 0)
+    assert kt.FineTunePhase(decay="one_cycle").decay == "one_cycle"
+    with pytest.raises(ValueError, match="one_cycle"):
+        kt.FineTunePhase(decay="triangle")
