@@ -40,6 +40,8 @@ import numpy as np
 
 from keras_transfer.callbacks import RestoreBest
 from keras_transfer.distribute import model_scope
+from keras_transfer.layer_groups import check_layer_rates, phase_optimizer
+from keras_transfer.schedules import adam_for, check_optimizer_options
 from keras_transfer.training import (
     PhaseRecord,
     count_params,
@@ -434,12 +436,10 @@ class FineTunePhase:
     Args:
         epochs: int, optional. Passes over the training data. None (default):
             at least `min_steps` optimiser steps and at least 3 epochs.
-        learning_rate: float or `(low, high)`. Peak Adam learning rate,
-            reached after warmup (default 1e-5: the pretrained weights are
-            nudged, not rewritten; 1e-4 with `lora_rank`). A `(low, high)`
-            pair spreads the rates geometrically over the backbone's blocks
-            (`kt.layer_groups`), the bottom block at `low`, the top block
-            and the heads at `high` (fastai's `slice(low, high)`).
+        learning_rate: float or `(low, high)`. Peak Adam learning rate after
+            warmup (default 1e-5: the weights are nudged, not rewritten; 1e-4
+            with `lora_rank`). `(low, high)`: rates spread geometrically from
+            the bottom block (`kt.layer_groups`) to the top one and the heads.
         unfreeze: `"all"`, an int N (the top N layers with weights) or a
             layer name (from that layer on).
         train_batchnorm: bool. Let BatchNormalization layers train and
@@ -466,13 +466,14 @@ class FineTunePhase:
         layer_decay: float in (0, 1], optional. Layer-wise rate decay: the
             backbone's block g from the top trains at
             `learning_rate * layer_decay**g`; the heads at `learning_rate`.
-        policy: `"auto"` or `"always"`. `"auto"` (default), with
-            `learning_rate`, `epochs` and `layer_decay` unset, decides from
-            the head phase's probe (`keras_transfer.fine_tune_policy`): after
-            a saturated probe the phase is skipped and the head kept; else
-            an image backbone gets the stronger recipe (1e-4, ~120 steps);
-            the log and `record.details["policy"]` say which and why.
-            `"always"` runs the phase as configured.
+        policy: `"auto"` (default): with `learning_rate`, `epochs` and
+            `layer_decay` unset, skip after a saturated probe, else a stronger
+            recipe on images (`fine_tune_policy`; the log and
+            `record.details["policy"]` say why). `"always"`: as configured.
+        weight_decay: float, optional. AdamW's decoupled weight decay,
+            biases and normalisation scales and offsets excluded.
+        gradient_accumulation_steps: int >= 2, optional. Keras's gradient
+            accumulation: one update per that many batches.
         name: str. The phase's name in logs and the history.
 
     Example:
@@ -482,7 +483,8 @@ class FineTunePhase:
         FineTunePhase(epochs=None, learning_rate=None, unfreeze='all', train_batchnorm=False,
                       batchnorm_momentum=None, warmup=0.1, decay='cosine', early_stopping=None,
                       restore_best=True, min_steps=100, lora_rank=None, lora_targets=None,
-                      layer_decay=None, policy='auto', name='fine_tune')
+                      layer_decay=None, policy='auto', weight_decay=None,
+                      gradient_accumulation_steps=None, name='fine_tune')
         >>> kt.FineTunePhase(epochs=10, learning_rate=2e-5, unfreeze=20)
         FineTunePhase(epochs=10, learning_rate=2e-05, unfreeze=20, ...)
         >>> kt.FineTunePhase(epochs=3, lora_rank=4)
@@ -506,11 +508,11 @@ class FineTunePhase:
     lora_targets: tuple | None = None
     layer_decay: float | None = None
     policy: str = "auto"
+    weight_decay: float | None = None
+    gradient_accumulation_steps: int | None = None
     name: str = "fine_tune"
 
     def __post_init__(self):
-        from keras_transfer.layer_groups import check_layer_rates
-
         if self.epochs is not None:
             _check_int(self.epochs, "epochs", minimum=1)
         _check_int(self.min_steps, "min_steps", minimum=1)
@@ -518,6 +520,7 @@ class FineTunePhase:
         if self.policy not in ("auto", "always"):
             raise ValueError(f"Received policy={self.policy!r}; expected 'auto' (decide from "
                              "the probe) or 'always' (run as configured).")
+        check_optimizer_options(self.weight_decay, self.gradient_accumulation_steps)
         if isinstance(self.learning_rate, list):  # hashable, like the dataclass
             object.__setattr__(self, "learning_rate", tuple(self.learning_rate))
         if self.learning_rate is not None and not isinstance(self.learning_rate, tuple):
@@ -602,15 +605,7 @@ class FineTunePhase:
         epochs = self.epochs_for(steps)
         total = steps * epochs
         peak = self.peak_learning_rate
-        warmup = int(round(self.warmup * total))
-
-        def adam(rate):
-            return keras.optimizers.Adam(phase_schedule(rate, total, warmup, self.decay))
-
-        from keras_transfer.layer_groups import phase_optimizer
-        from keras_transfer.schedules import phase_schedule
-
-        make_optimizer, rates = phase_optimizer(model, self, adam, verbose)
+        make_optimizer, rates = phase_optimizer(model, self, adam_for(self, total), verbose)
         best = RestoreBest(validation) if self.restore_best and validation is not None else None
         with _batchnorm_momentum(model.backbone.network, self.batchnorm_momentum):
             record, history = fit_phase(

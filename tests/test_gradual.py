@@ -1,11 +1,11 @@
-"""Gradual unfreezing and the one-cycle schedule."""
+"""Gradual unfreezing, the one-cycle schedule, weight decay and gradient accumulation."""
 
 import keras
 import numpy as np
 import pytest
 
 import keras_transfer as kt
-from keras_transfer.schedules import one_cycle
+from keras_transfer.schedules import adam_for, one_cycle
 
 
 def four_blocks():
@@ -46,3 +46,29 @@ def test_one_cycle_schedule_and_phase():
     assert kt.FineTunePhase(decay="one_cycle").decay == "one_cycle"
     with pytest.raises(ValueError, match="one_cycle"):
         kt.FineTunePhase(decay="triangle")
+
+
+def test_weight_decay_skips_biases_and_accumulation_waits():
+    dense = keras.layers.Dense(2)
+    norm = keras.layers.LayerNormalization()
+    dense.build((None, 3))
+    norm.build((None, 2))
+    for layer in (dense, norm):  # non-zero everywhere, so decay would show
+        layer.set_weights([np.full(w.shape, 0.5, "float32") for w in layer.weights])
+    variables = [dense.kernel, dense.bias, norm.gamma, norm.beta]
+    phase = kt.FineTunePhase(learning_rate=0.1, warmup=0.0, weight_decay=0.5)
+    optimizer = adam_for(phase, total_steps=100)(0.1)
+    optimizer.apply([keras.ops.zeros(v.shape) for v in variables], variables)  # no gradient
+    np.testing.assert_allclose(np.array(dense.kernel), 0.5 * (1 - 0.1 * 0.5), rtol=1e-5)
+    for variable in variables[1:]:  # bias, gamma, beta: not decayed
+        np.testing.assert_array_equal(np.array(variable), 0.5)
+    accumulating = adam_for(kt.FineTunePhase(gradient_accumulation_steps=2, warmup=0.0),
+                            total_steps=100)(0.1)
+    before = np.array(dense.kernel)
+    accumulating.apply([keras.ops.ones(dense.kernel.shape)], [dense.kernel])
+    np.testing.assert_array_equal(np.array(dense.kernel), before)  # the first batch waits
+    accumulating.apply([keras.ops.ones(dense.kernel.shape)], [dense.kernel])
+    assert np.all(np.array(dense.kernel) < before)  # the second batch applies both
+    for bad in (dict(weight_decay=-1.0), dict(gradient_accumulation_steps=1)):
+        with pytest.raises(ValueError):
+            kt.FineTunePhase(**bad)
