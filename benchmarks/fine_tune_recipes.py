@@ -4,8 +4,7 @@ For each task and seed: the head phase (the probe) once, its evidence
 printed (cross-validated accuracy and log-loss, the latter as a share of
 chance's log K), then every recipe fine-tunes a copy starting from the same
 head weights; test accuracy and wall time of each. Tasks are those of
-`transfer_quality.py` plus `demo` (the demo's 8 photographs, 5 patches per
-class, 128 px, torchvision MobileNetV2).
+`transfer_quality.py` (the demo's among them).
 
 Run: `python benchmarks/fine_tune_recipes.py --tasks digits demo --seeds 0 1
 [--recipes old strong ...]`.
@@ -43,26 +42,12 @@ def recipes():
     }
 
 
-def demo_task(seed):
-    from keras_transfer.demo import PHOTOGRAPHS, SHOTS, photo_patches
-
-    return photo_patches(SHOTS, 40, seed, PHOTOGRAPHS)
-
-
-def demo_model(num_classes):
-    import keras_transfer as kt
-    from keras_transfer.demo import PATCH
-
-    return kt.ImageTransferModel("mobilenet_v2_torchvision", num_classes, weights="imagenet",
-                                 input_shape=(PATCH, PATCH, 3), pooling="avg")
-
-
 def main():
     import keras
 
     import transfer_quality as tq
 
-    tasks = {**tq.TASKS, "demo": ("images", demo_task, demo_model, 8)}
+    tasks = tq.TASKS
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--tasks", nargs="+", default=["digits", "demo"], choices=list(tasks))
     parser.add_argument("--seeds", nargs="+", type=int, default=[0])

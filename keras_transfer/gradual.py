@@ -1,4 +1,4 @@
-"""Gradual unfreezing (ULMFiT, Howard & Ruder 2018): the backbone thawed block by block from the top.
+"""Gradual unfreezing (ULMFiT, Howard & Ruder 2018): the backbone thawed from the top.
 
 `GradualUnfreezePhase` is a phase like `FineTunePhase` (and an example of
 writing one: a frozen dataclass with `name`, `prepare(model)` and

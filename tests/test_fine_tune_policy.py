@@ -1,4 +1,4 @@
-"""FineTunePhase(policy="auto"): skip after a saturated probe, the stronger recipe after a weak one."""
+"""FineTunePhase(policy="auto"): skip after a saturated probe, else more on images."""
 
 import logging
 

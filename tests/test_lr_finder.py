@@ -74,7 +74,8 @@ def test_lr_find_command(image_folder, tmp_path, capsys):
 
     plot = tmp_path / "curve.png"
     code = main(["lr-find", str(image_folder), "--backbone", "mobilenet_v2", "--weights",
-                 "none", "--image-size", "32", "--steps", "6", "--batch-size", "8", "--unfreeze", "none",
+                 "none", "--image-size", "32", "--steps", "6", "--batch-size", "8",
+                 "--unfreeze", "none",
                  "--plot", str(plot)])
     out = capsys.readouterr().out
     assert code == 0 and "Suggested learning rate:" in out and plot.stat().st_size > 0
