@@ -106,3 +106,39 @@ def test_fine_tune_phase_trains_each_block_at_its_rate(tiny_images):
     head = model.head.layers[-1].kernel
     assert np.median(np.abs(np.array(head) - before[id(head)])) == pytest.approx(1e-2, rel=0.05)
     assert "learning_rate" in history.history  # logged from the top rate's optimizer
+
+
+@pytest.mark.large  # a KerasHub model with LoRA: about a minute on busy cores
+def test_lora_adapters_take_their_blocks_rates():
+    from test_text import LABELS, TEXTS, tiny_model
+
+    model = tiny_model()
+    network = model.backbone.network
+    history = model.fit(TEXTS, LABELS, batch_size=len(TEXTS), verbose=0, phases=[
+        kt.HeadPhase(epochs=1), kt.FineTunePhase(epochs=1, lora_rank=2, learning_rate=1e-2,
+                                                 layer_decay=0.1, warmup=0.0)])
+    rates = history.phases[1].details["group_rates"]
+    top, below = list(rates)[-1], list(rates)[-2]
+    assert top.startswith("transformer_layer_") and rates[below] == pytest.approx(1e-3)
+    # The adapters are variables of the adapted layers, so each block's go with its rate.
+    groups = {g.name: g for g in kt.layer_groups(network)}
+    for name in (top, below):
+        assert any("lora_kernel" in v.path for v in groups[name].variables), name
+    assert all("lora" in w.path for w in network.trainable_weights)
+
+
+@names_only
+def test_per_block_rates_under_a_mirrored_strategy(tiny_images):
+    import tensorflow as tf
+
+    x, y = tiny_images
+    strategy = tf.distribute.MirroredStrategy(["/cpu:0"])
+    with strategy.scope():
+        network = blocks_network()
+    model = kt.ImageTransferModel(network, 3, preprocessing="tf", pooling="avg",
+                                  strategy=strategy)
+    kernel = network.get_layer("Conv1").kernel
+    before = np.array(kernel)
+    model.fit(x[:16], y[:16], batch_size=16, verbose=0, phases=[kt.FineTunePhase(
+        epochs=1, learning_rate=1e-2, layer_decay=0.5, warmup=0.0)])
+    assert np.median(np.abs(np.array(kernel) - before)) == pytest.approx(2.5e-3, rel=0.05)
