@@ -38,11 +38,12 @@ def test_gradual_unfreezing_trains_more_blocks_at_each_stage(tiny_images):
 
 def test_one_cycle_schedule_and_phase():
     schedule = one_cycle(1e-3, total_steps=100, warmup_steps=25)
-    rates = np.array([float(schedule(s)) for s in range(101)])
+    steps = [0, 12, 25, 50, 75, 100]  # a few: each call is an op dispatch (slow on JAX)
+    rates = np.array([float(keras.ops.convert_to_numpy(schedule(s))) for s in steps])
     assert rates[0] == pytest.approx(1e-3 / 25)
-    assert rates.argmax() == 25 and rates.max() == pytest.approx(1e-3)
+    assert rates.argmax() == 2 and rates.max() == pytest.approx(1e-3)
     assert rates[-1] == pytest.approx(1e-3 / 25 / 1e5, rel=1e-3)
-    assert np.all(np.diff(rates[25:]) <= 0)
+    assert rates[0] < rates[1] < rates[2] and np.all(np.diff(rates[2:]) < 0)
     assert kt.FineTunePhase(decay="one_cycle").decay == "one_cycle"
     with pytest.raises(ValueError, match="one_cycle"):
         kt.FineTunePhase(decay="triangle")
