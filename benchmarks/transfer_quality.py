@@ -10,7 +10,9 @@ What it measures
       (`probe`), and on the same features standardised (`probe_std`);
     * our head (`HeadPhase()`: the converged, cross-validated probe, its
       confidence calibrated to the cross-validated log-loss);
-    * our fine-tuned model (`FineTunePhase()`: ~100 steps at 1e-5 after it);
+    * our fine-tuned model (`FineTunePhase()` after it: its policy reads the
+      probe's evidence and skips, runs 1e-4 for ~120 steps on images, or ~100
+      steps at 1e-5 on text; `fine_tune_policy`);
 
     and the wall time of each. Tasks:
 
@@ -28,6 +30,8 @@ What it measures
     * photos: the demo's task (`keras_transfer.demo.photo_patches`), 8
       photographs, 5 patches of 128 px per class read at 224 px, 50 test
       patches per class from the other half; the ImageNet MobileNetV2.
+    * demo: the demo's 8 photographs, 128x128 patches, 5 per class; the
+      torchvision ImageNet MobileNetV2.
 
     It prints every seed, the mean and spread, and checks the issue's
     targets (head >= probe - 0.005 and >= probe_std - 0.005 on every task, fine-tuned >= head on
@@ -168,6 +172,21 @@ def mobilenet_digits(num_classes):
                                  input_shape=(64, 64, 3), pooling="avg")
 
 
+def demo(seed):
+    from keras_transfer.demo import PHOTOGRAPHS, SHOTS, photo_patches
+
+    # The demo's task: 8 photographs, 5 patches per class for training, 40 for test.
+    return photo_patches(SHOTS, 40, seed, PHOTOGRAPHS)
+
+
+def mobilenet_demo(num_classes):
+    import keras_transfer as kt
+    from keras_transfer.demo import PATCH
+
+    return kt.ImageTransferModel("mobilenet_v2_torchvision", num_classes, weights="imagenet",
+                                 input_shape=(PATCH, PATCH, 3), pooling="avg")
+
+
 TASKS = {
     "yelp": ("text", yelp, text_model, 2),
     "topics": ("text", topics, text_model, len(TOPICS)),
@@ -175,6 +194,7 @@ TASKS = {
     "digits": ("images", digits, mobilenet_digits, 10),
     "photos": ("images", photos, mobilenet_photos, 8),
     "digits5": ("images", digits5, mobilenet_digits, 10),
+    "demo": ("images", demo, mobilenet_demo, 8),
 }
 
 

@@ -34,10 +34,12 @@ _MODULES = {
     "forgetting": (
         "ForgettingReport", "block_layers", "forgetting_report", "linear_cka", "snapshot_backbone",
     ),
+    "gradual": ("GradualUnfreezePhase",),
     "heads": ("Head",),
     "image": ("ImageBackbone", "ImagePreprocessing", "ImageTransferModel", "MultiTaskModel"),
     "image_data": ("default_augmentation", "make_image_dataset"),
     "imagenet": ("imagenet_class_names", "imagenet_predict", "imagenet_top_k"),
+    "layer_groups": ("LayerGroup", "group_rates", "layer_groups"),
     "insight": (
         "ClassificationReport", "classification_report", "confusion_matrix",
         "plot_confusion_matrix", "plot_worst_images", "top_k", "worst_predictions",

@@ -137,6 +137,8 @@ class LearningRateLogger(keras.callbacks.Callback):
     def on_epoch_end(self, epoch, logs=None):
         if logs is not None:
             optimizer = self.model.optimizer
+            if isinstance(optimizer, keras.optimizers.MultiOptimizer):  # per-layer rates:
+                optimizer = optimizer.optimizers[0]  # the top rate (layer_groups.py)
             logs["learning_rate"] = float(keras.ops.convert_to_numpy(
                 optimizer.learning_rate))
 

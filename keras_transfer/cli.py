@@ -531,6 +531,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="save the run after every epoch; the same command resumes it after a "
                         "crash (default: no backup)")
 
+    from keras_transfer import lr_find_command  # the command lives there
+    lr_find_command.add_command_arguments(command(
+        "lr-find", "suggest a learning rate: a short run at a rising rate",
+        lr_find_command.run_command))
+
     p = command("export", "export a saved .keras model as a SavedModel", _export)
     p.add_argument("model", help="a .keras file saved by keras_transfer")
     p.add_argument("output", help="export folder to write")

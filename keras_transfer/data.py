@@ -452,3 +452,47 @@ def steps_of(dataset, name: str | None = None) -> int:
     if n == 0:
         raise DataError(f"{where}The data is empty: it yields no batches.")
     return n
+
+
+# The fewest examples `HeadPhase(validation_split=)` holds some out of.
+MIN_EXAMPLES_TO_HOLD_OUT = 20
+
+
+def held_out_split(labels, kind: str, fraction: float, seed=None):
+    """Indices `(kept, held_out)`: about `fraction` of the rows, stratified by class.
+
+    Each class gives `round(fraction * members)` rows (a class of 1 or 2
+    members gives none), so that every class is still trained on.
+    Multi-label and regression rows are drawn at random.
+
+    Args:
+        labels: array of shape (N,) (classes) or (N, K).
+        kind: the head's kind: "classification", "multilabel" or "regression".
+        fraction: float in (0, 1).
+        seed: int, optional.
+
+    Returns:
+        Two sorted int64 arrays that partition `range(N)`, or None when fewer
+        than `MIN_EXAMPLES_TO_HOLD_OUT` rows are given or none would be held out.
+
+    Example:
+        >>> kept, held = held_out_split(np.repeat([0, 1], 50), "classification", 0.2, seed=0)
+        >>> len(kept), len(held), np.bincount(np.repeat([0, 1], 50)[held]).tolist()
+        (80, 20, [10, 10])
+    """
+    labels = np.asarray(labels)
+    n = len(labels)
+    if n < MIN_EXAMPLES_TO_HOLD_OUT:
+        return None
+    rng = np.random.default_rng(seed)
+    if kind == "classification":
+        held = [rng.permutation(np.flatnonzero(labels == c))[: int(round(fraction * count))]
+                for c, count in zip(*np.unique(labels, return_counts=True))]
+        held = np.concatenate(held)
+    else:
+        held = rng.permutation(n)[: int(round(fraction * n))]
+    if held.size == 0:
+        return None
+    mask = np.zeros(n, bool)
+    mask[held] = True
+    return np.flatnonzero(~mask), np.flatnonzero(mask)

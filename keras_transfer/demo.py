@@ -284,9 +284,12 @@ def run_demo(quick: bool = False, output: str = "saved_models/demo", seeds=None,
             if report:
                 say(report[0].summary())
             phase = history.phases[0]
-            say(f"Fine-tuning: {phase.trainable_params:,} parameters, {phase.epochs_run} "
-                f"epochs, peak learning rate {phase.peak_learning_rate:g} (warmup, then "
-                f"cosine decay). From scratch: {scratch_phase.trainable_params:,} parameters, "
+            decision = phase.details.get("policy", {})
+            tuned = (f"Fine-tuning skipped: {decision.get('reason')}." if not phase.epochs_run
+                     else f"Fine-tuning: {phase.trainable_params:,} parameters, "
+                     f"{phase.epochs_run} epochs, peak learning rate "
+                     f"{phase.peak_learning_rate:g} (warmup, then cosine decay).")
+            say(f"{tuned} From scratch: {scratch_phase.trainable_params:,} parameters, "
                 f"{scratch_phase.epochs_run} epochs, peak {scratch_phase.peak_learning_rate:g}"
                 " (BatchNorm training).")
             say(f"{'seed':>4} {'pixels':>7} {'scratch':>8} {'head':>6} {'fine-tuned':>11}"

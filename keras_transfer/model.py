@@ -24,7 +24,7 @@ from collections.abc import Callable, Sequence
 import keras
 import numpy as np
 
-from keras_transfer import adapters, backend, routing, trainer
+from keras_transfer import adapters, backend, lr_finder, routing, trainer
 from keras_transfer import data as data_lib
 from keras_transfer.contracts import BackboneComponent, Phase
 from keras_transfer.distribute import (
@@ -256,6 +256,8 @@ class TransferModel(MultiWorkerFitMixin, keras.Model):
     load_adapters = adapters.load_adapters
 
     # ------------------------------------------------------------- training
+    find_learning_rate = lr_finder.find_learning_rate  # leaves the model as it was
+
     @data_lib.warns_once
     def fit(self, x=None, y=None, *, validation_data=None,
             phases: Sequence[Phase] | Phase | None = None, head_epochs=None,

@@ -42,12 +42,15 @@ import numpy as np
 from keras_transfer import fine_tune_cache
 from keras_transfer.callbacks import DivergenceGuard, RestoreBest
 from keras_transfer.contracts import Phase
+from keras_transfer.data import held_out_split
 from keras_transfer.distribute import model_scope
 from keras_transfer.feature_cache import CacheUnwritableError
+from keras_transfer.fine_tune_policy import forget_probe, remember_probe, run_with_policy
+from keras_transfer.layer_groups import check_layer_rates, phase_optimizer
 from keras_transfer.probe import fit_linear_probe
+from keras_transfer.schedules import adam_for, check_optimizer_options
 from keras_transfer.training import (
     PhaseRecord,
-    WarmupDecay,
     count_params,
     fit_phase,
     leaf_layers,
@@ -176,6 +179,7 @@ class HeadPhase:
                  "transfer learning and accuracy is often near chance. Load pretrained "
                  "weights, or train end to end with kt.FineTunePhase.from_scratch() (what "
                  "fit does on a random backbone when no phases are given).", verbose)
+        forget_probe(model)  # the heads change: an earlier probe's evidence no longer holds
         self.prepare(model)
         caches = self._caches(data, verbose)
         probed = {}
@@ -256,48 +260,6 @@ class HeadPhase:
 
 
 SOLVERS = ("auto", "probe", "adam")
-# The fewest examples `HeadPhase(validation_split=)` holds some out of.
-MIN_EXAMPLES_TO_HOLD_OUT = 20
-
-
-def held_out_split(labels, kind: str, fraction: float, seed=None):
-    """Indices `(kept, held_out)`: about `fraction` of the rows, stratified by class.
-
-    Each class gives `round(fraction * members)` rows (a class of 1 or 2
-    members gives none), so that every class is still trained on.
-    Multi-label and regression rows are drawn at random.
-
-    Args:
-        labels: array of shape (N,) (classes) or (N, K).
-        kind: the head's kind: "classification", "multilabel" or "regression".
-        fraction: float in (0, 1).
-        seed: int, optional.
-
-    Returns:
-        Two sorted int64 arrays that partition `range(N)`, or None when fewer
-        than `MIN_EXAMPLES_TO_HOLD_OUT` rows are given or none would be held out.
-
-    Example:
-        >>> kept, held = held_out_split(np.repeat([0, 1], 50), "classification", 0.2, seed=0)
-        >>> len(kept), len(held), np.bincount(np.repeat([0, 1], 50)[held]).tolist()
-        (80, 20, [10, 10])
-    """
-    labels = np.asarray(labels)
-    n = len(labels)
-    if n < MIN_EXAMPLES_TO_HOLD_OUT:
-        return None
-    rng = np.random.default_rng(seed)
-    if kind == "classification":
-        held = [rng.permutation(np.flatnonzero(labels == c))[: int(round(fraction * count))]
-                for c, count in zip(*np.unique(labels, return_counts=True))]
-        held = np.concatenate(held)
-    else:
-        held = rng.permutation(n)[: int(round(fraction * n))]
-    if held.size == 0:
-        return None
-    mask = np.zeros(n, bool)
-    mask[held] = True
-    return np.flatnonzero(~mask), np.flatnonzero(mask)
 
 
 def _held_out_rows(model, caches: dict, names, fraction, seed, verbose) -> dict | None:
@@ -347,6 +309,7 @@ def solve_linear_heads(model, caches, data, required, verbose) -> dict:
         found = {k: v for k, v in report.as_dict().items() if k not in ("fold_scores", "grid")}
         solved[name] = {**found, "solver": "probe", "method": report.solver,
                         "summary": report.summary()}
+        remember_probe(model, name, solved[name])  # FineTunePhase(policy="auto") reads it
     return solved
 
 
@@ -433,9 +396,10 @@ class FineTunePhase:
     Args:
         epochs: int, optional. Passes over the training data. None (default):
             at least `min_steps` optimiser steps and at least 3 epochs.
-        learning_rate: float. Peak Adam learning rate, reached after warmup
-            (default 1e-5: the pretrained weights are nudged, not rewritten;
-            1e-4 with `lora_rank`).
+        learning_rate: float or `(low, high)`. Peak Adam learning rate after
+            warmup (default 1e-5: the weights are nudged, not rewritten; 1e-4
+            with `lora_rank`). `(low, high)`: rates spread geometrically from
+            the bottom block (`kt.layer_groups`) to the top one and the heads.
         unfreeze: `"all"`, an int N (the top N layers with weights) or a
             layer name (from that layer on).
         train_batchnorm: bool. Let BatchNormalization layers train and
@@ -447,7 +411,9 @@ class FineTunePhase:
             statistics (inference then falls to chance); 0.9 follows them.
             None keeps each layer's own.
         warmup: float. Share of the phase's steps spent warming up from 0.
-        decay: str. `"cosine"` or `"linear"` decay after warmup.
+        decay: str. `"cosine"` or `"linear"` decay after warmup, or
+            `"one_cycle"` (fastai's: from peak/25 up, then a cosine down to
+            almost 0; `keras_transfer.schedules`).
         early_stopping: int, optional. Patience in epochs (see `HeadPhase`).
         restore_best: bool. With validation data: at the end, put back the
             weights of the epoch with the lowest validation loss, the weights
@@ -465,14 +431,28 @@ class FineTunePhase:
             BatchNormalization does not train; otherwise the whole network
             runs every step, as the log says. `True` makes that an error.
         cache_dir: str, optional. Root of that cache (see `HeadPhase`).
+        layer_decay: float in (0, 1], optional. Layer-wise rate decay: the
+            backbone's block g from the top trains at
+            `learning_rate * layer_decay**g`; the heads at `learning_rate`.
+        policy: `"auto"` (default): with `learning_rate`, `epochs` and
+            `layer_decay` unset, skip after a saturated probe, else a stronger
+            recipe on images (`fine_tune_policy`; the log and
+            `record.details["policy"]` say why). `"always"`: as configured.
+        weight_decay: float, optional. AdamW's decoupled weight decay,
+            biases and normalisation scales and offsets excluded.
+        gradient_accumulation_steps: int >= 2, optional. Keras's gradient
+            accumulation: one update per that many batches.
         name: str. The phase's name in logs and the history.
 
     Example:
+        >>> kt.FineTunePhase(epochs=20, learning_rate=3e-4, layer_decay=0.8)
+        FineTunePhase(epochs=20, learning_rate=0.0003, ..., layer_decay=0.8, ...)
         >>> kt.FineTunePhase()                                    # ~100 steps at 1e-5
         FineTunePhase(epochs=None, learning_rate=None, unfreeze='all', train_batchnorm=False,
                       batchnorm_momentum=None, warmup=0.1, decay='cosine', early_stopping=None,
                       restore_best=True, min_steps=100, lora_rank=None, lora_targets=None,
-                      feature_cache='auto', cache_dir=None, name='fine_tune')
+                      feature_cache='auto', cache_dir=None, layer_decay=None, policy='auto',
+                      weight_decay=None, gradient_accumulation_steps=None, name='fine_tune')
         >>> kt.FineTunePhase(epochs=10, learning_rate=2e-5, unfreeze=20)
         FineTunePhase(epochs=10, learning_rate=2e-05, unfreeze=20, ...)
         >>> kt.FineTunePhase(epochs=3, lora_rank=4)
@@ -496,6 +476,10 @@ class FineTunePhase:
     lora_targets: tuple | None = None
     feature_cache: bool | str = "auto"
     cache_dir: str | None = None
+    layer_decay: float | None = None
+    policy: str = "auto"
+    weight_decay: float | None = None
+    gradient_accumulation_steps: int | None = None
     name: str = "fine_tune"
     trains_backbone = True  # (contracts.Phase) not a field: not in the repr a backup compares
 
@@ -503,13 +487,21 @@ class FineTunePhase:
         if self.epochs is not None:
             _check_int(self.epochs, "epochs", minimum=1)
         _check_int(self.min_steps, "min_steps", minimum=1)
-        if self.learning_rate is not None:
+        check_layer_rates(self.learning_rate, self.layer_decay)
+        if self.policy not in ("auto", "always"):
+            raise ValueError(f"Received policy={self.policy!r}; expected 'auto' (decide from "
+                             "the probe) or 'always' (run as configured).")
+        check_optimizer_options(self.weight_decay, self.gradient_accumulation_steps)
+        if isinstance(self.learning_rate, list):  # hashable, like the dataclass
+            object.__setattr__(self, "learning_rate", tuple(self.learning_rate))
+        if self.learning_rate is not None and not isinstance(self.learning_rate, tuple):
             _check_rate(self.learning_rate)
         _check_patience(self.early_stopping)
         if not isinstance(self.warmup, (int, float)) or not 0.0 <= self.warmup <= 1.0:
             raise ValueError(f"Received warmup={self.warmup!r}; expected a share in [0, 1].")
-        if self.decay not in ("cosine", "linear"):
-            raise ValueError(f"Received decay={self.decay!r}; expected 'cosine' or 'linear'.")
+        if self.decay not in ("cosine", "linear", "one_cycle"):
+            raise ValueError(f"Received decay={self.decay!r}; expected 'cosine', 'linear' or "
+                             "'one_cycle'.")
         if self.lora_rank is not None:
             _check_int(self.lora_rank, "lora_rank", minimum=1)
         if self.feature_cache not in (True, False, "auto"):
@@ -541,11 +533,14 @@ class FineTunePhase:
             A `FineTunePhase` named `"from_scratch"`.
         """
         defaults = dict(learning_rate=1e-3, train_batchnorm=True, batchnorm_momentum=0.9,
-                        name="from_scratch")
+                        policy="always", name="from_scratch")
         return cls(**{**defaults, **options})
 
     @property
     def peak_learning_rate(self) -> float:
+        """The top rate (the heads'): `learning_rate`, the high end of a range, or the default."""
+        if isinstance(self.learning_rate, tuple):
+            return float(self.learning_rate[1])
         if self.learning_rate is not None:
             return self.learning_rate
         return 1e-4 if self.lora_rank else 1e-5
@@ -570,14 +565,19 @@ class FineTunePhase:
                 model.backbone.unfreeze(self.unfreeze, self.train_batchnorm)
 
     def run(self, model, data, callbacks, initial_epoch, verbose):
-        """Unfreezes and fine-tunes; returns `(PhaseRecord, keras History)`."""
+        """Unfreezes and fine-tunes; returns `(PhaseRecord, keras History)`.
+
+        With `policy="auto"`, first decides from the probe's evidence whether
+        to skip, strengthen or run as configured (`fine_tune_policy.decide`).
+        """
+        if self.policy == "auto":
+            return run_with_policy(self, model, data, callbacks, initial_epoch, verbose)
         self.prepare(model)
         (train, steps), validation = data.batches(), data.validation_batches()
         epochs = self.epochs_for(steps)
         total = steps * epochs
         peak = self.peak_learning_rate
-        schedule = WarmupDecay(peak, total_steps=total,
-                               warmup_steps=int(round(self.warmup * total)), decay=self.decay)
+        make_optimizer, rates = phase_optimizer(model, self, adam_for(self, total), verbose)
         # The frozen bottom run once and cached (fine_tune_cache); None: the whole network runs.
         cached = fine_tune_cache.cached_fine_tune(self, model, data, verbose)
         context = contextlib.nullcontext() if cached is None else cached[2]
@@ -587,8 +587,10 @@ class FineTunePhase:
         with context, _batchnorm_momentum(model.backbone.network, self.batchnorm_momentum):
             record, history = fit_phase(
                 model, self.name, train, validation, epochs,
-                lambda: keras.optimizers.Adam(schedule), [*([best] if best else []), *callbacks],
+                make_optimizer, [*([best] if best else []), *callbacks],
                 self.early_stopping, initial_epoch, verbose, peak, backup=data.phase_backup)
+        if rates is not None:
+            record.details["group_rates"] = rates
         if best is not None and best.restored is not None:
             record.details["restored"] = best.restored
             say(f"Phase '{self.name}': kept the weights of {best.restored} (lowest validation "

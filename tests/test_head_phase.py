@@ -9,7 +9,7 @@ except ImportError:  # a run on another backend without TensorFlow: its tests ar
     tf = None
 
 import keras_transfer as kt
-from keras_transfer.phases import held_out_split
+from keras_transfer.data import held_out_split
 from keras_transfer.probe import fit_linear_probe
 
 

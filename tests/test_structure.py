@@ -21,6 +21,9 @@ LAZY = {
     "demo": "the offline demo, run by the command; checks what is installed first",
     # The registry lists names without Keras; its builders import it.
     "backbones": "the registry lists backbones without importing Keras",
+    # Subcommands of the command line, imported by it when they run.
+    "lr_find_command": "a subcommand: imports the model's modules when it runs",
+    "generate_command": "a subcommand: imports KerasHub and the GGUF reader when it runs",
 }
 
 

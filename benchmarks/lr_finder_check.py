@@ -1,0 +1,72 @@
+"""Is the finder's suggestion near the best rate of a sweep? (issue 24: within a factor of 3)
+
+For each task and seed: the head phase (the probe), then
+`model.find_learning_rate(x, y, unfreeze="all")` and, from the same head
+weights, a short fine-tune at each rate of a sweep (`--rates`, same steps);
+prints the suggestion, each rate's test accuracy and final training loss,
+and the ratio between the suggestion and the sweep's best rate (by test
+accuracy, ties to the lower loss).
+
+Run: `python benchmarks/lr_finder_check.py --tasks digits textures --seeds 0 [--steps 60]`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+sys.path.insert(0, os.path.dirname(__file__))
+
+
+def main():
+    import keras
+
+    import keras_transfer as kt
+    import transfer_quality as tq
+
+    tasks = tq.TASKS
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--tasks", nargs="+", default=["digits"], choices=list(tasks))
+    parser.add_argument("--seeds", nargs="+", type=int, default=[0])
+    parser.add_argument("--rates", nargs="+", type=float, default=[1e-5, 1e-4, 1e-3])
+    parser.add_argument("--steps", type=int, default=60, help="steps of each sweep run")
+    args = parser.parse_args()
+    for task in args.tasks:
+        _, load, build, num_classes = tasks[task]
+        for seed in args.seeds:
+            x_train, y_train, x_test, y_test = load(seed)
+            keras.utils.set_random_seed(seed)
+            model = build(num_classes)
+            model.fit(x_train, y_train, phases=[kt.HeadPhase()], seed=seed, verbose=0)
+            weights = model.get_weights()
+            start = time.perf_counter()
+            found = model.find_learning_rate(x_train, y_train, unfreeze="all", start=1e-7,
+                                             end=1.0, steps=100, seed=seed)
+            seconds = time.perf_counter() - start
+            print(f"{task} seed {seed}: suggestion {found.suggestion:.2g} (minimum "
+                  f"{found.minimum_rate:.2g}, {len(found.rates)} batches, {seconds:.0f} s)",
+                  flush=True)
+            results = []
+            for rate in args.rates:
+                model.set_weights(weights)
+                keras.utils.set_random_seed(seed)
+                history = model.fit(x_train, y_train, seed=seed, verbose=0, phases=[
+                    kt.FineTunePhase(learning_rate=rate, min_steps=args.steps,
+                                     policy="always")])
+                accuracy = model.evaluate(x_test, y_test, batch_size=64)["accuracy"]
+                loss = history.history["loss"][-1]
+                results.append((accuracy, -loss, rate))
+                print(f"  {task} seed {seed} rate {rate:.0e}: test {accuracy:.3f}, final "
+                      f"training loss {loss:.4f}", flush=True)
+            best = max(results)[2]
+            ratio = max(found.suggestion / best, best / found.suggestion)
+            print(f"  {task} seed {seed}: best rate {best:.0e}, suggestion "
+                  f"{found.suggestion:.2g}: a factor {ratio:.1f} "
+                  f"({'within' if ratio <= 3 else 'NOT within'} 3)", flush=True)
+
+
+if __name__ == "__main__":
+    main()
