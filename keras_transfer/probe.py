@@ -73,8 +73,8 @@ per step for all folds): 4x faster for leave-one-out on 40 rows, 2x for 5
 folds of 1,437 rows. Each fold starts from its solution at the previous C,
 the final fit from the folds' mean at the chosen C, and above 5,000 rows C
 is cross-validated on a stratified subset. Cross-validation fits stop at
-a looser tolerance (their scores need 4 digits), and the walk over C stops
-once the scores stop improving.
+a looser tolerance (their scores need 4 digits) with float32 products, and
+the walk over C stops once the scores stop improving.
 
 Example:
     >>> features = np.random.default_rng(0).normal(size=(60, 512))
