@@ -30,6 +30,8 @@ _MODULES = {
     ),
     "export": ("load_metadata",),
     "feature_cache": ("FeatureCache", "extract_features"),
+    "generation": ("ChatTokenizer", "chat_prompt", "generate", "make_sampler", "stream"),
+    "gguf": ("GGUFCheckpoint", "load_gguf", "read_gguf", "smollm2_path"),
     "forgetting": (
         "ForgettingReport", "block_layers", "forgetting_report", "linear_cka", "snapshot_backbone",
     ),
