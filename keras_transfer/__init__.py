@@ -24,6 +24,7 @@ _MODULES = {
     "causal_lm": ("adapt_causal_lm",),
     "data": ("task_schedule",),
     "distribute": ("get_strategy",),
+    "efficientnet_lite": ("efficientnet_lite0",),
     "errors": (
         "BackboneError", "BackendError", "DataError", "ExportError", "KerasTransferError",
         "TrainingDivergedError", "WeightsError",
