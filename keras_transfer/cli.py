@@ -8,6 +8,7 @@ keras-transfer predict EXPORT IMAGE [IMAGE ...]
 keras-transfer imagenet IMAGE [IMAGE ...]
 keras-transfer demo [--quick] [--backbone hed-vgg16]
 keras-transfer doctor [--backbone resnet50 --image-size 224 --batch-size 32 --phase fine_tune]
+keras-transfer generate "What is the capital of France?" [--model FILE.gguf --temperature 0.7]
 ```
 
 `train` takes `--strategy` (auto, mirrored, multi_worker, tpu, cpu) and
@@ -624,6 +625,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the phases to estimate")
     p.add_argument("--unfreeze", default="all", help="'all', a number of layers or a layer name")
     p.add_argument("--json", action="store_true", help="print JSON (default: a table)")
+    from keras_transfer import generate_command  # light: imports the model only when run
+    generate_command.add_arguments(command(
+        "generate", "a language model's answer to a prompt, printed as it comes",
+        generate_command.run))
     return parser
 
 

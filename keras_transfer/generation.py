@@ -229,6 +229,8 @@ def stream(causal_lm, prompt: str | list[dict], *, max_length: int = 128, chat: 
         if index + 1 < max_length:
             logits, _, cache = causal_lm.call_with_cache(
                 ops.convert_to_tensor([[token]], "int32"), cache, index)
+    if answer and len(decoded) > len(shown):  # an incomplete character at the very end
+        yield decoded[len(shown):]
 
 
 def _pick(scores: np.ndarray, temperature: float, top_k: int | None, rng) -> int:

@@ -38,7 +38,8 @@ def test_help_and_list_backbones_do_not_import_tensorflow(args):
 def test_every_option_says_what_it_does_and_its_default():
     parser = build_parser()
     commands = parser._subparsers._group_actions[0].choices
-    assert set(commands) == {"list-backbones", "train", "export", "predict", "demo", "doctor", "imagenet"}
+    assert set(commands) == {"list-backbones", "train", "export", "predict", "demo", "doctor", "imagenet",
+                             "generate"}
     for name, command in commands.items():
         text = " ".join(command.format_help().split())
         for action in command._actions:

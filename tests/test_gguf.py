@@ -157,3 +157,41 @@ def test_smollm2_logits_match_numpy_reference():
     logits, reference = keras_logits(lm, ids), llama_logits(checkpoint, ids)
     np.testing.assert_allclose(logits, reference, atol=1e-4)
     assert lm.preprocessor.tokenizer.detokenize([int(np.argmax(logits[-1]))]) == " Paris"
+
+
+def test_generate_and_stream_agree_greedily(tmp_path):
+    from keras_transfer.generation import generate, stream
+
+    lm = kt_gguf.load_gguf(write_tiny_llama(tmp_path / "tiny.gguf"), sequence_length=24)
+    lm.jit_compile = False  # XLA would double this test's time on a model this small
+    streamed = "".join(stream(lm, "hello", max_length=24))
+    assert streamed.strip() == generate(lm, "hello", max_length=24)
+    assert len(streamed) > 0
+    sampled = ["".join(stream(lm, "hello", max_length=12, chat=False, temperature=5.0,
+                              top_k=50, seed=seed)) for seed in (1, 2, 1)]
+    assert sampled[0] != sampled[1] and sampled[0] == sampled[2]  # the seed decides
+
+
+def test_make_sampler_options():
+    from keras_transfer.errors import DataError
+    from keras_transfer.generation import make_sampler
+
+    assert type(make_sampler("top_k", top_k=7)).__name__ == "TopKSampler"
+    assert make_sampler("top_k", top_k=7).k == 7
+    assert make_sampler("top_p", top_p=0.5, temperature=0.7).p == 0.5
+    with pytest.raises(DataError, match="temperature=0"):
+        make_sampler("top_k", temperature=0)
+    with pytest.raises(DataError, match="sampler='beam'"):
+        make_sampler("beam")
+
+
+def test_generate_command_streams_the_answer(tmp_path, capsys):
+    from keras_transfer import cli
+    from keras_transfer.generation import stream
+
+    path = write_tiny_llama(tmp_path / "tiny.gguf")
+    assert cli.main(["generate", "hello", "--model", path, "--max-length", "32"]) == 0
+    lm = kt_gguf.load_gguf(path, sequence_length=32)
+    assert capsys.readouterr().out == "".join(stream(lm, "hello", max_length=32)) + "\n"
+    assert cli.main(["generate", "hello", "--model", str(tmp_path / "none.gguf")]) == 2
+    assert "not a file" in capsys.readouterr().err
