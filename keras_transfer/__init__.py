@@ -45,6 +45,7 @@ _MODULES = {
         "plot_confusion_matrix", "plot_worst_images", "top_k", "worst_predictions",
         "worst_texts_table",
     ),
+    "lm_memory": ("estimate_lm_memory",),
     "memory": ("MemoryEstimate", "estimate_backbone_memory", "estimate_memory"),
     "model": ("TransferModel",),
     "phases": ("FineTunePhase", "HeadPhase"),

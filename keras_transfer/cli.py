@@ -441,7 +441,11 @@ def _doctor(args) -> int:
     report = system_report(None if args.backbone == "none" else args.backbone,
                            input_size=args.image_size, batch_size=args.batch_size,
                            phases=phases, unfreeze=unfreeze)
-    print(json.dumps(report, indent=2) if args.json else format_report(report))
+    from keras_transfer.doctor import format_language_model_report, language_model_report
+
+    report["language_models"] = language_model_report()
+    print(json.dumps(report, indent=2) if args.json else format_report(report) + "\n"
+          + format_language_model_report(report["language_models"], report["cpu"]))
     return 0
 
 
