@@ -195,3 +195,25 @@ def test_generate_command_streams_the_answer(tmp_path, capsys):
     assert capsys.readouterr().out == "".join(stream(lm, "hello", max_length=32)) + "\n"
     assert cli.main(["generate", "hello", "--model", str(tmp_path / "none.gguf")]) == 2
     assert "not a file" in capsys.readouterr().err
+
+
+def test_gguf_model_saves_and_reloads_whole_and_adapters_alone(tmp_path):
+    import keras
+
+    path = write_tiny_llama(tmp_path / "tiny.gguf")
+    lm = kt_gguf.load_gguf(path, sequence_length=16)
+    lm.backbone.enable_lora(2)
+    for variable in lm.backbone.trainable_weights:  # adapters as if trained
+        variable.assign(np.random.default_rng(0).normal(0, 0.5, variable.shape))
+    ids = [1, 40, 75, 12]
+    expected = keras_logits(lm, ids)
+    lm.save(tmp_path / "lm.keras")
+    reloaded = keras.saving.load_model(tmp_path / "lm.keras")
+    np.testing.assert_allclose(keras_logits(reloaded, ids), expected, atol=1e-5)
+    assert reloaded.backbone.tie_word_embeddings  # KerasHub's config alone would lose it
+    assert reloaded.preprocessor.tokenizer.chat_template == CHATML
+    lm.backbone.save_lora_weights(str(tmp_path / "adapters.lora.h5"))
+    fresh = kt_gguf.load_gguf(path, sequence_length=16)
+    fresh.backbone.enable_lora(2)
+    fresh.backbone.load_lora_weights(str(tmp_path / "adapters.lora.h5"))
+    np.testing.assert_allclose(keras_logits(fresh, ids), expected, atol=1e-5)
