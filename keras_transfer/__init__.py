@@ -25,12 +25,15 @@ _MODULES = {
     "data": ("task_schedule",),
     "distribute": ("get_strategy",),
     "doctor": ("estimate_backbone_memory",),
+    "efficientnet_lite": ("efficientnet_lite0",),
     "errors": (
         "BackboneError", "BackendError", "DataError", "ExportError", "KerasTransferError",
         "TrainingDivergedError", "WeightsError",
     ),
     "export": ("load_metadata",),
     "feature_cache": ("FeatureCache", "extract_features"),
+    "generation": ("ChatTokenizer", "chat_prompt", "generate", "make_sampler", "stream"),
+    "gguf": ("GGUFCheckpoint", "load_gguf", "read_gguf", "smollm2_path"),
     "forgetting": (
         "ForgettingReport", "block_layers", "forgetting_report", "linear_cka", "snapshot_backbone",
     ),
@@ -45,6 +48,7 @@ _MODULES = {
         "plot_confusion_matrix", "plot_worst_images", "top_k", "worst_predictions",
         "worst_texts_table",
     ),
+    "lm_memory": ("estimate_lm_memory",),
     "memory": ("MemoryEstimate", "estimate_memory"),
     "model": ("TransferModel",),
     "phases": ("FineTunePhase", "HeadPhase"),

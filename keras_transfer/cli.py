@@ -8,6 +8,7 @@ keras-transfer predict EXPORT IMAGE [IMAGE ...]
 keras-transfer imagenet IMAGE [IMAGE ...]
 keras-transfer demo [--quick] [--backbone hed-vgg16]
 keras-transfer doctor [--backbone resnet50 --image-size 224 --batch-size 32 --phase fine_tune]
+keras-transfer generate "What is the capital of France?" [--model FILE.gguf --temperature 0.7]
 ```
 
 `train` takes `--strategy` (auto, mirrored, multi_worker, tpu, cpu) and
@@ -386,7 +387,11 @@ def _doctor(args) -> int:
     report = system_report(None if args.backbone == "none" else args.backbone,
                            input_size=args.image_size, batch_size=args.batch_size,
                            phases=phases, unfreeze=unfreeze)
-    print(json.dumps(report, indent=2) if args.json else format_report(report))
+    from keras_transfer.doctor import format_language_model_report, language_model_report
+
+    report["language_models"] = language_model_report()
+    print(json.dumps(report, indent=2) if args.json else format_report(report) + "\n"
+          + format_language_model_report(report["language_models"], report["cpu"]))
     return 0
 
 
@@ -578,6 +583,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the phases to estimate")
     p.add_argument("--unfreeze", default="all", help="'all', a number of layers or a layer name")
     p.add_argument("--json", action="store_true", help="print JSON (default: a table)")
+    from keras_transfer import generate_command  # light: imports the model only when run
+    generate_command.add_arguments(command(
+        "generate", "a language model's answer to a prompt, printed as it comes",
+        lambda args: generate_command.run(args, _import_tensorflow)))
 
     from keras_transfer.cache_store import add_cache_command
 

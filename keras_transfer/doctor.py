@@ -21,6 +21,7 @@ from keras_transfer import __version__
 from keras_transfer.distribute import find_tpu
 from keras_transfer.errors import DataError
 from keras_transfer.image import ImageTransferModel
+from keras_transfer.lm_memory import GPT_J_6B, MODES, SMOLLM2_135M, advice, estimate_lm_memory
 from keras_transfer.memory import (
     MemoryEstimate,
     available_memory,
@@ -251,3 +252,69 @@ def estimate_backbone_memory(backbone: str = "mobilenet_v2", *, input_size: int 
                                pooling="avg")
     chosen = HeadPhase() if phase == "head" else FineTunePhase(unfreeze=unfreeze)
     return estimate_memory(model, batch_size, chosen, replicas=replicas)
+
+
+# CPU features that prebuilt wheels assume: TensorFlow's (since 1.6) and jaxlib's are
+# built with AVX and stop with "Illegal instruction" without it; wheels built for
+# x86-64-v3 CPUs also need AVX2 and FMA, which otherwise only make things faster.
+WHEEL_CPU_FEATURES = {
+    "avx": "required by TensorFlow's and jaxlib's prebuilt wheels (Illegal instruction without it)",
+    "avx2": "required by wheels built for x86-64-v3 CPUs; otherwise speed",
+    "fma": "required by wheels built for x86-64-v3 CPUs; otherwise speed",
+}
+
+
+def wheel_cpu_warnings(cpu: dict | None = None) -> list[str]:
+    """Warnings for the CPU features whose absence breaks prebuilt wheels.
+
+    Args:
+        cpu: `cpu_info()`'s dict (default: this machine's).
+
+    Returns:
+        One line per missing feature (empty when all are there or the flags are unknown).
+    """
+    cpu = cpu_info() if cpu is None else cpu
+    return [f"CPU lacks {name.upper()}: {why}." for name, why in WHEEL_CPU_FEATURES.items()
+            if name in cpu["missing"]]
+
+
+def language_model_report(available: int | None = None, batch_size: int = 1,
+                          sequence_length: int = 512) -> list[dict]:
+    """Whether GPT-J-6B and SmolLM2-135M fit here for inference, LoRA and full fine-tuning.
+
+    Args:
+        available: int, bytes of memory free (default: this machine's).
+        batch_size: int. Sequences per step.
+        sequence_length: int. Tokens per sequence.
+
+    Returns:
+        One dict per (model, mode, dtype): `estimate_lm_memory`'s, with `fits` and `advice`.
+    """
+    if available is None:
+        available = available_memory("CPU")[0]
+    rows = []
+    for model in (GPT_J_6B, SMOLLM2_135M):
+        for mode in MODES:
+            for dtype in ("float32", "bfloat16", "int8"):
+                e = estimate_lm_memory(model, mode, dtype, batch_size=batch_size,
+                                       sequence_length=sequence_length)
+                e["fits"] = e["possible"] and (None if available is None
+                                               else e["total"] <= available)
+                e["advice"] = advice(e, available)
+                rows.append(e)
+    return rows
+
+
+def format_language_model_report(rows: list[dict], cpu: dict | None = None) -> str:
+    """`language_model_report`'s rows as the lines `keras-transfer doctor` prints."""
+    first = rows[0]
+    lines = [f"Language models (batch {first['batch_size']} x {first['sequence_length']} tokens; "
+             "runtime overhead not included):"]
+    for e in rows:
+        fits = ("n/a" if not e["possible"] else
+                {True: "fits", False: "DOES NOT FIT", None: "fit unknown"}[e["fits"]])
+        total = format_bytes(e["total"]) if e["possible"] else "-"
+        lines.append(f"  {e['model']:13} {e['mode']:9} {e['dtype']:8} {total:>10}  {fits}"
+                     + (f": {e['advice']}" if e["advice"] else ""))
+    lines.extend("  " + w for w in wheel_cpu_warnings(cpu))
+    return "\n".join(lines)

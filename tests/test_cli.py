@@ -39,7 +39,7 @@ def test_every_option_says_what_it_does_and_its_default():
     parser = build_parser()
     commands = parser._subparsers._group_actions[0].choices
     assert set(commands) == {"list-backbones", "train", "export", "predict", "demo", "doctor",
-                             "imagenet", "cache"}
+                             "imagenet", "cache", "generate", "lr-find"}
     for name, command in commands.items():
         text = " ".join(command.format_help().split())
         for action in command._actions:
