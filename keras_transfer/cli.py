@@ -499,8 +499,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--fine-tune-epochs", type=_epochs, default="auto",
                    help="epochs fine-tuning the whole network afterwards (0: skip; auto: "
                         "about 100 optimizer steps, at least 3 epochs)")
-    p.add_argument("--fine-tune-learning-rate", type=_positive_float, default=1e-5,
-                   help="peak learning rate of the fine-tuning phase")
+    p.add_argument("--fine-tune-learning-rate", type=_positive_float, default=None,
+                   help="peak learning rate of the fine-tuning phase (default: chosen from "
+                        "the probe's evidence: skipped after a saturated probe, 1e-4 after a "
+                        "weak one on images, else 1e-5)")
     p.add_argument("--batch-size", type=_count(1), default=32, help="images per batch")
     p.add_argument("--pooling", default="avg", choices=["flatten", "avg", "max"],
                    help="how the head pools the backbone's feature map")

@@ -67,6 +67,13 @@ def remember_probe(model, head: str, details: dict) -> None:
     _EVIDENCE.setdefault(model, {})[head] = dict(details)
 
 
+def remember_record(model, record: PhaseRecord) -> None:
+    """Keeps the evidence a finished head phase recorded (a phase restored from a backup)."""
+    for head, found in record.details.items():
+        if isinstance(found, dict) and found.get("solver") == "probe":
+            remember_probe(model, head, found)
+
+
 def forget_probe(model) -> None:
     """Drops the evidence: the heads are about to change by other means."""
     _EVIDENCE.pop(model, None)

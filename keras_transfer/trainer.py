@@ -36,6 +36,7 @@ from keras_transfer.distribute import (
     strategy_of,
 )
 from keras_transfer.feature_cache import extract_features
+from keras_transfer.fine_tune_policy import remember_record
 from keras_transfer.memory import warn_if_too_large
 from keras_transfer.phases import resolve_phases
 from keras_transfer.training import TransferHistory, say, warn
@@ -282,6 +283,7 @@ def run_phases(model, data: FitData, phases: Sequence[Phase], callbacks=(),
         if index < finished:  # done before a restart: its result, not its work
             phase.prepare(model)
             record, phase_history = backup.finished_phase(index)
+            remember_record(model, record)  # what a default fine-tune decides from
             if index == finished - 1:
                 backup.load_finished(model, index)
             say(f"Phase '{phase.name}': finished before the restart; restored from the "

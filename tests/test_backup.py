@@ -200,3 +200,21 @@ def test_epoch_seed_orders_depend_on_the_seed_and_epoch_only():
     assert order(3, 2, global_seed=123) == reference and sorted(reference) == list(range(50))
     assert order(3, 1, global_seed=0) != reference and order(4, 2, global_seed=0) != reference
     assert int(shuffle_each_epoch(tf.data.Dataset.range(50), 50, EpochSeed(1)).cardinality()) == 50
+
+
+def test_a_resumed_default_fine_tune_decides_from_the_restored_probe(tmp_path, caplog):
+    # The default FineTunePhase decides its recipe from the head phase's probe; a run resumed
+    # after the head phase finished must decide as the uninterrupted run did.
+    phases = [kt.HeadPhase(), kt.FineTunePhase(min_steps=10)]
+    with caplog.at_level("INFO", logger="keras_transfer"):
+        with pytest.raises(KeyboardInterrupt):
+            run(tmp_path / "backup", phases=phases, callbacks=[Crash(2)])
+        decided = [r.getMessage() for r in caplog.records if "Phase 'fine_tune': " in
+                   r.getMessage() and "probe" in r.getMessage()]
+        caplog.clear()
+        with pytest.raises(KeyboardInterrupt):  # stopped again once it has decided
+            run(tmp_path / "backup", phases=phases, callbacks=[Crash(3)])
+    again = [r.getMessage() for r in caplog.records if "Phase 'fine_tune': " in
+             r.getMessage() and "probe" in r.getMessage()]
+    assert decided and again[:1] == decided[:1], (decided, again)
+    assert "no probe evidence" not in again[0]
