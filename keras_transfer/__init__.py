@@ -22,11 +22,12 @@ import sys
 _MODULES = {
     "backbones": ("BackboneSpec", "get_backbone_spec", "list_backbones"),
     "causal_lm": ("adapt_causal_lm",),
+    "contrastive": ("ContrastivePhase", "PairSimilarity", "sample_pairs"),
     "data": ("task_schedule",),
     "distribute": ("get_strategy",),
     "errors": (
         "BackboneError", "BackendError", "DataError", "ExportError", "KerasTransferError",
-        "TrainingDivergedError", "WeightsError",
+        "PhaseOptionError", "TrainingDivergedError", "WeightsError",
     ),
     "export": ("load_metadata",),
     "feature_cache": ("FeatureCache", "extract_features"),

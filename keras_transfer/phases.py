@@ -597,10 +597,14 @@ def resolve_phases(phases=None, head_epochs=None, fine_tune_epochs=None, epochs=
             raise ValueError(f"Received phases= and {sorted(given)}; the phases hold the "
                              "epochs: give one or the other.")
         phases = list(phases) if isinstance(phases, (list, tuple)) else [phases]
-        bad = [p for p in phases if not isinstance(p, (HeadPhase, FineTunePhase))]
+        # Any object with a name, prepare(model) and run(...) is a phase
+        # (kt.ContrastivePhase is one).
+        bad = [p for p in phases if not isinstance(p, (HeadPhase, FineTunePhase)) and not all(
+            hasattr(p, a) for a in ("name", "prepare", "run"))]
         if bad or not phases:
             raise ValueError(f"Received phases={phases!r}; expected a non-empty list of "
-                             "kt.HeadPhase(...) and kt.FineTunePhase(...).")
+                             "kt.HeadPhase(...), kt.FineTunePhase(...), "
+                             "kt.ContrastivePhase(...) or other phases.")
         return phases
     if epochs is not None:
         if head_epochs is not None or fine_tune_epochs is not None:

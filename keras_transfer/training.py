@@ -379,6 +379,9 @@ def run_phases(model, data: FitData, phases, callbacks=(), verbose="auto") -> "T
         if left_out:
             logger.info("Heads without training data (not trained): %s", left_out)
         callbacks.insert(0, DropUnfedHeads(model.head_names, fed, validated))
+    for phase in phases:  # a phase's own checks, before anything trains or is written
+        if hasattr(phase, "check"):
+            phase.check(model, data)
     backup = data.backup
     finished = 0
     if backup is not None:
