@@ -118,8 +118,10 @@ class PairSimilarity(keras.Model):
         encoder: a layer from token dicts to vectors (a `TextBackbone`).
 
     Example:
-        >>> pairs = PairSimilarity(model.backbone)
-        >>> pairs((tokens_a, tokens_b)).shape          # (batch,)
+        >>> tokens = text_model.backbone.tokenize(["good food", "awful service"])
+        >>> pairs = kt.PairSimilarity(text_model.backbone)
+        >>> tuple(pairs((tokens, tokens)).shape)      # one cosine per pair
+        (2,)
     """
 
     def __init__(self, encoder, **kwargs):
@@ -170,8 +172,9 @@ class ContrastivePhase:
         ContrastivePhase(iterations=20, epochs=1, batch_size=16, learning_rate=None,
                          warmup=0.1, weight_decay=0.01, dropout=True, lora_rank=None,
                          lora_targets=None, name='contrastive')
-        >>> model.fit(texts, labels, phases=[kt.ContrastivePhase(lora_rank=8),
-        ...                                  kt.HeadPhase()])
+        >>> kt.ContrastivePhase(iterations=10, lora_rank=8)
+        ContrastivePhase(iterations=10, ..., lora_rank=8, lora_targets=None, name='contrastive')
+        >>> phases = [kt.ContrastivePhase(), kt.HeadPhase()]   # model.fit(..., phases=phases)
     """
 
     iterations: int = 20
