@@ -72,13 +72,7 @@ def sample_pairs(labels, iterations: int = 20, seed=None):
         (20, 10)
     """
     labels = np.asarray(labels).reshape(-1)
-    classes = np.unique(labels)
-    if len(classes) < 2:
-        raise DataError(
-            f"Received labels of {len(classes)} class{'es' if len(classes) != 1 else ''} "
-            f"({classes.tolist()}): contrastive pairs need at least two classes, one pair "
-            "of two classes for each pair of one. Give examples of every class, or use "
-            "kt.HeadPhase / kt.FineTunePhase.")
+    classes = _classes(labels)
     _check_int(iterations, "iterations", 1)
     rng = np.random.default_rng(seed)
     anchors = np.tile(np.arange(len(labels)), iterations)
@@ -228,8 +222,7 @@ class ContrastivePhase:
                 "contrastive tuning is for sentence encoders (a TextTransferModel). For images, "
                 "use kt.HeadPhase and kt.FineTunePhase.")
         if data is not None:
-            _, _, labels = _texts_and_labels(model, data)
-            sample_pairs(labels[:2 * len(np.unique(labels))], 1)  # raises on one class
+            _classes(_texts_and_labels(model, data)[2])
 
     def prepare(self, model) -> None:
         """The phase's change to the model: every weight of the encoder, or LoRA adapters."""
@@ -312,6 +305,18 @@ class _Relay(keras.callbacks.Callback):
 
     def on_train_end(self, logs=None):
         self.transfer.on_train_end(self._logs(logs))
+
+
+def _classes(labels):
+    """The classes of `labels`; a DataError when there are fewer than two."""
+    classes = np.unique(labels)
+    if len(classes) < 2:
+        raise DataError(
+            f"Received labels of {len(classes)} class{'es' if len(classes) != 1 else ''} "
+            f"({classes.tolist()}): contrastive pairs need at least two classes, one pair "
+            "of two classes for each pair of one. Give examples of every class, or use "
+            "kt.HeadPhase / kt.FineTunePhase.")
+    return classes
 
 
 def _texts_and_labels(model, data):
