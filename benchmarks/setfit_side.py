@@ -22,7 +22,7 @@ process's CPU seconds, all threads: steadier than wall time on a shared
 machine), and the steps setfit chose.
 
 Run: `python benchmarks/setfit_side.py [--tasks yelp topics] [--seeds 0]
-[--python /work/setfit-venv/bin/python]`.
+[--python /work/setfit-venv/bin/python] [--max-steps N]`.
 """
 
 from __future__ import annotations
@@ -50,7 +50,8 @@ def worker(path: str) -> None:
     model = SetFitModel.from_pretrained(split["model"])
     # Only what a run needs changed: no checkpoints, no reporting, quiet.
     args = TrainingArguments(output_dir=tempfile.mkdtemp(prefix="setfit-"), seed=split["seed"],
-                             report_to="none", save_strategy="no", show_progress_bar=False)
+                             report_to="none", save_strategy="no", show_progress_bar=False,
+                             max_steps=split["max_steps"])
     trainer = Trainer(model=model, args=args, train_dataset=Dataset.from_dict(
         {"text": split["x_train"], "label": split["y_train"]}))
     start, cpu = time.perf_counter(), time.process_time()
@@ -67,7 +68,7 @@ def worker(path: str) -> None:
                                   "steps": int(trainer.state.global_step)}), flush=True)
 
 
-def run(task: str, seed: int, python: str) -> dict | None:
+def run(task: str, seed: int, python: str, max_steps: int = -1) -> dict | None:
     """setfit's accuracy and times on one task and seed, or None without its data."""
     import keras_transfer as kt
     from transfer_quality import TASKS
@@ -80,7 +81,8 @@ def run(task: str, seed: int, python: str) -> dict | None:
         return None
     x_train, y_train, x_test, y_test = data
     with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as file:
-        json.dump({"model": kt.minilm_path(), "seed": seed, "x_train": list(x_train),
+        json.dump({"model": kt.minilm_path(), "seed": seed, "max_steps": max_steps,
+                   "x_train": list(x_train),
                    "y_train": [int(v) for v in y_train], "x_test": list(x_test),
                    "y_test": [int(v) for v in y_test]}, file)
     try:
@@ -101,6 +103,9 @@ def main() -> None:
     parser.add_argument("--python", default=SIDE_PYTHON,
                         help="the side environment's python (default: $SETFIT_PYTHON or "
                              "/work/setfit-venv/bin/python)")
+    parser.add_argument("--max-steps", type=int, default=-1,
+                        help="stop setfit's contrastive phase after this many steps, to time "
+                             "a step on a busy machine (default: setfit's own budget)")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
@@ -116,7 +121,7 @@ def main() -> None:
     print_load()
     for task in args.tasks:
         for seed in args.seeds:
-            result = run(task, seed, args.python)
+            result = run(task, seed, args.python, args.max_steps)
             if result is None:
                 print(f"{task}: skipped (its data is not installed here)")
                 break
