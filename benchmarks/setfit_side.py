@@ -65,7 +65,9 @@ def worker(path: str) -> None:
     print("RESULT " + json.dumps({"accuracy": accuracy, "train_s": train_s,
                                   "train_cpu_s": train_cpu_s,
                                   "predict_s": predict_s,
-                                  "steps": int(trainer.state.global_step)}), flush=True)
+                                  "pairs": len(trainer.train_dataset) if hasattr(
+                                      trainer.train_dataset, "__len__") else None}),
+          flush=True)
 
 
 def run(task: str, seed: int, python: str, max_steps: int = -1) -> dict | None:
@@ -127,7 +129,8 @@ def main() -> None:
                 break
             print(f"{task} seed {seed}: setfit {result['accuracy']:.3f}, train "
                   f"{result['train_s']:.0f} s wall, {result['train_cpu_s']:.0f} s CPU "
-                  f"({result['steps']} steps), predict {result['predict_s']:.1f} s", flush=True)
+                  f"({result['pairs']} examples), predict {result['predict_s']:.1f} s",
+                  flush=True)
     print_load(end=True)
 
 
