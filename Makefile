@@ -36,7 +36,8 @@ demo: $(VENV)/.demo-installed
 JAX_TESTS = tests/test_batches.py tests/test_backends.py tests/test_head_phase.py \
 	tests/test_data.py tests/test_features.py tests/test_text.py tests/test_backup.py \
 	tests/test_bad_input.py tests/test_cli.py tests/test_doctor.py \
-	tests/test_gpu_finetune_script.py tests/test_install_line.py tests/test_layer_rates.py
+	tests/test_gpu_finetune_script.py tests/test_install_line.py tests/test_layer_rates.py \
+	tests/test_contrastive.py::test_contrastive_then_head_tunes_the_encoder_and_solves_the_probe
 test: $(VENV)/.test-installed $(JAX_VENV)/.installed
 	@mkdir -p build
 	@KERAS_BACKEND=jax $(JAX_BIN)/python -m pytest --durations=15 $(PYTEST_ARGS) $(JAX_TESTS) \

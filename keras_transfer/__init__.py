@@ -22,13 +22,14 @@ import sys
 _MODULES = {
     "backbones": ("BackboneSpec", "get_backbone_spec", "list_backbones"),
     "causal_lm": ("adapt_causal_lm",),
+    "contrastive": ("ContrastivePhase", "PairSimilarity", "sample_pairs"),
     "data": ("task_schedule",),
     "distribute": ("get_strategy",),
     "doctor": ("estimate_backbone_memory",),
     "efficientnet_lite": ("efficientnet_lite0",),
     "errors": (
         "BackboneError", "BackendError", "DataError", "ExportError", "KerasTransferError",
-        "TrainingDivergedError", "WeightsError",
+        "PhaseOptionError", "TrainingDivergedError", "WeightsError",
     ),
     "export": ("load_metadata",),
     "feature_cache": ("FeatureCache", "extract_features"),

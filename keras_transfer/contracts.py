@@ -127,3 +127,11 @@ class UnfreezingPhase(Phase, Protocol):
     unfreeze: Any
     train_batchnorm: bool
     lora_rank: int | None
+
+
+@runtime_checkable
+class CheckingPhase(Phase, Protocol):
+    """A phase with checks of its own, run for every phase before the first one trains."""
+
+    def check(self, model, data) -> None:
+        """Raises (a `KerasTransferError`) when this phase cannot train `model` on `data`."""

@@ -32,3 +32,7 @@ class ExportError(KerasTransferError, FileExistsError):
 
 class BackendError(KerasTransferError, RuntimeError):
     """A feature that needs TensorFlow, used without it or on another Keras backend."""
+
+
+class PhaseOptionError(KerasTransferError, ValueError):
+    """A training phase's option out of range (a count, a rate, a share)."""

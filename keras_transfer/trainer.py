@@ -25,7 +25,7 @@ from keras_transfer import routing
 from keras_transfer.backup import RunBackup
 from keras_transfer.cache_key import _config_digest, fit_data_fingerprints
 from keras_transfer.callbacks import DropUnfedHeads, ShuffleEpoch
-from keras_transfer.contracts import Phase
+from keras_transfer.contracts import CheckingPhase, Phase
 from keras_transfer.data import EpochSeed, labels_for_head
 from keras_transfer.distribute import (
     batch_message,
@@ -269,6 +269,9 @@ def run_phases(model, data: FitData, phases: Sequence[Phase], callbacks=(),
         if left_out:
             logger.info("Heads without training data (not trained): %s", left_out)
         callbacks.insert(0, DropUnfedHeads(model.head_names, fed, validated))
+    for phase in phases:  # a phase's own checks, before anything trains or is written
+        if isinstance(phase, CheckingPhase):
+            phase.check(model, data)
     backup = data.backup
     finished = 0
     if backup is not None:
