@@ -387,11 +387,19 @@ def _doctor(args) -> int:
     report = system_report(None if args.backbone == "none" else args.backbone,
                            input_size=args.image_size, batch_size=args.batch_size,
                            phases=phases, unfreeze=unfreeze)
-    from keras_transfer.doctor import format_language_model_report, language_model_report
+    from keras_transfer.doctor import (
+        format_language_model_report,
+        language_model_report,
+        wheel_cpu_warnings,
+    )
 
-    report["language_models"] = language_model_report()
-    print(json.dumps(report, indent=2) if args.json else format_report(report) + "\n"
-          + format_language_model_report(report["language_models"], report["cpu"]))
+    text = format_report(report)
+    if args.language_models:  # GPT-J-6B and SmolLM2: inference, LoRA, full fine-tuning
+        report["language_models"] = language_model_report()
+        text += "\n" + format_language_model_report(report["language_models"], report["cpu"])
+    else:
+        text += "".join("\n" + warning for warning in wheel_cpu_warnings(report["cpu"]))
+    print(json.dumps(report, indent=2) if args.json else text)
     return 0
 
 
@@ -550,7 +558,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="replace an existing export (default: refuse)")
     p.add_argument("--format", default="saved_model", help="saved_model, onnx or litert")
     p.add_argument("--quantize", help="LiteRT: dynamic, float16 or int8 (default: float32)")
-    p.add_argument("--calibration-data", help="int8: image folder or text CSV to calibrate on")
+    p.add_argument("--calibration-data", help="int8: image folder or text CSV to calibrate on "
+                                              "(default: none; int8 needs it)")
 
     p = command("predict", "classify image files with an exported image model", _predict)
     p.add_argument("export", help="an export folder (from train or export)")
@@ -585,6 +594,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the phases to estimate")
     p.add_argument("--unfreeze", default="all", help="'all', a number of layers or a layer name")
     p.add_argument("--json", action="store_true", help="print JSON (default: a table)")
+    p.add_argument("--language-models", action="store_true",
+                   help="also estimate GPT-J-6B and SmolLM2-135M for inference, LoRA and full "
+                        "fine-tuning in float32, bfloat16 and int8 (default: off)")
     from keras_transfer import generate_command  # light: imports the model only when run
     generate_command.add_arguments(command(
         "generate", "a language model's answer to a prompt, printed as it comes",

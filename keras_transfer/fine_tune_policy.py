@@ -100,8 +100,8 @@ class Decision:
     ratio: float = math.nan
 
     def as_dict(self) -> dict:
-        return {"action": self.action, "reason": self.reason,
-                "held_out_log_loss_share": self.ratio}
+        return {"action": self.action, "reason": self.reason,  # None: no evidence
+                "held_out_log_loss_share": None if math.isnan(self.ratio) else self.ratio}
 
 
 def loss_share(details: dict, num_classes: int) -> float:

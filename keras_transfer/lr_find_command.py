@@ -23,8 +23,8 @@ def add_command_arguments(parser) -> None:
     parser.add_argument("--start", type=float, default=1e-7, help="first rate")
     parser.add_argument("--end", type=float, default=1.0, help="last rate")
     parser.add_argument("--batch-size", type=int, default=32, help="images per batch")
-    parser.add_argument("--seed", type=int, default=0, help="shuffle seed")
-    parser.add_argument("--plot", metavar="FILE.png", help="save the loss curve there")
+    parser.add_argument("--seed", type=int, default=0, help="shuffle seed (default: 0)")
+    parser.add_argument("--plot", metavar="FILE.png", help="save the loss curve there (default: no plot)")
 
 
 def run_command(args) -> int:

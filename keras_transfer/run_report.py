@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import numbers
 import os
 import sys
 
@@ -56,16 +57,12 @@ def write_report(history, metrics: dict, folder: str, evaluated_on: str = "") ->
         The folder.
     """
     os.makedirs(folder, exist_ok=True)
-
-    def finite(value):
-        return float(value) if math.isfinite(float(value)) else None
-
-    report = {
-        "metrics": {k: finite(v) for k, v in metrics.items()},
+    report = _json_ready({
+        "metrics": dict(metrics),
         "evaluated_on": evaluated_on,
         "phases": [dataclasses.asdict(p) for p in history.phases],
-        "history": {k: [finite(v) for v in values] for k, values in history.history.items()},
-    }
+        "history": history.history,
+    })
     with open(os.path.join(folder, "metrics.json"), "w", encoding="utf-8") as f:
         json.dump(report, f, indent=2, allow_nan=False)
     try:
@@ -74,3 +71,24 @@ def write_report(history, metrics: dict, folder: str, evaluated_on: str = "") ->
         print(f"Warning: no history plot ({error}); pip install matplotlib to get one.",
               file=sys.stderr)
     return folder
+
+
+def _json_ready(value):
+    """`value` with every number a float or int and NaN or infinity as None (strict JSON).
+
+    A phase's details may hold numbers that are undefined for it (e.g. the
+    fine-tune policy's evidence when there was no probe).
+    """
+    if isinstance(value, dict):
+        return {str(k): _json_ready(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_ready(v) for v in value]
+    if isinstance(value, bool) or value is None or isinstance(value, str):
+        return value
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        return str(value)
+    if not math.isfinite(number):
+        return None
+    return int(value) if isinstance(value, numbers.Integral) else number

@@ -58,6 +58,6 @@ def test_unknown_mode_or_dtype_is_refused(bad):
 def test_doctor_command_prints_the_language_models(capsys):
     from keras_transfer import cli
 
-    assert cli.main(["doctor", "--backbone", "none"]) == 0
+    assert cli.main(["doctor", "--backbone", "none", "--language-models"]) == 0
     out = capsys.readouterr().out
     assert "Language models (batch 1 x 512 tokens" in out and "GPT-J-6B      lora" in out
