@@ -39,7 +39,7 @@ from keras_transfer.callbacks import DivergenceGuard, LearningRateLogger
 from keras_transfer.distribute import model_scope
 from keras_transfer.errors import BackboneError, DataError, PhaseOptionError
 from keras_transfer.text import TextBackbone
-from keras_transfer.training import PhaseRecord, WarmupDecay, count_params, say
+from keras_transfer.training import PhaseRecord, WarmupDecay, count_params, prepare_backbone, say
 
 logger = logging.getLogger("keras_transfer")
 
@@ -230,13 +230,7 @@ class ContrastivePhase:
     def prepare(self, model) -> None:
         """The phase's change to the model: every weight of the encoder, or LoRA adapters."""
         self.check(model)
-        with model_scope(model):
-            if self.lora_rank:
-                count = model.backbone.enable_lora(self.lora_rank, self.lora_targets)
-                logger.info("LoRA rank %d: %d adapter parameters train.", self.lora_rank,
-                            count)
-            else:
-                model.backbone.unfreeze("all")
+        prepare_backbone(model, lora_rank=self.lora_rank, lora_targets=self.lora_targets)
 
     def run(self, model, data, callbacks, initial_epoch, verbose):
         """Tunes the encoder on pairs; returns `(PhaseRecord, keras History)`."""

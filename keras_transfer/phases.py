@@ -54,6 +54,7 @@ from keras_transfer.training import (
     count_params,
     fit_phase,
     leaf_layers,
+    prepare_backbone,
     say,
     warn,
 )
@@ -556,13 +557,8 @@ class FineTunePhase:
 
         Made in the strategy's scope: LoRA adapters are new variables.
         """
-        with model_scope(model):
-            if self.lora_rank:
-                count = model.backbone.enable_lora(self.lora_rank, self.lora_targets)
-                logger.info("LoRA rank %d: %d adapter parameters train.", self.lora_rank,
-                            count)
-            else:
-                model.backbone.unfreeze(self.unfreeze, self.train_batchnorm)
+        prepare_backbone(model, self.unfreeze, self.train_batchnorm, self.lora_rank,
+                         self.lora_targets)
 
     def run(self, model, data, callbacks, initial_epoch, verbose):
         """Unfreezes and fine-tunes; returns `(PhaseRecord, keras History)`.

@@ -119,6 +119,26 @@ def unfreeze(backbone, layers="all", train_batchnorm: bool = False) -> int:
     return sum(plan)
 
 
+def prepare_backbone(model, unfreeze="all", train_batchnorm: bool = False,
+                     lora_rank: int | None = None, lora_targets=None) -> None:
+    """A training phase's change to `model`'s backbone: LoRA adapters, or unfrozen layers.
+
+    Made in the model's strategy scope: LoRA adapters are new variables.
+
+    Args:
+        model: the `TransferModel`.
+        unfreeze, train_batchnorm: as for `unfreeze` (without `lora_rank`).
+        lora_rank: int, optional. Train rank-`lora_rank` adapters instead.
+        lora_targets: list of str, optional. Layer names for the adapters.
+    """
+    with model_scope(model):
+        if lora_rank:
+            count = model.backbone.enable_lora(lora_rank, lora_targets)
+            logger.info("LoRA rank %d: %d adapter parameters train.", lora_rank, count)
+        else:
+            model.backbone.unfreeze(unfreeze, train_batchnorm)
+
+
 def architecture_config(network: keras.Model) -> dict:
     """The serialized network without any layer's `trainable` flag.
 
