@@ -28,9 +28,9 @@ import keras
 import numpy as np
 
 from keras_transfer.errors import BackboneError, DataError
-from keras_transfer.image import ImagePreprocessing
+from keras_transfer.image import ImageBackbone
 from keras_transfer.plots import plot_forgetting
-from keras_transfer.text import TextPooling
+from keras_transfer.text import TextBackbone, TextPooling
 
 
 def snapshot_backbone(model) -> keras.Model:
@@ -347,50 +347,60 @@ def _network(model):
     return getattr(component, "network", component)
 
 
-def _parts(model):
-    """`(preprocessor or None, network)` of a transfer model or a bare backbone.
+def _component(models, preprocessing, text: bool, probe):
+    """The backbone component whose data path turns probe inputs into network inputs.
 
-    A text model's preprocessor is its tokenizer (`backbone.tokenize`).
+    The first transfer model (or component) given lends its own, the path its
+    training used, unless `preprocessing` is given; a bare network is wrapped
+    in an `ImageBackbone` or a `TextBackbone` for the same path.
     """
-    component = getattr(model, "backbone", model)
-    if isinstance(getattr(component, "network", None), keras.Model):
-        pre = getattr(component, "tokenize", None) or component.preprocessor
-        return pre, component.network
-    if isinstance(model, keras.Model):
-        return None, model
-    raise ValueError(f"Received {type(model).__name__}; expected a keras.Model backbone "
-                     "or a model with a .backbone (TransferModel, TextTransferModel, "
-                     "MultiTaskModel, TextMultiTaskModel).")
+    if preprocessing is None:
+        for model in models:
+            component = getattr(model, "backbone", model)
+            if isinstance(getattr(component, "network", None), keras.Model):
+                return component
+    network = _network(models[0])
+    if text:
+        if isinstance(preprocessing, str):
+            raise ValueError(
+                f"Received preprocessing={preprocessing!r} for a text backbone; "
+                "expected a tokenizer-preprocessor such as keras_hub.models."
+                "TextClassifierPreprocessor(...), or a TextTransferModel to take it from.")
+        if preprocessing is None:
+            raise ValueError(
+                "Received text backbones but no tokenizer: pass the TextTransferModel "
+                "(or TextMultiTaskModel) as finetuned_backbone, or "
+                "preprocessing=keras_hub.models.TextClassifierPreprocessor(...) made "
+                "for this backbone.")
+        return TextBackbone(network, preprocessor=preprocessing, sequence_length=getattr(
+            preprocessing, "sequence_length", 128))
+    if isinstance(probe, (str, bytes)) or (isinstance(probe, (list, tuple)) and probe
+                                           and isinstance(probe[0], (str, bytes))):
+        raise DataError(
+            f"Received texts as probe_images, but '{network.name}' is not a "
+            "KerasHub text backbone (it takes no token_ids/padding_mask). Pass "
+            "images, or the text backbones to compare.")
+    # A network that takes any size is read at the probe images' size.
+    size = None if None not in tuple(network.input_shape[1:3]) else \
+        (*np.shape(probe)[1:3], 3)
+    return ImageBackbone(network, input_shape=size, preprocessing=preprocessing
+                         if isinstance(preprocessing, str) else None)
 
 
-def _is_texts(values) -> bool:
-    if isinstance(values, (str, bytes)):
-        return True
-    if isinstance(values, np.ndarray):
-        return values.dtype.kind in "USO"
-    return isinstance(values, (list, tuple)) and bool(values) \
-        and isinstance(values[0], (str, bytes))
+def _network_inputs(component, inputs, keys, batch_size, name, after=None):
+    """What the network takes for `inputs` (an array, or `{input: array}` for text).
 
-
-def _as_texts(texts, name="probe_images") -> list[str]:
-    if isinstance(texts, np.ndarray):
-        texts = texts.tolist()
-    if isinstance(texts, (str, bytes)) or not isinstance(texts, (list, tuple)) or not texts:
-        shown = repr(texts)[:60]
-        raise DataError(f"Received {name}={shown} for a text backbone; expected a "
-                        "non-empty list of strings.")
-    texts = [t.decode("utf-8") if isinstance(t, bytes) else t for t in texts]
-    bad = [i for i, t in enumerate(texts) if not isinstance(t, str)]
-    if bad:
-        raise DataError(f"Received {name} with non-strings at positions {bad[:10]}; "
-                        "a text backbone takes a list of strings.")
-    return texts
-
-
-def _tokens(tokenize, texts, keys, batch_size) -> dict:
-    """Token arrays `{input name: (N, sequence)}` of texts, in batches."""
-    parts = [tokenize(list(texts[i:i + batch_size]))
-             for i in range(0, len(texts), batch_size)]
+    The component's own `predict_dataset` reads the inputs as `predict` would
+    (resized RGB images, or token dicts), then `network_inputs` preprocesses
+    them; `after` (a user's preprocessing callable) comes last.
+    """
+    try:
+        parts = [keras.tree.map_structure(np.asarray, component.network_inputs(batch))
+                 for batch in component.predict_dataset(inputs, batch_size=batch_size)]
+    except DataError as error:
+        raise DataError(f"{name}: {error}") from error
+    if not isinstance(parts[0], dict):
+        return np.concatenate([np.asarray(after(p)) if after else p for p in parts])
     missing = [k for k in keys if k not in parts[0]]
     if missing:
         raise BackboneError(
@@ -398,7 +408,7 @@ def _tokens(tokenize, texts, keys, batch_size) -> dict:
             f"{sorted(keys)} (missing {missing}): pass the preprocessor made for this "
             "backbone, e.g. preprocessing=keras_hub.models.TextClassifierPreprocessor"
             ".from_preset(...).")
-    return {k: np.concatenate([np.asarray(p[k]) for p in parts]) for k in keys}
+    return {k: np.concatenate([p[k] for p in parts]) for k in keys}
 
 
 def _masked_mean(values, padding_mask) -> np.ndarray:
@@ -418,22 +428,6 @@ def _take(data, start, stop):
     if isinstance(data, dict):
         return {k: v[start:stop] for k, v in data.items()}
     return data[start:stop]
-
-
-def _as_images(images, backbone, name="probe_images") -> np.ndarray:
-    images = np.asarray(images, np.float32)
-    if images.ndim == 3:
-        images = images[..., np.newaxis]
-    if images.ndim != 4 or len(images) == 0:
-        raise DataError(f"Received {name} of shape {images.shape}; expected "
-                        "(N, height, width, channels) with N >= 1.")
-    expected = backbone.input_shape
-    if images.shape[-1] == 1 and expected[-1] == 3:
-        images = np.repeat(images, 3, axis=-1)
-    size = tuple(expected[1:3])
-    if None not in size and tuple(images.shape[1:3]) != size:
-        images = keras.ops.convert_to_numpy(keras.ops.image.resize(images, size))
-    return images
 
 
 def _batches(function, inputs, batch_size):
@@ -525,42 +519,25 @@ def forgetting_report(original_backbone, finetuned_backbone, probe_images, *,
         >>> history = text_model.fit(texts, labels, head_epochs=2, fine_tune_epochs=2, verbose=0)
         >>> report = kt.forgetting_report(original, text_model, texts[:256])
     """
-    pre_original, original = _parts(original_backbone)
-    pre_finetuned, finetuned = _parts(finetuned_backbone)
+    original, finetuned = _network(original_backbone), _network(finetuned_backbone)
+    for model, given in ((original, original_backbone), (finetuned, finetuned_backbone)):
+        if not isinstance(model, keras.Model):
+            raise ValueError(f"Received {type(given).__name__}; expected a keras.Model "
+                             "backbone or a model with a .backbone (TransferModel, "
+                             "TextTransferModel, MultiTaskModel, TextMultiTaskModel).")
     text = _is_text_backbone(original)
-    if text:
-        if isinstance(preprocessing, str):
-            raise ValueError(
-                f"Received preprocessing={preprocessing!r} for a text backbone; "
-                "expected a tokenizer-preprocessor such as keras_hub.models."
-                "TextClassifierPreprocessor(...), or a TextTransferModel to take it from.")
-        pre = preprocessing or pre_finetuned or pre_original
-        if pre is None:
-            raise ValueError(
-                "Received text backbones but no tokenizer: pass the TextTransferModel "
-                "(or TextMultiTaskModel) as finetuned_backbone, or "
-                "preprocessing=keras_hub.models.TextClassifierPreprocessor(...) made "
-                "for this backbone.")
-        pooling = next((getattr(getattr(m, "backbone", None), "pooling", None)
-                        for m in (finetuned_backbone, original_backbone)
-                        if isinstance(getattr(getattr(m, "backbone", None), "pooling", None),
-                                      str)), "mean")
-    else:
-        if _is_texts(probe_images):
-            raise DataError(
-                f"Received texts as probe_images, but '{original.name}' is not a "
-                "KerasHub text backbone (it takes no token_ids/padding_mask). Pass "
-                "images, or the text backbones to compare.")
-        if isinstance(preprocessing, str):
-            preprocessing = ImagePreprocessing(preprocessing)
-        pre = preprocessing or pre_finetuned or pre_original or (lambda images: images)
+    component = _component((finetuned_backbone, original_backbone), preprocessing, text,
+                           probe_images)
+    # Earlier-task text heads take features pooled as the transfer model given pools them.
+    pooling = next((p for m in (finetuned_backbone, original_backbone)
+                    if isinstance(p := getattr(getattr(m, "backbone", None), "pooling", None),
+                                  str)), "mean")
+    then = preprocessing if callable(preprocessing) and not text else None  # a callable
 
     def prepare(inputs, name):
         """Model-ready inputs: preprocessed images or token arrays."""
-        if text:
-            return _tokens(pre, _as_texts(inputs, name), list(original.input), batch_size)
-        images = _as_images(inputs, original, name)
-        return _batches(lambda b: np.asarray(pre(b)), images, batch_size)
+        keys = list(original.input) if text else None
+        return _network_inputs(component, inputs, keys, batch_size, name, then)
 
     names = list(layers) if layers is not None else block_layers(original, max_blocks)
     for name in names:

@@ -211,7 +211,7 @@ def test_user_layers_text_table_and_plot(pretrained, digits, tmp_path):
         forgetting_report(backbone, backbone, x[:4], layers=["nope"])
     with pytest.raises(ValueError, match="expected a tuple \\(head, images, labels\\)"):
         forgetting_report(backbone, backbone, x[:4], earlier_task=("head", x))
-    with pytest.raises(kt.DataError, match="probe_images of shape"):
+    with pytest.raises(kt.DataError, match="probe_images: Received no images"):
         forgetting_report(backbone, backbone, np.zeros((0, 32, 32, 3)))
 
 
@@ -247,9 +247,10 @@ def test_identical_text_models_show_no_forgetting():
     assert bare.mean_cka == pytest.approx(1.0, abs=1e-6) and bare.probe_size == len(texts)
     with pytest.raises(ValueError, match="no tokenizer"):
         forgetting_report(original, model.backbone.network, texts)
-    with pytest.raises(kt.DataError, match="non-strings at positions \\[0, 1, 2\\]"):
+    with pytest.raises(kt.DataError,
+                       match="probe_images: Received non-string texts at positions \\[0, 1, 2\\]"):
         forgetting_report(original, model, np.zeros((3, 8)))
-    with pytest.raises(kt.DataError, match="expected a non-empty list of strings"):
+    with pytest.raises(kt.DataError, match="probe_images: Received no texts"):
         forgetting_report(original, model, [])
     with pytest.raises(kt.DataError, match="not a KerasHub text backbone"):
         forgetting_report(tiny_backbone(), tiny_backbone(), texts)
