@@ -70,7 +70,7 @@ def build_metadata(model, metrics=None) -> dict:
     return {
         "format": "keras_transfer/saved_model/1",
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        **model.export_metadata(),
+        **model_metadata(model),
         "signatures": sorted(model.serving_endpoints()),
         # JSON has no NaN: a metric that is not a number is recorded as null.
         "metrics": {k: (v if np.isfinite(v) else None)
@@ -79,8 +79,26 @@ def build_metadata(model, metrics=None) -> dict:
     }
 
 
+def model_metadata(model) -> dict:
+    """What `metadata.json` says about a `TransferModel`, its backbone and heads."""
+    specs = model.head_specs
+    heads = {n: {**spec.get_config(), "output": spec.output} for n, spec in specs.items()}
+    return {
+        **model.backbone.metadata(),
+        "task": model.kind if model.single else "multitask",
+        "num_classes": model.num_classes,
+        "class_names": model.class_names,
+        "output": specs[next(iter(specs))].output if model.single else {
+            n: spec.output for n, spec in specs.items()},
+        "heads": heads,
+    }
+
+
 def check_metrics(metrics) -> dict:
     """`{name: float}` from the metrics given to an export.
+
+    A nested dict (several heads' `evaluate`) is flattened to
+    `{f"{head}_{metric}": value}`.
 
     Raises:
         DataError: not a dict of names to single numbers (named in the message).
@@ -91,8 +109,14 @@ def check_metrics(metrics) -> dict:
         raise DataError(f"Received metrics of type {type(metrics).__name__}; expected a dict "
                         "{name: number}, e.g. model.evaluate(...)'s result. Nothing was "
                         "written.")
+    flat = {}
+    for key, value in metrics.items():
+        if isinstance(value, dict):
+            flat.update({f"{key}_{k}": v for k, v in value.items()})
+        else:
+            flat[key] = value
     checked = {}
-    for name, value in metrics.items():
+    for name, value in flat.items():
         try:
             if isinstance(value, (str, bytes, bool)) or np.size(value) != 1:
                 raise TypeError

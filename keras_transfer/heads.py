@@ -209,6 +209,24 @@ def check_heads(heads) -> dict:
     return {n: as_head(n, h) for n, h in heads.items()}
 
 
+def check_compile_arguments(loss, kwargs: dict) -> None:
+    """Refuses what `TransferModel.compile` sets from the heads; drops their Nones from `kwargs`.
+
+    Raises:
+        ValueError: `loss`, `loss_weights` or `weighted_metrics` given.
+    """
+    for arg in ("loss_weights", "weighted_metrics"):
+        if kwargs.get(arg) is not None:
+            raise ValueError(
+                f"Received {arg}={kwargs[arg]!r}; a TransferModel sets loss weights "
+                "with kt.Head(loss_weight=...) and weighs metrics by head itself. "
+                "Pass per-head metrics as metrics={head: [...]}.")
+        kwargs.pop(arg, None)
+    if loss is not None:
+        raise ValueError(f"Received loss={loss!r}; each head's loss follows its kind "
+                         "(kt.Head(kind=...)), computed from logits.")
+
+
 def heads_loss(specs: dict, y: dict, y_pred: dict, sample_weight=None, trackers=None):
     """Sum over heads of `loss_weight * head loss`, each masked to its own batches.
 

@@ -24,26 +24,18 @@ from collections.abc import Callable, Sequence
 import keras
 import numpy as np
 
-from keras_transfer import adapters, backend, lr_finder, routing, trainer
+from keras_transfer import adapters, backend, distribute, lr_finder, routing, trainer
 from keras_transfer import data as data_lib
+from keras_transfer import export as export_lib
 from keras_transfer.contracts import BackboneComponent, Phase
-from keras_transfer.distribute import (
-    MultiWorkerFitMixin,
-    check_built_in_scope,
-    get_strategy,
-    is_chief,
-    model_scope,
-    scope,
-    strategy_of,
-)
 from keras_transfer.errors import DataError
-from keras_transfer.export import check_backend, export_model, export_saved_model
-from keras_transfer.heads import SINGLE, Head, as_head, check_heads, heads_loss
+from keras_transfer.heads import (SINGLE, Head, as_head, check_compile_arguments, check_heads,
+                                  heads_loss)
 from keras_transfer.training import TransferHistory, scale_loss_for_replicas
 
 
 @keras.saving.register_keras_serializable(package="keras_transfer")
-class TransferModel(MultiWorkerFitMixin, keras.Model):
+class TransferModel(distribute.MultiWorkerFitMixin, keras.Model):
     """A backbone component with one or several heads, trained in phases.
 
     Args:
@@ -75,11 +67,11 @@ class TransferModel(MultiWorkerFitMixin, keras.Model):
 
     def __init__(self, backbone: BackboneComponent | Callable[[], BackboneComponent], heads,
                  *, sampling="round_robin", strategy=None, name=None, **kwargs):
-        strategy = get_strategy(strategy)
-        with scope(strategy):
+        strategy = distribute.get_strategy(strategy)
+        with distribute.scope(strategy):
             if callable(backbone) and not isinstance(backbone, keras.layers.Layer):
                 backbone = backbone()
-            check_built_in_scope(backbone, strategy)
+            distribute.check_built_in_scope(backbone, strategy)
             super().__init__(name=name or "transfer_model", **kwargs)
             if strategy is not None and not backend.is_tensorflow():
                 self._keras_distribution = strategy  # TensorFlow's lives on the model
@@ -115,7 +107,7 @@ class TransferModel(MultiWorkerFitMixin, keras.Model):
     @property
     def strategy(self):
         """The strategy (TensorFlow) or Keras distribution (JAX) it was built in, or None."""
-        return strategy_of(self)
+        return distribute.strategy_of(self)
 
     @property
     def kind(self):
@@ -201,16 +193,7 @@ class TransferModel(MultiWorkerFitMixin, keras.Model):
             **kwargs: passed to `keras.Model.compile` (not `loss_weights`
                 nor `weighted_metrics`: set `Head(loss_weight=...)`).
         """
-        for arg in ("loss_weights", "weighted_metrics"):
-            if kwargs.get(arg) is not None:
-                raise ValueError(
-                    f"Received {arg}={kwargs[arg]!r}; a TransferModel sets loss weights "
-                    "with kt.Head(loss_weight=...) and weighs metrics by head itself. "
-                    "Pass per-head metrics as metrics={head: [...]}.")
-            kwargs.pop(arg, None)
-        if loss is not None:
-            raise ValueError(f"Received loss={loss!r}; each head's loss follows its kind "
-                             "(kt.Head(kind=...)), computed from logits.")
+        check_compile_arguments(loss, kwargs)
         chosen = {n: spec.metrics() for n, spec in self.head_specs.items()}
         if metrics is not None:
             chosen.update({SINGLE: list(metrics)} if self.single
@@ -225,12 +208,8 @@ class TransferModel(MultiWorkerFitMixin, keras.Model):
         if self.single:
             y, y_pred = {SINGLE: y}, {SINGLE: y_pred}
             sample_weight = None if sample_weight is None else {SINGLE: sample_weight}
-        elif not isinstance(y, dict) or set(y) != set(self.head_specs):
-            raise DataError(
-                f"Received targets {type(y).__name__} with keys "
-                f"{sorted(y) if isinstance(y, dict) else None}; a model with heads "
-                f"{self.head_names} trains on batches with targets and masks for all of "
-                "them. Pass data as {head name: (x, y)}.")
+        else:
+            routing.check_targets(self, y)
         total = heads_loss(self.head_specs, y, y_pred, sample_weight,
                            dict(zip(self.head_specs, self.head_loss_trackers)))
         if self.losses:
@@ -244,7 +223,7 @@ class TransferModel(MultiWorkerFitMixin, keras.Model):
 
     def _ensure_compiled(self):
         if not self.compiled:
-            with model_scope(self):
+            with distribute.model_scope(self):
                 self.compile()
 
     # ------------------------------------------------------ data, LoRA files
@@ -393,18 +372,7 @@ class TransferModel(MultiWorkerFitMixin, keras.Model):
 
         return self.backbone.serving_endpoints(predict)
 
-    def export_metadata(self) -> dict:
-        """What `metadata.json` says about the model, its backbone and heads."""
-        heads = {n: {**spec.get_config(), "output": spec.output}
-                 for n, spec in self.head_specs.items()}
-        return {
-            **self.backbone.metadata(),
-            "task": self.kind if self.single else "multitask",
-            "num_classes": self.num_classes,
-            "class_names": self.class_names,
-            "output": self._per_head(lambda spec: spec.output),
-            "heads": heads,
-        }
+    export_metadata = export_lib.model_metadata  # what metadata.json says
 
     def export(self, path, *, overwrite=False, metrics=None, verify=True, format="saved_model",
                quantize=None, representative_data=None, evaluation_data=None) -> str:
@@ -443,23 +411,16 @@ class TransferModel(MultiWorkerFitMixin, keras.Model):
             '.../saved_models/flowers'
             >>> serve = tf.saved_model.load("saved_models/flowers").signatures["serving_default"]
         """
-        check_backend(format)  # before a worker's scratch export, too
-
-        flat = {}
-        for key, value in (metrics or {}).items():
-            if isinstance(value, dict):
-                flat.update({f"{key}_{k}": v for k, v in value.items()})
-            else:
-                flat[key] = value
-        if not is_chief(strategy_of(self)):
+        export_lib.check_backend(format)  # before a worker's scratch export, too
+        if not distribute.is_chief(distribute.strategy_of(self)):
             with tempfile.TemporaryDirectory(prefix="keras_transfer-worker-export-") as scratch:
-                export_saved_model(self, os.path.join(scratch, "export"), metrics=flat,
-                                   verify=False)
+                export_lib.export_saved_model(self, os.path.join(scratch, "export"),
+                                              metrics=metrics, verify=False)
             return None
-        return export_model(self, path, format=format, overwrite=overwrite, metrics=flat,
-                            verify=verify, quantize=quantize,
-                            representative_data=representative_data,
-                            evaluation_data=evaluation_data)
+        return export_lib.export_model(
+            self, path, format=format, overwrite=overwrite, metrics=metrics, verify=verify,
+            quantize=quantize, representative_data=representative_data,
+            evaluation_data=evaluation_data)
 
     # ---------------------------------------------------------------- config
     @property

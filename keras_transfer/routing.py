@@ -63,6 +63,20 @@ def check_head_dict(model, value, arg, error=ValueError) -> dict:
                     f"are {model.head_names}. {hint}".rstrip())
     return dict(value)
 
+def check_targets(model, y) -> None:
+    """Checks that a batch's targets (several heads) hold every head's.
+
+    Raises:
+        DataError: the targets are not `{head: ...}` for exactly the model's heads.
+    """
+    if not isinstance(y, dict) or set(y) != set(model.head_specs):
+        raise DataError(
+            f"Received targets {type(y).__name__} with keys "
+            f"{sorted(y) if isinstance(y, dict) else None}; a model with heads "
+            f"{model.head_names} trains on batches with targets and masks for all of "
+            "them. Pass data as {head name: (x, y)}.")
+
+
 def head_dataset(model, name, x, y=None, *, batch_size=32, training=False,
                  augmentation=None, seed=None, drop_remainder=False):
     """One head's labelled batches `(inputs, labels)`; adopts the class names the data gives."""
