@@ -279,46 +279,23 @@ def _use_tensorflow_backend() -> None:
 
 # ------------------------------------------------------------------- predict
 def _predict(args) -> int:
-    from keras_transfer.export import load_metadata, load_saved_model
+    from keras_transfer.export import load_metadata
 
     metadata = load_metadata(args.export)
-    if not os.path.isfile(os.path.join(args.export, "saved_model.pb")):
-        raise CommandError(f"{args.export!r} has metadata.json but no saved_model.pb: the "
-                           "export is incomplete. Export the model again.")
-    if metadata.get("kind") == "text":
-        raise CommandError(
-            f"{args.export!r} is a text model; predict classifies image files. Serve it "
-            "from Python: import tensorflow_text, then tf.saved_model.load(export)"
-            ".signatures['serving_default'](texts=tf.constant([...])).")
-    if "serving_bytes" not in metadata.get("signatures", []):
-        raise CommandError(f"{args.export!r} has no serving_bytes signature to read image "
-                           "files with; export the model again with this version.")
-    missing = [f for f in args.images if not os.path.isfile(f)]
-    if missing:
+    if missing := [f for f in args.images if not os.path.isfile(f)]:
         raise CommandError(f"These image files do not exist: {', '.join(missing)}")
-    if importlib.util.find_spec("tensorflow") is None:  # with KERAS_BACKEND=jax, say
-        raise CommandError("predict serves SavedModels with TensorFlow: pip install tensorflow")
-    _import_tensorflow(args.debug)
-    import tensorflow as tf
-
-    serve = load_saved_model(args.export).signatures["serving_bytes"]
+    outputs = _serve_files(args, metadata)
     heads = metadata.get("heads") or {"head": {"kind": metadata["task"],
                                                "class_names": metadata.get("class_names")}}
     single = metadata.get("task") != "multitask"
     results = []
-    for file in args.images:
-        with open(file, "rb") as f:
-            data = f.read()
-        try:
-            output = serve(image_bytes=tf.constant([data]))
-        except tf.errors.InvalidArgumentError as error:
-            raise CommandError(f"Cannot read {file!r} as an image: {_tf_message(error)}")
+    for file, output in zip(args.images, outputs):
         if single:
-            values = next(iter(output.values())).numpy()[0]
+            values = next(iter(output.values()))
             results.append({"file": file, **_describe(values, next(iter(heads.values())))})
         else:
             results.append({"file": file, "heads": {
-                name: _describe(output[name].numpy()[0], head) for name, head in heads.items()}})
+                name: _describe(output[name], head) for name, head in heads.items()}})
     if args.json:
         print(json.dumps(results, indent=2))
         return 0
@@ -328,6 +305,42 @@ def _predict(args) -> int:
         else:
             print(r["file"] + "".join(f"\t{name}: {_as_text(v)}" for name, v in r["heads"].items()))
     return 0
+
+
+def _serve_files(args, metadata) -> list[dict]:
+    """Each image file's outputs `{name: 1-D array}`, in the export's own runtime."""
+    from keras_transfer.runtime_predict import predict_files, runtime_file
+
+    if metadata.get("kind") == "text":
+        raise CommandError(
+            f"{args.export!r} is a text model; predict classifies image files. Serve it "
+            "from Python: import tensorflow_text, then tf.saved_model.load(export)"
+            ".signatures['serving_default'](texts=tf.constant([...])).")
+    file = runtime_file(args.export)
+    if file is not None:  # an ONNX or LiteRT export: ONNX Runtime or LiteRT runs it
+        return predict_files(file, metadata, list(args.images))
+    if not os.path.isfile(os.path.join(args.export, "saved_model.pb")):
+        raise CommandError(f"{args.export!r} has metadata.json but no model file: the "
+                           "export is incomplete. Export the model again.")
+    if "serving_bytes" not in metadata.get("signatures", []):
+        raise CommandError(f"{args.export!r} has no serving_bytes signature to read image "
+                           "files with; export the model again with this version.")
+    if importlib.util.find_spec("tensorflow") is None:  # with KERAS_BACKEND=jax, say
+        raise CommandError("predict serves SavedModels with TensorFlow: pip install tensorflow")
+    _import_tensorflow(args.debug)
+    import tensorflow as tf
+
+    from keras_transfer.export import load_saved_model
+    serve = load_saved_model(args.export).signatures["serving_bytes"]
+    outputs = []
+    for file in args.images:
+        try:
+            with open(file, "rb") as f:
+                output = serve(image_bytes=tf.constant([f.read()]))
+        except tf.errors.InvalidArgumentError as error:
+            raise CommandError(f"Cannot read {file!r} as an image: {_tf_message(error)}")
+        outputs.append({name: value.numpy()[0] for name, value in output.items()})
+    return outputs
 
 
 def _describe(values, head: dict) -> dict:

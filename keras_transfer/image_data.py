@@ -27,6 +27,7 @@ from keras_transfer import backend
 from keras_transfer.batches import ExampleBatches
 from keras_transfer.data import check_finite, labels_for_head, shuffle_each_epoch, warn
 from keras_transfer.errors import DataError
+from keras_transfer.image_files import decode_image_file
 
 
 # What `tf.io.decode_image` reads, and image files it does not (named when skipped).
@@ -199,31 +200,6 @@ def _is_readable_image(file: str) -> bool:
         return True
     except (tf.errors.InvalidArgumentError, tf.errors.NotFoundError):
         return False
-
-
-def decode_image_file(file: str) -> np.ndarray:
-    """An image file as a `(H, W, 3)` uint8 array (Pillow; the first frame of a GIF)."""
-    from PIL import Image
-
-    with Image.open(file) as image:
-        return np.asarray(pil_rgb(image))
-
-
-def pil_rgb(image):
-    """A PIL image as 8-bit RGB, 16-bit images scaled (not clipped) to 0-255.
-
-    Pillow reads a 16-bit grayscale PNG as mode `"I;16"`, and its
-    `convert("RGB")` clips every value above 255 to white; TensorFlow's
-    decoder scales them instead (value / 257), and so does this.
-    """
-    from PIL import Image
-
-    if image.mode.startswith("I;16") or image.mode in ("I", "F"):
-        values = np.asarray(image, np.float64)
-        if image.mode.startswith("I;16") or values.max(initial=0) > 255:
-            values = values / 257.0
-        image = Image.fromarray(np.clip(np.rint(values), 0, 255).astype(np.uint8), "L")
-    return image.convert("RGB")
 
 
 def read_tfds(spec: str, data_dir: str | None = None) -> ImageSource:

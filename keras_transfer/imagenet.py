@@ -26,7 +26,8 @@ import os
 import numpy as np
 
 from keras_transfer.errors import DataError
-from keras_transfer.image_data import check_pixel_range, pil_rgb
+from keras_transfer.image_data import check_pixel_range
+from keras_transfer.image_files import pil_rgb
 from keras_transfer.torchvision_models import torchvision_eval_crop, torchvision_mobilenet_v2
 
 NUM_IMAGENET_CLASSES = 1000
@@ -123,7 +124,7 @@ def _read_image(image):
     """An image as `torchvision_eval_crop` takes it; a path is opened with PIL.
 
     16-bit images (files or PIL images) are scaled to 8 bits, not clipped;
-    integer arrays above 255 are refused (see `image_data.pil_rgb`).
+    integer arrays above 255 are refused (see `image_files.pil_rgb`).
     """
     from PIL import Image, UnidentifiedImageError  # lazy: PIL only for image files
 

@@ -144,7 +144,7 @@ def cases(tmp_path, image_folder):
         "predict text export": (["predict", str(text_export), image], "is a text model"),
         "predict no export": (["predict", str(tmp_path), image], "no metadata.json"),
         "predict no SavedModel": (["predict", str(no_saved_model), image],
-                                  "no saved_model.pb"),
+                                  "no model file"),
         "predict missing image": (["predict", str(image_export), image, "nope.png"],
                                   "do not exist: nope.png"),
         "export a .h5 file": (["export", str(tmp_path / "model.h5"), str(tmp_path / "x")],

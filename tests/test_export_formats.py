@@ -267,6 +267,31 @@ def test_cli_export_format(tiny, tmp_path, capsys):
     assert metadata["format"] == "keras_transfer/onnx/1"
 
 
+@pytest.mark.parametrize("format", ["onnx", "litert"])
+def test_cli_predict_runs_the_file_in_its_runtime(trained, float_exports, format, tmp_path,
+                                                   capsys):
+    from PIL import Image
+
+    from keras_transfer.cli import main
+
+    model, x, _ = trained
+    files = []
+    for i in range(4):
+        files.append(str(tmp_path / f"{i}.png"))
+        Image.fromarray(x[40 + i]).save(files[-1])  # at the input size: nothing resized
+    assert main(["predict", float_exports[format], *files, "--json"]) == 0
+    results = json.loads(capsys.readouterr().out)
+    expected = model.predict(x[40:44])
+    assert [r["class"] for r in results] == [["a", "b", "c"][i] for i in expected.argmax(1)]
+    np.testing.assert_allclose([r["probability"] for r in results], expected.max(1),
+                               atol=1e-4)
+    Image.fromarray(x[40]).resize((64, 48)).save(tmp_path / "big.png")  # resized to 32x32
+    assert main(["predict", float_exports[format], str(tmp_path / "big.png")]) == 0
+    (tmp_path / "text.png").write_text("not an image")
+    assert main(["predict", float_exports[format], str(tmp_path / "text.png")]) == 2
+    assert "Cannot read" in capsys.readouterr().err
+
+
 # ------------------------------------------------------------ real models
 def bert_tokens(folder: str, texts) -> dict:
     """The README's lines: a text export's inputs with Hugging Face `tokenizers`."""
