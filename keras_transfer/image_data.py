@@ -21,7 +21,9 @@ import os
 import socket
 from urllib.parse import urlparse
 
+import keras
 import numpy as np
+from PIL import Image
 
 from keras_transfer import backend
 from keras_transfer.batches import ExampleBatches
@@ -203,8 +205,6 @@ def _is_readable_image(file: str) -> bool:
 
 def decode_image_file(file: str) -> np.ndarray:
     """An image file as a `(H, W, 3)` uint8 array (Pillow; the first frame of a GIF)."""
-    from PIL import Image
-
     with Image.open(file) as image:
         return np.asarray(pil_rgb(image))
 
@@ -216,8 +216,6 @@ def pil_rgb(image):
     `convert("RGB")` clips every value above 255 to white; TensorFlow's
     decoder scales them instead (value / 257), and so does this.
     """
-    from PIL import Image
-
     if image.mode.startswith("I;16") or image.mode in ("I", "F"):
         values = np.asarray(image, np.float64)
         if image.mode.startswith("I;16") or values.max(initial=0) > 255:
@@ -238,7 +236,7 @@ def read_tfds(spec: str, data_dir: str | None = None) -> ImageSource:
         An `ImageSource` with the dataset's class names.
     """
     backend.tensorflow("TFDS datasets")
-    import tensorflow_datasets as tfds
+    import tensorflow_datasets as tfds  # lazy: needs TensorFlow, optional on JAX
 
     name, _, split = spec.removeprefix(TFDS_PREFIX).partition(":")
     split = split or "train"
@@ -520,8 +518,6 @@ def make_image_dataset(
 
 def _image_batches(source, size, batch_size, shuffle, augmentation, seed, drop_remainder):
     """`make_image_dataset` off TensorFlow: NumPy batches (labels checked by the source)."""
-    import keras
-
     augment = None if augmentation is None else as_augmentation(augmentation)
 
     def prepare(images, labels):
@@ -539,8 +535,6 @@ def _image_batches(source, size, batch_size, shuffle, augmentation, seed, drop_r
 
 def _resized(images, size) -> np.ndarray:
     """An image `(H, W[, C])` or a batch `(B, H, W, C)` as float32 RGB, resized bilinearly."""
-    import keras
-
     images = np.asarray(images, np.float32)
     if images.ndim == 2:
         images = images[..., np.newaxis]
@@ -553,7 +547,7 @@ def _resized(images, size) -> np.ndarray:
 
 
 def _prepare_label(label, kind, num_classes, has_labels):
-    import tensorflow as tf
+    import tensorflow as tf  # lazy: TensorFlow is optional (Keras on JAX)
 
     if not has_labels or num_classes is None:
         return label
@@ -584,8 +578,6 @@ def _prepare_label(label, kind, num_classes, has_labels):
 
 
 def as_augmentation(augmentation):
-    import keras
-
     if isinstance(augmentation, (list, tuple)):
         # A Pipeline (not a Sequential) runs in tf.data on any backend.
         return keras.layers.Pipeline(list(augmentation), name="augmentation")
@@ -597,8 +589,6 @@ def as_augmentation(augmentation):
 
 def default_augmentation(seed: int | None = None):
     """Mild augmentation suited to most photographs: flips, rotation, zoom."""
-    import keras
-
     return keras.layers.Pipeline([
         keras.layers.RandomFlip("horizontal", seed=seed),
         keras.layers.RandomRotation(0.05, seed=seed),
