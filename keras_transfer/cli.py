@@ -35,6 +35,11 @@ import re
 import os
 import sys
 
+# Light modules (no Keras, no NumPy): the parser is built from them.
+from keras_transfer import generate_command, lr_find_command
+from keras_transfer.cache_store import add_cache_command
+from keras_transfer.errors import KerasTransferError
+
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
 EXIT_USER_ERROR = 2
@@ -46,6 +51,7 @@ class CommandError(Exception):
 
 # ------------------------------------------------------------ list-backbones
 def _list_backbones(args) -> int:
+    # lazy: list-backbones reads the registry, --help does not
     from keras_transfer.backbones import BACKBONES, list_backbones
 
     names = list_backbones(args.pattern)
@@ -76,7 +82,7 @@ def _check_keras_path(path: str, overwrite: bool) -> str:
     if os.path.exists(path) and not overwrite:
         raise CommandError(f"Received --save-keras {path!r}, which already exists. Pass "
                            "--overwrite to replace it, or choose a new file name.")
-    from keras_transfer.export import check_can_create
+    from keras_transfer.export import check_can_create  # lazy: imports NumPy, which --help does not
 
     check_can_create(path)
     return path
@@ -84,13 +90,14 @@ def _check_keras_path(path: str, overwrite: bool) -> str:
 
 def _strategy(args):
     """The strategy of `--strategy`, made before anything else runs TensorFlow ops."""
-    from keras_transfer.distribute import get_strategy
+    from keras_transfer.distribute import get_strategy  # lazy: imports Keras
 
     return get_strategy(args.strategy)
 
 
 def _train(args) -> int:
     # Every output path is checked before the slow imports and the training.
+    # lazy: imports NumPy, which --help does not
     from keras_transfer.export import check_export_path
 
     check_export_path(args.output, args.overwrite)
@@ -110,6 +117,7 @@ def _train(args) -> int:
             "from Python (model.fit, then model.save('model.keras')).")
     _import_tensorflow(args.debug)
     strategy = _strategy(args)  # before any op: a multi-worker strategy must come first
+    # lazy: these import Keras (and TensorFlow); the CLI answers --help without them
     import keras_transfer as kt
     from keras_transfer.image_data import TFDS_PREFIX, folder_class_names, read_tfds
     from keras_transfer.distribute import is_chief
@@ -180,6 +188,7 @@ def _export_on_tensorflow(model, output: str, overwrite: bool) -> str:
     The model goes through a `.keras` file (backend-neutral) in a temporary
     folder beside the export, removed afterwards.
     """
+    # lazy: only train on a backend other than TensorFlow needs them, not --help
     import subprocess
     import tempfile
 
@@ -221,6 +230,7 @@ def _export(args) -> int:
         raise CommandError(
             f"Received model file {args.model!r}; expected a .keras file saved by "
             "keras_transfer (model.save('model.keras') or train --save-keras).")
+    # lazy: before Keras is imported, so that the backend can still be set to TensorFlow
     from keras_transfer.export import check_export_path
     from keras_transfer.export_formats import check_format
 
@@ -228,12 +238,13 @@ def _export(args) -> int:
     check_export_path(args.output, args.overwrite)
     _use_tensorflow_backend()
     _import_tensorflow(args.debug)
+    # lazy: Keras picks its backend when first imported, so only now (TensorFlow's)
     import keras
 
-    from keras_transfer.model import TransferModel
-    # The modules that register the model classes for loading.
+    # lazy: they import Keras. image and text register the model classes for loading.
     import keras_transfer.image  # noqa: F401
     import keras_transfer.text  # noqa: F401
+    from keras_transfer.model import TransferModel
 
     try:
         model = keras.saving.load_model(args.model)
@@ -268,7 +279,7 @@ def _use_tensorflow_backend() -> None:
     if "keras" not in sys.modules:
         os.environ["KERAS_BACKEND"] = "tensorflow"
         return
-    import keras
+    import keras  # lazy: only once Keras is imported already (checked above)
 
     if keras.config.backend() != "tensorflow":
         raise CommandError(
@@ -279,6 +290,7 @@ def _use_tensorflow_backend() -> None:
 
 # ------------------------------------------------------------------- predict
 def _predict(args) -> int:
+    # lazy: imports NumPy, which --help does not
     from keras_transfer.export import load_metadata, load_saved_model
 
     metadata = load_metadata(args.export)
@@ -299,7 +311,7 @@ def _predict(args) -> int:
     if importlib.util.find_spec("tensorflow") is None:  # with KERAS_BACKEND=jax, say
         raise CommandError("predict serves SavedModels with TensorFlow: pip install tensorflow")
     _import_tensorflow(args.debug)
-    import tensorflow as tf
+    import tensorflow as tf  # lazy: TensorFlow is optional (Keras on JAX)
 
     serve = load_saved_model(args.export).signatures["serving_bytes"]
     heads = metadata.get("heads") or {"head": {"kind": metadata["task"],
@@ -354,7 +366,7 @@ def _as_text(result: dict) -> str:
 # ------------------------------------------------------------------ imagenet
 def _imagenet(args) -> int:
     _import_tensorflow(args.debug)
-    from keras_transfer.imagenet import imagenet_predict
+    from keras_transfer.imagenet import imagenet_predict  # lazy: imports Keras
 
     tops = imagenet_predict(list(args.images), k=args.top, weights=args.weights)
     if args.json:
@@ -372,7 +384,7 @@ def _imagenet(args) -> int:
 # ---------------------------------------------------------------------- demo
 def _demo(args) -> int:
     _import_tensorflow(args.debug)
-    from keras_transfer.demo import run_demo
+    from keras_transfer.demo import run_demo  # lazy: imports NumPy, which --help does not
 
     run_demo(quick=args.quick, output=args.output, backbone=args.backbone)
     return 0
@@ -380,19 +392,19 @@ def _demo(args) -> int:
 
 def _doctor(args) -> int:
     _import_tensorflow(args.debug)
-    from keras_transfer.doctor import format_report, system_report
+    from keras_transfer.doctor import (  # lazy: imports Keras
+        format_language_model_report,
+        format_report,
+        language_model_report,
+        system_report,
+        wheel_cpu_warnings,
+    )
 
     phases = ("head", "fine_tune") if args.phase == "both" else (args.phase,)
     unfreeze = int(args.unfreeze) if args.unfreeze.isdigit() else args.unfreeze
     report = system_report(None if args.backbone == "none" else args.backbone,
                            input_size=args.image_size, batch_size=args.batch_size,
                            phases=phases, unfreeze=unfreeze)
-    from keras_transfer.doctor import (
-        format_language_model_report,
-        language_model_report,
-        wheel_cpu_warnings,
-    )
-
     text = format_report(report)
     if args.language_models:  # GPT-J-6B and SmolLM2: inference, LoRA, full fine-tuning
         report["language_models"] = language_model_report()
@@ -546,7 +558,6 @@ def build_parser() -> argparse.ArgumentParser:
                    help="save the run after every epoch; the same command resumes it after a "
                         "crash (default: no backup)")
 
-    from keras_transfer import lr_find_command  # the command lives there
     lr_find_command.add_command_arguments(command(
         "lr-find", "suggest a learning rate: a short run at a rising rate",
         lr_find_command.run_command))
@@ -597,12 +608,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--language-models", action="store_true",
                    help="also estimate GPT-J-6B and SmolLM2-135M for inference, LoRA and full "
                         "fine-tuning in float32, bfloat16 and int8 (default: off)")
-    from keras_transfer import generate_command  # light: imports the model only when run
     generate_command.add_arguments(command(
         "generate", "a language model's answer to a prompt, printed as it comes",
         lambda args: generate_command.run(args, _import_tensorflow)))
-
-    from keras_transfer.cache_store import add_cache_command
 
     add_cache_command(command)  # keras-transfer cache list|clear
     return parser
@@ -625,14 +633,14 @@ def _import_tensorflow(debug: bool = False) -> None:
         raise CommandError("This command needs TensorFlow, which is not installed: "
                            "pip install tensorflow")
     if "tensorflow" in sys.modules or debug or os.environ.get("TF_CPP_MIN_LOG_LEVEL") == "0":
-        import tensorflow  # noqa: F401
+        import tensorflow  # noqa: F401 - lazy: only the commands that need it
         return
     sys.stderr.flush()
     saved = os.dup(2)
     try:
         with open(os.devnull, "w") as devnull:
             os.dup2(devnull.fileno(), 2)
-            import tensorflow  # noqa: F401
+            import tensorflow  # noqa: F401 - lazy: only the commands that need it
     finally:
         os.dup2(saved, 2)
         os.close(saved)
@@ -654,8 +662,6 @@ def _tf_message(error) -> str:
 
 
 def _is_user_error(error: BaseException) -> bool:
-    from keras_transfer.errors import KerasTransferError
-
     return isinstance(error, (CommandError, KerasTransferError, ValueError, OSError))
 
 
