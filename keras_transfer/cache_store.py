@@ -40,6 +40,7 @@ Example:
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import fcntl
 import fnmatch
@@ -516,8 +517,6 @@ def add_cache_command(command) -> None:
 
 
 def _age_argument(text: str) -> float:
-    import argparse
-
     try:
         return parse_age(text)
     except CacheLimitError as error:

@@ -35,6 +35,11 @@ import re
 import os
 import sys
 
+# Light modules (no Keras, no NumPy): the parser is built from them.
+from keras_transfer import generate_command, lr_find_command
+from keras_transfer.cache_store import add_cache_command
+from keras_transfer.errors import KerasTransferError
+
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
 EXIT_USER_ERROR = 2
@@ -46,6 +51,7 @@ class CommandError(Exception):
 
 # ------------------------------------------------------------ list-backbones
 def _list_backbones(args) -> int:
+    # lazy: list-backbones reads the registry, --help does not
     from keras_transfer.backbones import BACKBONES, list_backbones
 
     names = list_backbones(args.pattern)
@@ -76,7 +82,7 @@ def _check_keras_path(path: str, overwrite: bool) -> str:
     if os.path.exists(path) and not overwrite:
         raise CommandError(f"Received --save-keras {path!r}, which already exists. Pass "
                            "--overwrite to replace it, or choose a new file name.")
-    from keras_transfer.export import check_can_create
+    from keras_transfer.export import check_can_create  # lazy: imports NumPy, which --help does not
 
     check_can_create(path)
     return path
@@ -84,13 +90,14 @@ def _check_keras_path(path: str, overwrite: bool) -> str:
 
 def _strategy(args):
     """The strategy of `--strategy`, made before anything else runs TensorFlow ops."""
-    from keras_transfer.distribute import get_strategy
+    from keras_transfer.distribute import get_strategy  # lazy: imports Keras
 
     return get_strategy(args.strategy)
 
 
 def _train(args) -> int:
     # Every output path is checked before the slow imports and the training.
+    # lazy: imports NumPy, which --help does not
     from keras_transfer.export import check_export_path
 
     check_export_path(args.output, args.overwrite)
@@ -110,6 +117,7 @@ def _train(args) -> int:
             "from Python (model.fit, then model.save('model.keras')).")
     _import_tensorflow(args.debug)
     strategy = _strategy(args)  # before any op: a multi-worker strategy must come first
+    # lazy: these import Keras (and TensorFlow); the CLI answers --help without them
     import keras_transfer as kt
     from keras_transfer.image_data import TFDS_PREFIX, folder_class_names, read_tfds
     from keras_transfer.distribute import is_chief
@@ -180,6 +188,7 @@ def _export_on_tensorflow(model, output: str, overwrite: bool) -> str:
     The model goes through a `.keras` file (backend-neutral) in a temporary
     folder beside the export, removed afterwards.
     """
+    # lazy: only train on a backend other than TensorFlow needs them, not --help
     import subprocess
     import tempfile
 
@@ -221,6 +230,7 @@ def _export(args) -> int:
         raise CommandError(
             f"Received model file {args.model!r}; expected a .keras file saved by "
             "keras_transfer (model.save('model.keras') or train --save-keras).")
+    # lazy: before Keras is imported, so that the backend can still be set to TensorFlow
     from keras_transfer.export import check_export_path
     from keras_transfer.export_formats import check_format
 
@@ -228,12 +238,13 @@ def _export(args) -> int:
     check_export_path(args.output, args.overwrite)
     _use_tensorflow_backend()
     _import_tensorflow(args.debug)
+    # lazy: Keras picks its backend when first imported, so only now (TensorFlow's)
     import keras
 
-    from keras_transfer.model import TransferModel
-    # The modules that register the model classes for loading.
+    # lazy: they import Keras. image and text register the model classes for loading.
     import keras_transfer.image  # noqa: F401
     import keras_transfer.text  # noqa: F401
+    from keras_transfer.model import TransferModel
 
     try:
         model = keras.saving.load_model(args.model)
@@ -268,7 +279,7 @@ def _use_tensorflow_backend() -> None:
     if "keras" not in sys.modules:
         os.environ["KERAS_BACKEND"] = "tensorflow"
         return
-    import keras
+    import keras  # lazy: only once Keras is imported already (checked above)
 
     if keras.config.backend() != "tensorflow":
         raise CommandError(
@@ -279,12 +290,21 @@ def _use_tensorflow_backend() -> None:
 
 # ------------------------------------------------------------------- predict
 def _predict(args) -> int:
+    # lazy: NumPy, Pillow and the runtimes, which --help does not need
     from keras_transfer.export import load_metadata
+    from keras_transfer.runtime_predict import as_text, describe, predict_files, runtime_file
 
     metadata = load_metadata(args.export)
     if missing := [f for f in args.images if not os.path.isfile(f)]:
         raise CommandError(f"These image files do not exist: {', '.join(missing)}")
-    outputs = _serve_files(args, metadata)
+    if metadata.get("kind") == "text":
+        raise CommandError(
+            f"{args.export!r} is a text model; predict classifies image files. Serve it "
+            "from Python: import tensorflow_text, then tf.saved_model.load(export)"
+            ".signatures['serving_default'](texts=tf.constant([...])).")
+    file = runtime_file(args.export)  # an ONNX or LiteRT file: its own runtime runs it
+    outputs = predict_files(file, metadata, args.images) if file else _serve_saved_model(
+        args, metadata)
     heads = metadata.get("heads") or {"head": {"kind": metadata["task"],
                                                "class_names": metadata.get("class_names")}}
     single = metadata.get("task") != "multitask"
@@ -292,33 +312,23 @@ def _predict(args) -> int:
     for file, output in zip(args.images, outputs):
         if single:
             values = next(iter(output.values()))
-            results.append({"file": file, **_describe(values, next(iter(heads.values())))})
+            results.append({"file": file, **describe(values, next(iter(heads.values())))})
         else:
             results.append({"file": file, "heads": {
-                name: _describe(output[name], head) for name, head in heads.items()}})
+                name: describe(output[name], head) for name, head in heads.items()}})
     if args.json:
         print(json.dumps(results, indent=2))
         return 0
     for r in results:
         if single:
-            print(f"{r['file']}\t{_as_text(r)}")
+            print(f"{r['file']}\t{as_text(r)}")
         else:
-            print(r["file"] + "".join(f"\t{name}: {_as_text(v)}" for name, v in r["heads"].items()))
+            print(r["file"] + "".join(f"\t{name}: {as_text(v)}" for name, v in r["heads"].items()))
     return 0
 
 
-def _serve_files(args, metadata) -> list[dict]:
-    """Each image file's outputs `{name: 1-D array}`, in the export's own runtime."""
-    from keras_transfer.runtime_predict import predict_files, runtime_file
-
-    if metadata.get("kind") == "text":
-        raise CommandError(
-            f"{args.export!r} is a text model; predict classifies image files. Serve it "
-            "from Python: import tensorflow_text, then tf.saved_model.load(export)"
-            ".signatures['serving_default'](texts=tf.constant([...])).")
-    file = runtime_file(args.export)
-    if file is not None:  # an ONNX or LiteRT export: ONNX Runtime or LiteRT runs it
-        return predict_files(file, metadata, list(args.images))
+def _serve_saved_model(args, metadata) -> list[dict]:
+    """Each image file's outputs `{name: 1-D array}` from a SavedModel's `serving_bytes`."""
     if not os.path.isfile(os.path.join(args.export, "saved_model.pb")):
         raise CommandError(f"{args.export!r} has metadata.json but no model file: the "
                            "export is incomplete. Export the model again.")
@@ -328,9 +338,9 @@ def _serve_files(args, metadata) -> list[dict]:
     if importlib.util.find_spec("tensorflow") is None:  # with KERAS_BACKEND=jax, say
         raise CommandError("predict serves SavedModels with TensorFlow: pip install tensorflow")
     _import_tensorflow(args.debug)
-    import tensorflow as tf
+    import tensorflow as tf  # lazy: TensorFlow is optional (Keras on JAX)
 
-    from keras_transfer.export import load_saved_model
+    from keras_transfer.export import load_saved_model  # lazy: imports NumPy
     serve = load_saved_model(args.export).signatures["serving_bytes"]
     outputs = []
     for file in args.images:
@@ -343,31 +353,10 @@ def _serve_files(args, metadata) -> list[dict]:
     return outputs
 
 
-def _describe(values, head: dict) -> dict:
-    """One head's output for one image, as the JSON output shows it."""
-    names = head.get("class_names") or [str(i) for i in range(len(values))]
-    kind = head.get("kind", "classification")
-    if kind == "classification":
-        top = int(values.argmax())
-        return {"class": names[top], "probability": float(values[top])}
-    if kind == "multilabel":
-        return {"labels": [n for n, p in zip(names, values) if p >= 0.5],
-                "probabilities": {n: float(p) for n, p in zip(names, values)}}
-    return {"outputs": [float(v) for v in values]}
-
-
-def _as_text(result: dict) -> str:
-    if "class" in result:
-        return f"{result['class']}\t{result['probability']:.4f}"
-    if "labels" in result:
-        return ", ".join(result["labels"]) or "(no label above 0.5)"
-    return str(result["outputs"])
-
-
 # ------------------------------------------------------------------ imagenet
 def _imagenet(args) -> int:
     _import_tensorflow(args.debug)
-    from keras_transfer.imagenet import imagenet_predict
+    from keras_transfer.imagenet import imagenet_predict  # lazy: imports Keras
 
     tops = imagenet_predict(list(args.images), k=args.top, weights=args.weights)
     if args.json:
@@ -385,7 +374,7 @@ def _imagenet(args) -> int:
 # ---------------------------------------------------------------------- demo
 def _demo(args) -> int:
     _import_tensorflow(args.debug)
-    from keras_transfer.demo import run_demo
+    from keras_transfer.demo import run_demo  # lazy: imports NumPy, which --help does not
 
     run_demo(quick=args.quick, output=args.output, backbone=args.backbone)
     return 0
@@ -393,19 +382,19 @@ def _demo(args) -> int:
 
 def _doctor(args) -> int:
     _import_tensorflow(args.debug)
-    from keras_transfer.doctor import format_report, system_report
+    from keras_transfer.doctor import (  # lazy: imports Keras
+        format_language_model_report,
+        format_report,
+        language_model_report,
+        system_report,
+        wheel_cpu_warnings,
+    )
 
     phases = ("head", "fine_tune") if args.phase == "both" else (args.phase,)
     unfreeze = int(args.unfreeze) if args.unfreeze.isdigit() else args.unfreeze
     report = system_report(None if args.backbone == "none" else args.backbone,
                            input_size=args.image_size, batch_size=args.batch_size,
                            phases=phases, unfreeze=unfreeze)
-    from keras_transfer.doctor import (
-        format_language_model_report,
-        language_model_report,
-        wheel_cpu_warnings,
-    )
-
     text = format_report(report)
     if args.language_models:  # GPT-J-6B and SmolLM2: inference, LoRA, full fine-tuning
         report["language_models"] = language_model_report()
@@ -559,7 +548,6 @@ def build_parser() -> argparse.ArgumentParser:
                    help="save the run after every epoch; the same command resumes it after a "
                         "crash (default: no backup)")
 
-    from keras_transfer import lr_find_command  # the command lives there
     lr_find_command.add_command_arguments(command(
         "lr-find", "suggest a learning rate: a short run at a rising rate",
         lr_find_command.run_command))
@@ -610,12 +598,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--language-models", action="store_true",
                    help="also estimate GPT-J-6B and SmolLM2-135M for inference, LoRA and full "
                         "fine-tuning in float32, bfloat16 and int8 (default: off)")
-    from keras_transfer import generate_command  # light: imports the model only when run
     generate_command.add_arguments(command(
         "generate", "a language model's answer to a prompt, printed as it comes",
         lambda args: generate_command.run(args, _import_tensorflow)))
-
-    from keras_transfer.cache_store import add_cache_command
 
     add_cache_command(command)  # keras-transfer cache list|clear
     return parser
@@ -638,14 +623,14 @@ def _import_tensorflow(debug: bool = False) -> None:
         raise CommandError("This command needs TensorFlow, which is not installed: "
                            "pip install tensorflow")
     if "tensorflow" in sys.modules or debug or os.environ.get("TF_CPP_MIN_LOG_LEVEL") == "0":
-        import tensorflow  # noqa: F401
+        import tensorflow  # noqa: F401 - lazy: only the commands that need it
         return
     sys.stderr.flush()
     saved = os.dup(2)
     try:
         with open(os.devnull, "w") as devnull:
             os.dup2(devnull.fileno(), 2)
-            import tensorflow  # noqa: F401
+            import tensorflow  # noqa: F401 - lazy: only the commands that need it
     finally:
         os.dup2(saved, 2)
         os.close(saved)
@@ -667,8 +652,6 @@ def _tf_message(error) -> str:
 
 
 def _is_user_error(error: BaseException) -> bool:
-    from keras_transfer.errors import KerasTransferError
-
     return isinstance(error, (CommandError, KerasTransferError, ValueError, OSError))
 
 

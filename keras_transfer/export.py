@@ -53,6 +53,7 @@ EXPORT_FILES = ("saved_model.pb", "model.onnx", "model.tflite")
 
 
 def _library_versions() -> dict:
+    # lazy: the CLI checks export paths without Keras or TensorFlow
     import keras
     import tensorflow as tf
 
@@ -140,6 +141,7 @@ def check_backend(format: str = "saved_model") -> None:
     Raises:
         ExportError: Keras runs on another backend (named in the message).
     """
+    # lazy: the CLI checks export paths without Keras
     import keras
 
     backend = keras.config.backend()
@@ -231,6 +233,7 @@ def _foreign_inside(path: str) -> list[str]:
 
 def _asset_names(path: str) -> set[str]:
     """The asset files the SavedModel at `path` names (read from saved_model.pb)."""
+    # lazy: TensorFlow is imported only to read a SavedModel
     from tensorflow.core.protobuf import saved_model_pb2
 
     saved = saved_model_pb2.SavedModel()
@@ -441,6 +444,7 @@ def stage_export(path: str, write) -> str:
 
 
 def _write(model, folder, metrics):
+    # lazy: the CLI checks export paths without Keras
     import keras
 
     archive = keras.export.ExportArchive()
@@ -461,6 +465,7 @@ def load_saved_model(path: str):
     Raises:
         ExportError: the SavedModel uses ops this process has not registered.
     """
+    # lazy: TensorFlow is optional (Keras on JAX)
     import tensorflow as tf
 
     try:

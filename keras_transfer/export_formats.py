@@ -27,6 +27,7 @@ SavedModel (the workaround for `from_keras_model` on Keras 3).
 
 from __future__ import annotations
 
+import importlib.util
 import logging
 import os
 
@@ -92,8 +93,6 @@ def check_runtime(format: str) -> None:
     Raises:
         ExportError: naming the missing packages and the install line.
     """
-    import importlib.util
-
     missing = [PIP_NAMES[p] for p in RUNTIME_PACKAGES.get(format, ())
                if importlib.util.find_spec(p) is None]
     if missing:
@@ -119,6 +118,7 @@ def serving_model(model):
         `(serving model, input signature)`: one `tf.TensorSpec` for images;
         a dict of them for text.
     """
+    # lazy: the CLI checks the format before Keras picks its backend; TensorFlow is optional
     import keras
     import tensorflow as tf
 

@@ -29,7 +29,7 @@ from keras_transfer.errors import ExportError
 
 def converter_options(quantize=None, calibration=None) -> dict:
     """The `TFLiteConverter` settings of a quantization (Keras passes them on)."""
-    import tensorflow as tf
+    import tensorflow as tf  # lazy: TensorFlow is optional (Keras on JAX)
 
     builtins = [tf.lite.OpsSet.TFLITE_BUILTINS]
     if quantize is None:
@@ -91,7 +91,7 @@ def litert_runner(file: str, threads: int | None = None):
         file: str. A `.tflite` file.
         threads: int, optional. Threads for the interpreter.
     """
-    from ai_edge_litert.interpreter import Interpreter
+    from ai_edge_litert.interpreter import Interpreter  # lazy: an optional extra (export)
 
     interpreter = Interpreter(model_path=file, num_threads=threads)
     runner = interpreter.get_signature_runner()

@@ -29,7 +29,7 @@ def onnx_runner(file: str, threads: int | None = None):
         file: str. An `.onnx` file.
         threads: int, optional. Intra-op threads (ONNX Runtime's default: all cores).
     """
-    import onnxruntime
+    import onnxruntime  # lazy: an optional extra (export)
 
     options = onnxruntime.SessionOptions()
     if threads:

@@ -47,6 +47,7 @@ def run(args, import_tensorflow=None) -> int:
         raise ValueError(f"--temperature must be >= 0, received {args.temperature}")
     if import_tensorflow is not None:
         import_tensorflow(args.debug)
+    # lazy: Keras and KerasHub; building the command's parser imports neither
     from keras_transfer.generation import stream
     from keras_transfer.gguf import load_gguf, read_gguf, smollm2_path
 

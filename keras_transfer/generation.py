@@ -18,6 +18,7 @@ from typing import Iterator
 
 import keras
 import numpy as np
+from keras import ops
 
 from keras_transfer.errors import DataError
 from keras_transfer.text import keras_hub_module
@@ -70,7 +71,7 @@ class ChatTokenizer(_keras_hub.models.Llama3Tokenizer):
             raise DataError("Received a chat request for a tokenizer without a chat template; "
                             "pass chat=False and write the prompt in the model's own format.")
         try:
-            from jinja2.sandbox import ImmutableSandboxedEnvironment
+            from jinja2.sandbox import ImmutableSandboxedEnvironment  # lazy: optional extra (llm)
         except ImportError:
             raise DataError("Chat templates need jinja2: pip install jinja2") from None
         environment = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
@@ -197,8 +198,6 @@ def stream(causal_lm, prompt: str | list[dict], *, max_length: int = 128, chat: 
     Yields:
         str pieces whose concatenation is the answer.
     """
-    from keras import ops
-
     text = chat_prompt(causal_lm, prompt, system) if chat else prompt
     tokenizer = causal_lm.preprocessor.tokenizer
     ids = [int(i) for i in np.asarray(tokenizer(text)).ravel()]

@@ -92,7 +92,7 @@ class GGUFCheckpoint:
         Returns:
             A float32 NumPy array.
         """
-        from gguf import quants
+        from gguf import quants  # lazy: an optional extra (llm)
 
         if name not in self.tensors:
             raise WeightsError(f"Received a GGUF file {self.path!r} without the tensor "
@@ -129,7 +129,7 @@ def read_gguf(path: str | os.PathLike) -> GGUFCheckpoint:
         30
     """
     try:
-        import gguf
+        import gguf  # lazy: an optional extra (llm)
     except ImportError:
         raise WeightsError("Reading GGUF files needs the gguf package: pip install gguf") from None
     path = os.fspath(path)
@@ -150,7 +150,7 @@ def read_gguf(path: str | os.PathLike) -> GGUFCheckpoint:
 
 def _field_value(field):
     """A field's value as Python: scalars, strings and lists of them."""
-    from gguf import GGUFValueType
+    from gguf import GGUFValueType  # lazy: an optional extra (llm)
 
     value = field.contents()
     if field.types and field.types[0] == GGUFValueType.ARRAY:

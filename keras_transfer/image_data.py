@@ -21,6 +21,7 @@ import os
 import socket
 from urllib.parse import urlparse
 
+import keras
 import numpy as np
 
 from keras_transfer import backend
@@ -214,7 +215,7 @@ def read_tfds(spec: str, data_dir: str | None = None) -> ImageSource:
         An `ImageSource` with the dataset's class names.
     """
     backend.tensorflow("TFDS datasets")
-    import tensorflow_datasets as tfds
+    import tensorflow_datasets as tfds  # lazy: needs TensorFlow, optional on JAX
 
     name, _, split = spec.removeprefix(TFDS_PREFIX).partition(":")
     split = split or "train"
@@ -496,8 +497,6 @@ def make_image_dataset(
 
 def _image_batches(source, size, batch_size, shuffle, augmentation, seed, drop_remainder):
     """`make_image_dataset` off TensorFlow: NumPy batches (labels checked by the source)."""
-    import keras
-
     augment = None if augmentation is None else as_augmentation(augmentation)
 
     def prepare(images, labels):
@@ -515,8 +514,6 @@ def _image_batches(source, size, batch_size, shuffle, augmentation, seed, drop_r
 
 def _resized(images, size) -> np.ndarray:
     """An image `(H, W[, C])` or a batch `(B, H, W, C)` as float32 RGB, resized bilinearly."""
-    import keras
-
     images = np.asarray(images, np.float32)
     if images.ndim == 2:
         images = images[..., np.newaxis]
@@ -529,7 +526,7 @@ def _resized(images, size) -> np.ndarray:
 
 
 def _prepare_label(label, kind, num_classes, has_labels):
-    import tensorflow as tf
+    import tensorflow as tf  # lazy: TensorFlow is optional (Keras on JAX)
 
     if not has_labels or num_classes is None:
         return label
@@ -560,8 +557,6 @@ def _prepare_label(label, kind, num_classes, has_labels):
 
 
 def as_augmentation(augmentation):
-    import keras
-
     if isinstance(augmentation, (list, tuple)):
         # A Pipeline (not a Sequential) runs in tf.data on any backend.
         return keras.layers.Pipeline(list(augmentation), name="augmentation")
@@ -573,8 +568,6 @@ def as_augmentation(augmentation):
 
 def default_augmentation(seed: int | None = None):
     """Mild augmentation suited to most photographs: flips, rotation, zoom."""
-    import keras
-
     return keras.layers.Pipeline([
         keras.layers.RandomFlip("horizontal", seed=seed),
         keras.layers.RandomRotation(0.05, seed=seed),

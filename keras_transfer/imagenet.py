@@ -24,6 +24,7 @@ import functools
 import os
 
 import numpy as np
+from PIL import Image, UnidentifiedImageError
 
 from keras_transfer.errors import DataError
 from keras_transfer.image_data import check_pixel_range
@@ -126,8 +127,6 @@ def _read_image(image):
     16-bit images (files or PIL images) are scaled to 8 bits, not clipped;
     integer arrays above 255 are refused (see `image_files.pil_rgb`).
     """
-    from PIL import Image, UnidentifiedImageError  # lazy: PIL only for image files
-
     if isinstance(image, Image.Image):
         return pil_rgb(image)
     if not isinstance(image, (str, os.PathLike)):

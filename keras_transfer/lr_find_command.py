@@ -29,6 +29,7 @@ def add_command_arguments(parser) -> None:
 
 def run_command(args) -> int:
     """`keras-transfer lr-find`: solve the head, run the finder, print the suggestion."""
+    # lazy: Keras; building the command's parser imports no Keras
     import keras_transfer as kt
     from keras_transfer.image_data import folder_class_names
     from keras_transfer.lr_finder import find_learning_rate

@@ -68,12 +68,12 @@ class LearningRateFinding:
         Returns:
             The matplotlib Axes.
         """
-        import matplotlib
+        import matplotlib  # lazy: optional (plots)
 
         if ax is None:
             if path is not None:
                 matplotlib.use("Agg", force=False)
-            import matplotlib.pyplot as plt
+            import matplotlib.pyplot as plt  # lazy: optional (plots)
 
             _, ax = plt.subplots(figsize=(6, 4))
         ax.plot(self.rates, self.losses, alpha=0.3, label="loss")

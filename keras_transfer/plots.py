@@ -13,8 +13,8 @@ import math
 
 def _figure(rows: int, cols: int, width: float = 4.2, height: float = 3.2):
     try:
-        from matplotlib.figure import Figure
-    except ImportError as error:  # matplotlib is an optional dependency
+        from matplotlib.figure import Figure  # lazy: optional (plots)
+    except ImportError as error:
         raise ImportError("Plotting needs matplotlib: pip install matplotlib "
                           "(or keras-transfer[demo]).") from error
     figure = Figure(figsize=(width * cols, height * rows), layout="constrained")

@@ -484,7 +484,7 @@ def _blas_threads(work: int):
     if work > _THREADED_WORK:
         return contextlib.nullcontext()
     try:
-        from threadpoolctl import threadpool_limits
+        from threadpoolctl import threadpool_limits  # lazy: optional (comes with scikit-learn)
     except ImportError:  # optional: without it, BLAS keeps its own setting
         return contextlib.nullcontext()
     return threadpool_limits(limits=1, user_api="blas")

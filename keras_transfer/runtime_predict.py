@@ -70,3 +70,34 @@ def predict_files(file: str, metadata: dict, images: list[str]) -> list[dict]:
     return [{name: np.asarray(values)[0] for name, values in
              run({"images": read_image(image, (height, width))[np.newaxis]}).items()}
             for image in images]
+
+
+def describe(values, head: dict) -> dict:
+    """One head's output for one image, as `keras-transfer predict --json` shows it.
+
+    Args:
+        values: 1-D array. The head's outputs for the image.
+        head: dict. The head's entry in `metadata.json` (`kind`, `class_names`).
+
+    Returns:
+        `{"class", "probability"}`, `{"labels", "probabilities"}` (multi-label)
+        or `{"outputs"}` (regression).
+    """
+    names = head.get("class_names") or [str(i) for i in range(len(values))]
+    kind = head.get("kind", "classification")
+    if kind == "classification":
+        top = int(values.argmax())
+        return {"class": names[top], "probability": float(values[top])}
+    if kind == "multilabel":
+        return {"labels": [n for n, p in zip(names, values) if p >= 0.5],
+                "probabilities": {n: float(p) for n, p in zip(names, values)}}
+    return {"outputs": [float(v) for v in values]}
+
+
+def as_text(result: dict) -> str:
+    """`describe`'s result as one tab-separated line."""
+    if "class" in result:
+        return f"{result['class']}\t{result['probability']:.4f}"
+    if "labels" in result:
+        return ", ".join(result["labels"]) or "(no label above 0.5)"
+    return str(result["outputs"])

@@ -11,7 +11,9 @@ from __future__ import annotations
 
 from typing import Sequence
 
+import keras
 import numpy as np
+from PIL import Image
 
 from keras_transfer.backend import tensorflow
 from keras_transfer.errors import DataError
@@ -69,8 +71,6 @@ def head_logits(head):
         >>> x = model.backbone.preprocessor(images)
         >>> heatmaps = kt.grad_cam(network, None, kt.head_logits(softmax_head), x)
     """
-    import keras  # lazy: importable without Keras (plots of saved heat maps)
-
     layers = list(getattr(head, "layers", []))
     if not layers or not isinstance(layers[-1], keras.layers.Dense):
         raise ValueError(f"Received head {getattr(head, 'name', head)!r}, which does not "
@@ -136,8 +136,6 @@ def grad_cam(network, layer_name: str | None, head_fn, preprocessed_images,
         >>> kt.plot_grad_cam(images, heatmaps)
         <Figure size ... Axes>
     """
-    import keras  # lazy: importable without Keras (plots of saved heat maps)
-
     # The gradients come from tf.GradientTape: on another backend, load the
     # .keras file with KERAS_BACKEND=tensorflow to explain the model.
     tf = tensorflow("Grad-CAM")
@@ -239,7 +237,6 @@ def overlay_heatmap(image, heatmap, alpha: float = 0.4, colormap: str = "jet") -
         ((32, 32, 3), dtype('uint8'))
     """
     from matplotlib import colormaps  # lazy: optional (plots)
-    from PIL import Image  # lazy: PIL only for image files
 
     image = _as_uint8(image)
     if image.ndim == 2:

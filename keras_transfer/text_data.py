@@ -7,7 +7,9 @@ labels stay as given until the head they are for reads them
 
 from __future__ import annotations
 
+import csv
 import dataclasses
+import io
 import os
 
 import numpy as np
@@ -50,9 +52,6 @@ def read_text_file(path: str, text_column: str = "text", label_column: str | Non
     Returns:
         A `TextSource`.
     """
-    import csv
-    import io
-
     if not os.path.isfile(path):
         raise DataError(f"Received text file {path!r}, which does not exist.")
     delimiter = delimiter or ("\t" if path.lower().endswith((".tsv", ".tab")) else ",")

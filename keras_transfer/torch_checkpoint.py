@@ -56,7 +56,8 @@ NESTED_STATE_DICT_KEYS = ("state_dict", "model_state_dict", "model")
 
 
 def _bfloat16():
-    import ml_dtypes  # a dependency of Keras and TensorFlow
+    # lazy: only bfloat16 storages need it (a dependency of Keras, not of this module)
+    import ml_dtypes
 
     return np.dtype(ml_dtypes.bfloat16)
 

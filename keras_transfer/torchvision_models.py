@@ -32,6 +32,7 @@ from collections.abc import Mapping
 
 import keras
 import numpy as np
+from PIL import Image
 
 from keras_transfer.errors import BackboneError, WeightsError
 from keras_transfer.image_preprocessing import ImagePreprocessing
@@ -366,8 +367,6 @@ def torchvision_eval_crop(image, resize: int = 256, crop: int = 224) -> np.ndarr
     Returns:
         A uint8 array `(crop, crop, 3)`.
     """
-    from PIL import Image  # lazy: PIL only for image files
-
     if not isinstance(image, Image.Image):
         image = Image.fromarray(np.asarray(image, np.uint8))
     image = image.convert("RGB")

@@ -21,6 +21,7 @@ import os
 import re
 from collections.abc import Callable, Mapping
 
+import h5py
 import keras
 import numpy as np
 
@@ -85,8 +86,6 @@ class WeightsLoadReport:
 
 def _read_groups(path: str) -> dict[str, list[np.ndarray]]:
     """Returns `{group path: [arrays in order]}` for every weighted group."""
-    import h5py
-
     groups: dict[str, list[np.ndarray]] = {}
     with h5py.File(path, "r") as f:
 

@@ -2,7 +2,7 @@
 
 Every module is parsed (not imported); an import of a keras_transfer module
 is an edge of the graph, wherever it is written (module level or inside a
-function).
+function). Any import written inside a function says why it is lazy.
 """
 
 import ast
@@ -25,6 +25,7 @@ LAZY = {
     "lr_find_command": "a subcommand: imports the model's modules when it runs",
     "generate_command": "a subcommand: imports KerasHub and the GGUF reader when it runs",
 }
+
 
 
 def imports_of(module: str) -> list[tuple[str, bool, int]]:
@@ -106,3 +107,94 @@ def test_modules_stay_small(module):
     lines = (PACKAGE / f"{module}.py").read_text(encoding="utf-8").count("\n")
     # model.py: the Keras model only (issue 19 aims at about 450 lines).
     assert lines <= (500 if module == "model" else 700), (module, lines)
+
+
+def local_imports(source: str) -> list[tuple[int, bool]]:
+    """`(line, says why)` for every import written inside a function (nested ones included).
+
+    An import says why it is lazy when a comment on its own lines, or the
+    comment lines directly above its block, has the word "lazy". A block is
+    the imports that follow one another in the same function body (blank
+    lines allowed); a comment line starts a new one.
+    """
+    lines = source.splitlines()
+
+    def comments(first, last):  # what follows "#" on lines first..last (an import has no string)
+        return " ".join(line.partition("#")[2] for line in lines[first - 1:last])
+
+    def comment_above(line):
+        first = line
+        while first > 1 and lines[first - 2].lstrip().startswith("#"):
+            first -= 1
+        return comments(first, line - 1)
+
+    found = []
+
+    def visit(node, in_function):
+        for _, body in ast.iter_fields(node):
+            if not (isinstance(body, list) and body and isinstance(body[0], ast.stmt)):
+                continue
+            block = ""
+            for previous, statement in zip([None, *body], body):
+                if not isinstance(statement, (ast.Import, ast.ImportFrom)):
+                    continue
+                above = comment_above(statement.lineno)
+                if above.strip() or not isinstance(previous, (ast.Import, ast.ImportFrom)):
+                    block = above  # a block starts after another statement or a comment
+                if in_function:
+                    why = comments(statement.lineno, statement.end_lineno) + " " + block
+                    found.append((statement.lineno, "lazy" in why.lower()))
+        for child in ast.iter_child_nodes(node):
+            visit(child, in_function or isinstance(child, (ast.FunctionDef,
+                                                           ast.AsyncFunctionDef)))
+
+    visit(ast.parse(source), False)
+    return found
+
+
+def test_local_imports_finds_each_import_once_and_its_comment():
+    source = """
+import os
+
+
+def f():
+    import csv  # lazy: on its line
+    value = 1
+
+    # lazy: above the block, blank lines allowed within it
+    import json
+
+    from keras_transfer import errors
+    value = 2
+    import io  # lazy: on its line; the next line starts a new block
+    # a comment that does not say why
+    import re
+    # lazy: a new block
+    import abc  # noqa: F401
+    import ast
+
+    def inner():
+        try:
+            import tensorflow as tf  # lazy: optional
+        except ImportError:
+            import textwrap
+    # lazy:
+    # the last lines of a longer comment
+    from keras_transfer.backend import (
+        tensorflow,
+    )
+"""
+    assert local_imports(source) == [(6, True), (10, True), (12, True), (14, True),
+                                     (16, False), (18, True), (19, True), (28, True),
+                                     (23, True), (25, False)]
+
+
+def test_function_local_imports_say_why_they_are_lazy():
+    silent = [f"{m}.py:{line}" for m in MODULES
+              for line, says in local_imports((PACKAGE / f"{m}.py").read_text(encoding="utf-8"))
+              if not says]
+    assert not silent, (
+        "An import inside a function is there only for laziness (TensorFlow, an optional "
+        "package, a command line that answers --help without Keras): move it to the top of "
+        "the module, or say why on its line or above its block ('# lazy: ...'): "
+        + ", ".join(silent))
