@@ -21,7 +21,7 @@ import sys
 # Where each public name is defined: {module: names}.
 _MODULES = {
     "backbones": ("BackboneSpec", "get_backbone_spec", "list_backbones"),
-    "causal_lm": ("adapt_causal_lm",),
+    "causal_lm": ("adapt_causal_lm", "docstring_corpus", "perplexity"),
     "contrastive": ("ContrastivePhase", "PairSimilarity", "sample_pairs"),
     "data": ("task_schedule",),
     "distribute": ("get_strategy",),

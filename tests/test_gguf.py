@@ -217,3 +217,42 @@ def test_gguf_model_saves_and_reloads_whole_and_adapters_alone(tmp_path):
     fresh.backbone.enable_lora(2)
     fresh.backbone.load_lora_weights(str(tmp_path / "adapters.lora.h5"))
     np.testing.assert_allclose(keras_logits(fresh, ids), expected, atol=1e-5)
+
+
+def test_perplexity_counts_tokens_not_batches_and_knows_ignorance(tmp_path):
+    import keras_transfer as kt
+
+    lm = kt_gguf.load_gguf(write_tiny_llama(tmp_path / "tiny.gguf"), sequence_length=16)
+    texts = ["hello world", "hello", "world hello hello world hello", "he"]
+    one_by_one = kt.perplexity(lm, texts, batch_size=1)
+    assert kt.perplexity(lm, texts, batch_size=3) == pytest.approx(one_by_one, rel=1e-9)
+    assert 1.0 < one_by_one
+    for variable in lm.backbone.weights:  # uniform next-token scores: perplexity = vocabulary
+        variable.assign(np.zeros(variable.shape))
+    vocabulary = lm.backbone.vocabulary_size
+    assert kt.perplexity(lm, texts) == pytest.approx(vocabulary, rel=1e-6)
+    with pytest.raises(ValueError, match="non-empty list of strings"):
+        kt.perplexity(lm, [])
+
+
+def test_docstring_corpus_splits_by_module(tmp_path):
+    import keras_transfer as kt
+
+    doc = "x" * 250
+    for module in ("alpha", "beta", "gamma", "delta", "tests/hidden"):
+        (tmp_path / module).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / f"{module}.py").write_text(
+            f'"""{module} {doc}"""\n\n\ndef f():\n    """{module} f {doc}"""\n\n\n'
+            f'def g():\n    """short"""\n')
+    (tmp_path / "broken.py").write_text("def (:\n")
+    train, held_out = kt.docstring_corpus(str(tmp_path), held_out_share=0.5)
+    found = sorted(train + held_out)
+    assert found == sorted(f"{m}{s} {doc}" for m in ("alpha", "beta", "gamma", "delta")
+                           for s in ("", " f"))
+    modules = lambda docs: {d.split()[0] for d in docs}  # noqa: E731
+    assert modules(train) and modules(held_out) and not modules(train) & modules(held_out)
+    assert kt.docstring_corpus(str(tmp_path), held_out_share=0.5) == (train, held_out)
+    with pytest.raises(ValueError, match="between 0 and 1"):
+        kt.docstring_corpus(str(tmp_path), held_out_share=1.0)
+    with pytest.raises(ValueError, match="not a folder"):
+        kt.docstring_corpus(str(tmp_path / "nope"))
