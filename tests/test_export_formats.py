@@ -132,6 +132,23 @@ def test_quantized_litert_files_are_smaller_and_measured(trained, float_exports,
                for t in interpreter.get_tensor_details())
 
 
+def test_int8_keeps_residual_additions_in_float(tmp_path):
+    # A residual addition's range grows with depth; int8 keeps ADD in float (issue 22:
+    # it cost the demo's MobileNetV2 2.5 points), every other operator in int8.
+    from keras_transfer import export_litert
+
+    inputs = keras.Input((32, 32, 3))
+    h = keras.layers.Conv2D(8, 3, strides=2, padding="same", activation="relu")(inputs)
+    h = keras.layers.Add()([h, keras.layers.Conv2D(8, 3, padding="same")(h)])
+    model = kt.ImageTransferModel(keras.Model(inputs, h, name="residual"), 2, pooling="avg",
+                                  preprocessing="none")
+    x = np.random.default_rng(0).integers(0, 256, (16, 32, 32, 3), dtype=np.uint8)
+    path = model.export(str(tmp_path / "int8"), format="litert", quantize="int8",
+                        representative_data=x)
+    file = os.path.join(path, "model.tflite")
+    assert export_litert.float_ops(file) == {"CAST", "DEQUANTIZE", "ADD"}
+
+
 def test_multi_head_model_exports_one_output_per_head(tmp_path):
     rng = np.random.default_rng(1)
     x = rng.integers(0, 256, (8, 32, 32, 3), dtype=np.uint8)
@@ -333,7 +350,8 @@ def test_minilm_files_match_keras_on_32_texts(tmp_path):
 
 
 @pytest.mark.large  # the demo's ImageNet MobileNetV2, exported three times
-def test_demo_model_float_files_match_and_int8_is_a_third_of_the_size(tmp_path):
+def test_demo_model_float_files_match_and_int8_is_within_a_point_and_a_third_of_the_size(
+        tmp_path):
     pytest.importorskip("skimage")
     from keras_transfer import demo
 
@@ -355,10 +373,9 @@ def test_demo_model_float_files_match_and_int8_is_a_third_of_the_size(tmp_path):
         if quantize:
             accuracy = metadata["accuracy"]
             assert accuracy["examples"] == len(y_test) == 320
-            # Issue 22 asks for at most 1 point; measured: 2.5 points calibrated on the 40
-            # training patches, 2.2 on 200 unlabelled ones (a follow-up). This guards
-            # against worse.
-            assert accuracy["keras"] - accuracy["export"] <= 0.04, accuracy
+            # Issue 22: at most 1 point. Measured: 1.000 and 1.000 with the additions in
+            # float (export_litert.FLOAT_OPS); 0.975 with them in int8.
+            assert accuracy["keras"] - accuracy["export"] <= 0.01, accuracy
         else:
             run = export_formats.run_file(format, os.path.join(path, metadata["file"]))
             got = np.concatenate([run({"images": image[None]})["probabilities"]
