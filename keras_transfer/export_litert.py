@@ -79,7 +79,7 @@ def quantize_calibrated(file: str) -> None:
     """
     # What tf.lite.experimental.QuantizationDebugger.get_nondebug_quantized_model calls
     # with its denylisted_ops (the converter's own quantization step takes no denylist).
-    from tensorflow.lite.python import convert
+    from tensorflow.lite.python import convert  # lazy: TensorFlow is optional (Keras on JAX)
 
     with open(file, "rb") as f:
         calibrated = f.read()
@@ -90,7 +90,7 @@ def quantize_calibrated(file: str) -> None:
 
 def float_ops(file: str) -> set:
     """The operators of the `.tflite` `file` that give float32 tensors."""
-    from ai_edge_litert.interpreter import Interpreter, OpResolverType
+    from ai_edge_litert.interpreter import Interpreter, OpResolverType  # lazy: an optional extra
 
     # Without the default XNNPACK delegate, which would hide the operators it takes.
     interpreter = Interpreter(
