@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 import keras_transfer as kt
-from keras_transfer import fine_tune_policy
+from keras_transfer import fine_tune_policy, routing, trainer
 
 
 def small_model():
@@ -74,6 +74,30 @@ def test_without_probe_evidence_the_phase_runs_as_configured(tiny_images):
     decision = history.phases[1].details["policy"]
     assert decision["action"] == "as_given" and "no probe evidence" in decision["reason"]
     assert history.phases[1].peak_learning_rate == 1e-5  # the gentle default
+
+
+def test_shift_translates_the_training_images_only_without_fit_augmentation():
+    x = np.zeros((4, 32, 32, 3), np.uint8)
+    x[:, 12:20, 12:20] = 255  # a square in the middle
+    y = np.arange(4) % 3
+    model = small_model()
+
+    def first_batch(shift, augmentation=None):
+        data = trainer.FitData(model=model, train=routing.head_data(model, x, y),
+                               validation=None, seed=0,  # one order: the seed
+                               augmentation=augmentation)
+        return np.asarray(next(iter(data.batches(shift)[0]))[0])
+
+    plain, shifted = first_batch(0.0), first_batch(0.3)
+    assert plain.shape == shifted.shape and not np.allclose(plain, shifted)
+    # The square moved: its bright rows or columns are not all where they were.
+    assert not np.array_equal(plain.max(axis=(2, 3)) > 128, shifted.max(axis=(2, 3)) > 128) \
+        or not np.array_equal(plain.max(axis=(1, 3)) > 128, shifted.max(axis=(1, 3)) > 128)
+    # fit's own augmentation replaces the phase's translations.
+    identity = keras.layers.Identity()
+    np.testing.assert_array_equal(first_batch(0.3, augmentation=identity), plain)
+    with pytest.raises(ValueError, match="shift=0.5"):
+        kt.FineTunePhase(shift=0.5)
 
 
 def test_bad_policy_is_refused():
