@@ -8,6 +8,7 @@ import pytest
 
 import keras_transfer as kt
 from keras_transfer import fine_tune_policy, routing, trainer
+from keras_transfer.image_data import shift_augmentation
 
 
 def small_model():
@@ -50,8 +51,15 @@ def test_saturated_probe_skips_fine_tuning_and_says_so(caplog):
 
 def test_weak_probe_runs_the_stronger_recipe(tiny_images, monkeypatch):
     x, y = tiny_images  # random labels: the probe is at chance
-    # A test-sized budget; the recipe's rate is what is checked.
+    # A test-sized budget; the recipe's rate and translations are what is checked.
     monkeypatch.setattr(fine_tune_policy, "STRONG", {**fine_tune_policy.STRONG, "min_steps": 2})
+    shifts = []
+
+    def spy(share, seed=None):
+        shifts.append(share)
+        return shift_augmentation(share, seed)
+
+    monkeypatch.setattr(trainer, "shift_augmentation", spy)
     model = small_model()
     history = model.fit(x, y, verbose=0, seed=0, batch_size=40)
     decision = history.phases[1].details["policy"]
@@ -59,6 +67,8 @@ def test_weak_probe_runs_the_stronger_recipe(tiny_images, monkeypatch):
     assert decision["held_out_log_loss_share"] > fine_tune_policy.SATURATED
     assert history.phases[1].epochs_run == 3  # min_steps=2, at least 3 epochs
     assert history.phases[1].peak_learning_rate == fine_tune_policy.STRONG["learning_rate"]
+    # The far domain's few images are shifted (digits: +0.014 over 3 seeds).
+    assert shifts == [fine_tune_policy.STRONG["shift"]] and shifts[0] > 0
     # Explicit settings run as given.
     history = model.fit(x, y, verbose=0, seed=0, batch_size=40,
                         phases=[kt.FineTunePhase(epochs=1)])  # the probe's evidence is kept
