@@ -6,8 +6,12 @@ chance's log K), then every recipe fine-tunes a copy starting from the same
 head weights; test accuracy and wall time of each. Tasks are those of
 `transfer_quality.py` (the demo's among them).
 
+A recipe's name may end in "+shift" (fit's augmentation: random translations),
+"+aug" (translations, a small rotation and zoom) or "+head" (the head solved
+again after the fine-tune).
+
 Run: `python benchmarks/fine_tune_recipes.py --tasks digits demo --seeds 0 1
-[--recipes old strong ...]`.
+[--recipes old strong 1e-3x300s+shift ...]`.
 """
 
 from __future__ import annotations
@@ -39,7 +43,41 @@ def recipes():
         "ld.8@3e-4x300s": kt.FineTunePhase(min_steps=300, learning_rate=3e-4, layer_decay=0.8),
         "ld.8@1e-4x300s": kt.FineTunePhase(min_steps=300, learning_rate=1e-4, layer_decay=0.8),
         "ld.8@1e-4x100s": kt.FineTunePhase(learning_rate=1e-4, layer_decay=0.8),
+        # Issue 24, far domain (digits): BatchNorm training, more steps, higher rates, shifts.
+        "strong": kt.FineTunePhase(learning_rate=1e-4, min_steps=120),
+        "bn@1e-4x120s": kt.FineTunePhase(learning_rate=1e-4, min_steps=120,
+                                         train_batchnorm=True, batchnorm_momentum=0.9),
+        "1e-4x300s": kt.FineTunePhase(learning_rate=1e-4, min_steps=300),
+        "3e-4x300s": kt.FineTunePhase(learning_rate=3e-4, min_steps=300),
+        "3e-4x500s": kt.FineTunePhase(learning_rate=3e-4, min_steps=500),
+        "1e-3x300s": kt.FineTunePhase(learning_rate=1e-3, min_steps=300),
+        "1e-3x300s1c": kt.FineTunePhase(learning_rate=1e-3, min_steps=300, decay="one_cycle",
+                                        warmup=0.25, weight_decay=0.01),
+        # The policy's STRONG, its shifts made by the phase (not fit's augmentation).
+        "1e-3x300s.1": kt.FineTunePhase(learning_rate=1e-3, min_steps=300, shift=0.1),
     }
+
+
+def augmentation(extras, seed):
+    """fit's augmentation for a recipe's extras: "shift", random translations by up
+    to a tenth of the image; "aug", with a small rotation and zoom too; else None."""
+    import keras
+
+    layers = [keras.layers.RandomTranslation(0.1, 0.1, seed=seed)]
+    if "aug" in extras:
+        layers += [keras.layers.RandomRotation(0.03, seed=seed),
+                   keras.layers.RandomZoom(0.1, seed=seed)]
+    elif "shift" not in extras:
+        return None
+    return keras.layers.Pipeline(layers, name="augmentation")
+
+
+def recipe(name, table):
+    """`(phases, extras)`: "+shift" trains on shifted images, "+head" solves the head again."""
+    import keras_transfer as kt
+
+    base, *extras = name.split("+")
+    return [table[base], *([kt.HeadPhase()] if "head" in extras else [])], extras
 
 
 def main():
@@ -57,6 +95,8 @@ def main():
 
     table = recipes()
     names = [] if args.recipes == ["none"] else args.recipes or list(table)  # none: heads only
+    for name in names:
+        recipe(name, table)  # unknown names fail before any training
     for task in args.tasks:
         _, load, build, num_classes = tasks[task]
         for seed in args.seeds:
@@ -79,11 +119,14 @@ def main():
                 model.set_weights(weights)
                 keras.utils.set_random_seed(seed)
                 start = time.perf_counter()
-                history = model.fit(x_train, y_train, phases=[table[name]], seed=seed, verbose=0)
+                phases, extras = recipe(name, table)
+                history = model.fit(x_train, y_train, phases=phases, seed=seed, verbose=0,
+                                    augmentation=augmentation(extras, seed))
                 seconds = time.perf_counter() - start
                 accuracy = model.evaluate(x_test, y_test, batch_size=64)["accuracy"]
                 record = history.phases[0]
-                note = {k: v for k, v in record.details.items() if k != "group_rates"}
+                note = {k: v for k, v in record.details.items()
+                        if k not in ("group_rates", "policy")}
                 print(f"  {task} seed {seed} {name:20} {accuracy:.3f} ({accuracy - head:+.3f}) "
                       f"{seconds:5.0f} s {record.epochs_run} epochs "
                       f"loss {history.history.get('loss', [math.nan])[-1]:.4f} {note or ''}",

@@ -11,8 +11,8 @@ What it measures
     * our head (`HeadPhase()`: the converged, cross-validated probe, its
       confidence calibrated to the cross-validated log-loss);
     * our fine-tuned model (`FineTunePhase()` after it: its policy reads the
-      probe's evidence and skips, runs 1e-4 for ~120 steps on images, or ~100
-      steps at 1e-5 on text; `fine_tune_policy`);
+      probe's evidence and skips, runs 1e-3 for ~300 steps on randomly shifted
+      images, or ~100 steps at 1e-5 on text; `fine_tune_policy`);
     * text tasks: a fresh model fit with `ContrastivePhase()` then `HeadPhase()`
       (SetFit's recipe in this toolkit); `setfit_side.py` runs the `setfit`
       package itself on the same splits, in its own environment;

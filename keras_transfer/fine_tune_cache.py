@@ -167,7 +167,7 @@ def why_not(phase, model, data) -> str | None:
         return (f"{'LoRA adapters' if phase.lora_rank else 'unfreeze=' + repr(phase.unfreeze)}"
                 " train throughout the network: no bottom is frozen")
     backbone = model.backbone
-    if data.augmentation is not None:
+    if data.augmentation is not None or getattr(phase, "shift", 0.0):
         return ("augmentation is random, so the frozen bottom's outputs change every epoch")
     if getattr(backbone, "train_batchnorm", False):
         return ("train_batchnorm=True runs the network in training mode (Dropout and "

@@ -566,6 +566,14 @@ def as_augmentation(augmentation):
                     "layer or a list of layers such as keras.layers.RandomFlip().")
 
 
+def shift_augmentation(share: float, seed: int | None = None):
+    """Random translations by up to `share` of the height and width (`FineTunePhase.shift`)."""
+    import keras
+
+    return keras.layers.Pipeline([keras.layers.RandomTranslation(share, share, seed=seed)],
+                                 name="shift")
+
+
 def default_augmentation(seed: int | None = None):
     """Mild augmentation suited to most photographs: flips, rotation, zoom."""
     return keras.layers.Pipeline([

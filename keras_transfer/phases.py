@@ -443,6 +443,11 @@ class FineTunePhase:
             biases and normalisation scales and offsets excluded.
         gradient_accumulation_steps: int >= 2, optional. Keras's gradient
             accumulation: one update per that many batches.
+        shift: float in [0, 0.5). Image backbones: random translations of
+            the training images by up to this share of their height and
+            width, when `fit` was given no `augmentation` (its augmentation
+            is used instead). 0 (default): none. The stronger recipe of
+            `fine_tune_policy` shifts by 0.1.
         name: str. The phase's name in logs and the history.
 
     Example:
@@ -453,7 +458,8 @@ class FineTunePhase:
                       batchnorm_momentum=None, warmup=0.1, decay='cosine', early_stopping=None,
                       restore_best=True, min_steps=100, lora_rank=None, lora_targets=None,
                       feature_cache='auto', cache_dir=None, layer_decay=None, policy='auto',
-                      weight_decay=None, gradient_accumulation_steps=None, name='fine_tune')
+                      weight_decay=None, gradient_accumulation_steps=None, shift=0.0,
+                      name='fine_tune')
         >>> kt.FineTunePhase(epochs=10, learning_rate=2e-5, unfreeze=20)
         FineTunePhase(epochs=10, learning_rate=2e-05, unfreeze=20, ...)
         >>> kt.FineTunePhase(epochs=3, lora_rank=4)
@@ -481,6 +487,7 @@ class FineTunePhase:
     policy: str = "auto"
     weight_decay: float | None = None
     gradient_accumulation_steps: int | None = None
+    shift: float = 0.0
     name: str = "fine_tune"
     trains_backbone = True  # (contracts.Phase) not a field: not in the repr a backup compares
 
@@ -508,6 +515,10 @@ class FineTunePhase:
         if self.feature_cache not in (True, False, "auto"):
             raise ValueError(f"Received feature_cache={self.feature_cache!r}; expected True, "
                              "False or 'auto'.")
+        if isinstance(self.shift, bool) or not isinstance(self.shift, (int, float)) \
+                or not 0.0 <= self.shift < 0.5:
+            raise ValueError(f"Received shift={self.shift!r}; expected a share of the image "
+                             "in [0, 0.5), e.g. 0.1 (0: no translations).")
         if self.batchnorm_momentum is not None:
             if not 0.0 <= self.batchnorm_momentum < 1.0:
                 raise ValueError(f"Received batchnorm_momentum={self.batchnorm_momentum!r}; "
@@ -568,8 +579,12 @@ class FineTunePhase:
         """
         if self.policy == "auto":
             return run_with_policy(self, model, data, callbacks, initial_epoch, verbose)
+        if self.shift and model.backbone.metadata().get("kind") != "image":
+            raise ValueError(f"Received FineTunePhase(shift={self.shift!r}) on a "
+                             f"{type(model.backbone).__name__}: translations are for images. "
+                             "Leave shift at 0.")
         self.prepare(model)
-        (train, steps), validation = data.batches(), data.validation_batches()
+        (train, steps), validation = data.batches(self.shift), data.validation_batches()
         epochs = self.epochs_for(steps)
         total = steps * epochs
         peak = self.peak_learning_rate

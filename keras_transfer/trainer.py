@@ -37,6 +37,7 @@ from keras_transfer.distribute import (
 )
 from keras_transfer.feature_cache import extract_features
 from keras_transfer.fine_tune_policy import remember_record
+from keras_transfer.image_data import shift_augmentation
 from keras_transfer.memory import warn_if_too_large
 from keras_transfer.phases import resolve_phases
 from keras_transfer.training import TransferHistory, say, warn
@@ -118,7 +119,7 @@ class FitData:
         self.shuffle_seed = EpochSeed(self.seed)
         self.phase_backup = None
         self._temporary = []
-        self._batches = None
+        self._batches = {}  # {shift: (batches, steps)}
         self._validation = None
         # Check every head's data (labels, class names) before anything trains.
         self.batches()
@@ -148,19 +149,28 @@ class FitData:
             tf.data.experimental.AutoShardPolicy.DATA
         return dataset.with_options(options)
 
-    def batches(self):
-        """`(training batches, steps per epoch)`, shuffled and augmented."""
-        if self._batches is None:
+    def batches(self, shift: float = 0.0):
+        """`(training batches, steps per epoch)`, shuffled and augmented.
+
+        Args:
+            shift: float. A phase's random translations by up to this share
+                of the images (`FineTunePhase.shift`); `fit`'s augmentation,
+                when given, is used instead.
+        """
+        if shift not in self._batches:
             model = self.model
+            augmentation = self.augmentation
+            if shift and augmentation is None:
+                augmentation = shift_augmentation(shift, self.seed)
             datasets = {n: routing.head_dataset(
                 model, n, x, y, batch_size=self.batch_size, training=self.shuffle,
-                augmentation=self.augmentation, seed=self.shuffle_seed,
+                augmentation=augmentation, seed=self.shuffle_seed,
                 drop_remainder=self.drop_remainder) for n, (x, y) in self.train.items()}
             dataset, steps = routing.join(model, datasets, training=True,
                                           seed=self.shuffle_seed,
                                           class_weight=self.class_weight)
-            self._batches = self._distributable(dataset), steps
-        return self._batches
+            self._batches[shift] = self._distributable(dataset), steps
+        return self._batches[shift]
 
     def validation_batches(self):
         """Validation batches, or None."""
