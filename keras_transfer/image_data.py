@@ -568,8 +568,6 @@ def as_augmentation(augmentation):
 
 def shift_augmentation(share: float, seed: int | None = None):
     """Random translations by up to `share` of the height and width (`FineTunePhase.shift`)."""
-    import keras
-
     return keras.layers.Pipeline([keras.layers.RandomTranslation(share, share, seed=seed)],
                                  name="shift")
 
