@@ -14,8 +14,10 @@ What it measures
       probe's evidence and skips, runs 1e-3 for ~300 steps on randomly shifted
       images, or ~100 steps at 1e-5 on text; `fine_tune_policy`);
     * text tasks: a fresh model fit with `ContrastivePhase()` then `HeadPhase()`
-      (SetFit's recipe in this toolkit); `setfit_side.py` runs the `setfit`
-      package itself on the same splits, in its own environment;
+      (SetFit's recipe in this toolkit; not `fit`'s default: on topics, seed 0,
+      it lost to the frozen probe, 0.814 against 0.848, see `contrastive.py`);
+      `setfit_side.py` runs the `setfit` package itself on the same splits, in
+      its own environment;
 
     and the wall time of each. Tasks:
 
