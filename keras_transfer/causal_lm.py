@@ -91,7 +91,7 @@ def adapt_causal_lm(causal_lm, texts, *, epochs=1, batch_size=8, sequence_length
     return causal_lm, history
 
 
-def perplexity(causal_lm, texts, *, batch_size: int = 8) -> float:
+def perplexity(causal_lm, texts, *, batch_size: int = 8, per_text: bool = False):
     """Perplexity of `causal_lm` on `texts`: exp(mean negative log-likelihood per token).
 
     Every predicted token of every text counts once (padding does not), so
@@ -102,9 +102,11 @@ def perplexity(causal_lm, texts, *, batch_size: int = 8) -> float:
         causal_lm: a `keras_hub.models.CausalLM` with its preprocessor.
         texts: list of str. Each is cut to the preprocessor's sequence length.
         batch_size: int.
+        per_text: bool. Return each text's own perplexity instead (from
+            the same forward passes).
 
     Returns:
-        float.
+        float, or an array with one perplexity per text (`per_text=True`).
 
     Example:
         >>> before = kt.perplexity(lm, held_out)  # doctest: +SKIP
@@ -116,7 +118,7 @@ def perplexity(causal_lm, texts, *, batch_size: int = 8) -> float:
     if not texts or not all(isinstance(t, str) for t in texts):
         raise ValueError(f"Received texts={str(texts)[:80]}; expected a non-empty list of "
                          "strings.")
-    total, count = 0.0, 0.0
+    totals, counts = [], []  # per text: summed negative log-likelihood, tokens
     for start in range(0, len(texts), batch_size):
         x, y, weight = causal_lm.preprocessor(texts[start:start + batch_size])
         logits = np.asarray(keras.ops.convert_to_numpy(causal_lm(x)), np.float64)
@@ -125,9 +127,12 @@ def perplexity(causal_lm, texts, *, batch_size: int = 8) -> float:
         y = np.asarray(keras.ops.convert_to_numpy(y))
         weight = np.asarray(keras.ops.convert_to_numpy(weight), np.float64)
         nll = -np.take_along_axis(log_probs, y[..., None], -1)[..., 0]
-        total += float((nll * weight).sum())
-        count += float(weight.sum())
-    return float(np.exp(total / count))
+        totals.extend((nll * weight).sum(axis=1))
+        counts.extend(weight.sum(axis=1))
+    totals, counts = np.array(totals), np.array(counts)
+    if per_text:
+        return np.exp(totals / np.maximum(counts, 1.0))
+    return float(np.exp(totals.sum() / counts.sum()))
 
 
 def docstring_corpus(root: str | None = None, held_out_share: float = 0.1, *,

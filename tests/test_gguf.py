@@ -227,6 +227,8 @@ def test_perplexity_counts_tokens_not_batches_and_knows_ignorance(tmp_path):
     one_by_one = kt.perplexity(lm, texts, batch_size=1)
     assert kt.perplexity(lm, texts, batch_size=3) == pytest.approx(one_by_one, rel=1e-9)
     assert 1.0 < one_by_one
+    each = kt.perplexity(lm, texts, batch_size=3, per_text=True)
+    np.testing.assert_allclose(each, [kt.perplexity(lm, [t]) for t in texts], rtol=1e-9)
     for variable in lm.backbone.weights:  # uniform next-token scores: perplexity = vocabulary
         variable.assign(np.zeros(variable.shape))
     vocabulary = lm.backbone.vocabulary_size
