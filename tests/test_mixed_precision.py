@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 import keras_transfer as kt
+from test_head_phase import images  # learnable 16x16 images of 3 classes
 
 
 @pytest.fixture
@@ -28,17 +29,8 @@ def conv_backbone():
     return keras.Model(inputs, x, name="conv")
 
 
-def images(n=60, seed=0):
-    """Images whose class shows in the mean of one colour channel: learnable."""
-    rng = np.random.default_rng(seed)
-    y = rng.integers(0, 3, n)
-    x = rng.integers(0, 120, (n, 16, 16, 3))
-    x[np.arange(n), :, :, y] += 120
-    return x.astype(np.uint8), y
-
-
 def test_both_phases_train_in_bfloat16_with_float32_logits(mixed_bfloat16):
-    x, y = images()
+    x, y = images(60)
     model = kt.ImageTransferModel(conv_backbone(), 3, preprocessing="tf", pooling="avg")
     assert model.backbone.network.compute_dtype == "bfloat16"
     assert model.head.layers[-1].compute_dtype == "float32"
