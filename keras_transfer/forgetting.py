@@ -387,12 +387,12 @@ def _component(models, preprocessing, text: bool, probe):
                          if isinstance(preprocessing, str) else None)
 
 
-def _network_inputs(component, inputs, keys, batch_size, name, after=None):
+def _network_inputs(component, inputs, keys, batch_size, name, user_preprocessing=None):
     """What the network takes for `inputs` (an array, or `{input: array}` for text).
 
     The component's own `predict_dataset` reads the inputs as `predict` would
     (resized RGB images, or token dicts), then `network_inputs` preprocesses
-    them; `after` (a user's preprocessing callable) comes last.
+    them; `user_preprocessing` (a callable given for images) comes last.
     """
     try:
         parts = [keras.tree.map_structure(np.asarray, component.network_inputs(batch))
@@ -400,7 +400,8 @@ def _network_inputs(component, inputs, keys, batch_size, name, after=None):
     except DataError as error:
         raise DataError(f"{name}: {error}") from error
     if not isinstance(parts[0], dict):
-        return np.concatenate([np.asarray(after(p)) if after else p for p in parts])
+        return np.concatenate([np.asarray(user_preprocessing(p)) if user_preprocessing else p
+                               for p in parts])
     missing = [k for k in keys if k not in parts[0]]
     if missing:
         raise BackboneError(
@@ -532,12 +533,12 @@ def forgetting_report(original_backbone, finetuned_backbone, probe_images, *,
     pooling = next((p for m in (finetuned_backbone, original_backbone)
                     if isinstance(p := getattr(getattr(m, "backbone", None), "pooling", None),
                                   str)), "mean")
-    then = preprocessing if callable(preprocessing) and not text else None  # a callable
+    user_preprocessing = preprocessing if callable(preprocessing) and not text else None
 
     def prepare(inputs, name):
         """Model-ready inputs: preprocessed images or token arrays."""
         keys = list(original.input) if text else None
-        return _network_inputs(component, inputs, keys, batch_size, name, then)
+        return _network_inputs(component, inputs, keys, batch_size, name, user_preprocessing)
 
     names = list(layers) if layers is not None else block_layers(original, max_blocks)
     for name in names:

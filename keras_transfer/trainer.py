@@ -157,10 +157,12 @@ class FitData:
                 of the images (`FineTunePhase.shift`); `fit`'s augmentation,
                 when given, is used instead.
         """
+        if self.augmentation is not None:
+            shift = 0.0  # fit's augmentation wins: the same batches as without a shift
         if shift not in self._batches:
             model = self.model
             augmentation = self.augmentation
-            if shift and augmentation is None:
+            if shift:
                 augmentation = shift_augmentation(shift, self.seed)
             datasets = {n: routing.head_dataset(
                 model, n, x, y, batch_size=self.batch_size, training=self.shuffle,
