@@ -24,7 +24,7 @@ from keras_transfer.errors import DataError
 # The log-loss path stops after this many values of C without improvement.
 PATIENCE = 2
 # With accuracy scoring and at least this many held-out rows, the walk stops after
-# this many values of C that improve neither the accuracy nor the log-loss.
+# this many values of C in a row whose accuracy is below the best one's (not tied).
 ACCURACY_STOP_MIN_ROWS = 500
 ACCURACY_PATIENCE = 3
 # Below this many examples, cross-validation is leave-one-out: each fold then
@@ -476,8 +476,11 @@ def _cross_validate(problem: _Problem, fold_of: np.ndarray, cs,
     not improved the best mean score: held-out log-loss is unimodal in C in
     practice, and the weak end is where fits cost the most iterations. With
     the accuracy on at least `ACCURACY_STOP_MIN_ROWS` held-out rows, it stops
-    once `ACCURACY_PATIENCE` values in a row have improved neither the
-    accuracy nor its tie-break, the log-loss.
+    once `ACCURACY_PATIENCE` values in a row score below the best accuracy:
+    a value tying it could still win on the log-loss, a value below it
+    cannot be chosen. (Stopping only once the log-loss stalled too walked 11
+    of 13 values on 1,200 x 1,280 features, where the accuracy peaked at the
+    5th, for the same choice: 2.0 s against 0.7 s.)
     """
     # Several splits (rows of a 2-D fold_of) are pooled: a row's held-out score
     # in split s sits at slot s * n + row; every fold of every split is one fit.
@@ -502,7 +505,7 @@ def _cross_validate(problem: _Problem, fold_of: np.ndarray, cs,
         states: list[_Solution | None] = [None] * n_folds
         groups = _fold_groups(problem, n_folds)
         best, since_best = math.inf, 0
-        best_loss, since_best_loss = math.inf, 0  # the accuracy's tie-break
+        below_best = 0  # values in a row scoring below the best (not tied)
         # Accuracy over many held-out rows varies smoothly with C: the walk
         # stops as for the log-loss once neither it nor the log-loss improves.
         accuracy_stops = scoring == "accuracy" and len(used) >= ACCURACY_STOP_MIN_ROWS
@@ -526,14 +529,9 @@ def _cross_validate(problem: _Problem, fold_of: np.ndarray, cs,
                 best, best_solutions, since_best = score, list(states), 0
             else:
                 since_best += 1
-            if accuracy_stops:
-                loss = _weighted_mean(row_tiebreak[i, used], weights)
-                if best_loss == math.inf or loss < best_loss - _tie(best_loss):
-                    best_loss, since_best_loss = loss, 0
-                else:
-                    since_best_loss += 1
+            below_best = 0 if score <= best + _tie(best) else below_best + 1
             if (scoring == "log_loss" and since_best >= PATIENCE) or (
-                    accuracy_stops and min(since_best, since_best_loss) >= ACCURACY_PATIENCE):
+                    accuracy_stops and below_best >= ACCURACY_PATIENCE):
                 row_loss = row_loss[: i + 1]
                 break
     cs = tuple(cs[: len(row_loss)])
