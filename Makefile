@@ -38,9 +38,12 @@ JAX_TESTS = tests/test_batches.py tests/test_backends.py tests/test_head_phase.p
 	tests/test_bad_input.py tests/test_cli.py tests/test_doctor.py \
 	tests/test_gpu_finetune_script.py tests/test_install_line.py tests/test_layer_rates.py \
 	tests/test_contrastive.py::test_contrastive_then_head_tunes_the_encoder_and_solves_the_probe
-test: $(VENV)/.test-installed $(JAX_VENV)/.installed
+# The JAX environment is built while TensorFlow's sessions already run (pip is mostly
+# waiting on the disk), then its session starts.
+test: $(VENV)/.test-installed
 	@mkdir -p build
-	@KERAS_BACKEND=jax $(JAX_BIN)/python -m pytest --durations=15 $(PYTEST_ARGS) $(JAX_TESTS) \
+	@( $(MAKE) --no-print-directory $(JAX_VENV)/.installed && \
+		KERAS_BACKEND=jax $(JAX_BIN)/python -m pytest --durations=15 $(PYTEST_ARGS) $(JAX_TESTS) ) \
 		> build/test-jax.log 2>&1 & jax=$$!; \
 	$(BIN)/python -m pytest --run-large -m large --durations=15 $(PYTEST_ARGS) > build/test-large.log 2>&1 & \
 	large=$$!; \
