@@ -139,11 +139,13 @@ def test_cli_train_on_jax_exports_through_tensorflow(image_folder, tmp_path):
     result = subprocess.run(
         [sys.executable, "-m", "keras_transfer.cli", "train", str(image_folder),
          "--backbone", "mobilenet_v2", "--weights", "none", "--image-size", "32",
-         "--head-epochs", "1", "--head-solver", "adam", "--fine-tune-epochs", "1",
-         "--batch-size", "4", "--output", str(output), "--quiet"],
+         "--fine-tune-epochs", "0", "--batch-size", "4", "--output", str(output), "--quiet",
+         "--no-report"],
         env=env, capture_output=True, text=True, timeout=900, cwd=ROOT)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "Exported a SavedModel" in result.stdout
+    assert "Epoch" not in result.stdout and "summary" not in result.stdout  # --quiet
+    assert not (output / "report").exists()  # --no-report
     metadata = json.loads((output / "metadata.json").read_text())
     assert metadata["class_names"] == ["cat", "dog", "fox"]
     # The .keras file that carried the model across is gone; nothing else was left.
