@@ -5,7 +5,9 @@ For each task and seed: the head phase (the probe), then
 weights, a short fine-tune at each rate of a sweep (`--rates`, same steps);
 prints the suggestion, each rate's test accuracy and final training loss,
 and the ratio between the suggestion and the sweep's best rate (by test
-accuracy, ties to the lower loss).
+accuracy, ties to the lower loss). A second line lists the rates whose
+accuracy is within one binomial standard error of the best (one seed cannot
+tell them apart) and the smallest factor from the suggestion to one of them.
 
 Run: `python benchmarks/lr_finder_check.py --tasks digits textures --seeds 0 [--steps 60]`.
 """
@@ -61,11 +63,19 @@ def main():
                 results.append((accuracy, -loss, rate))
                 print(f"  {task} seed {seed} rate {rate:.0e}: test {accuracy:.3f}, final "
                       f"training loss {loss:.4f}", flush=True)
-            best = max(results)[2]
+            best_accuracy, _, best = max(results)
             ratio = max(found.suggestion / best, best / found.suggestion)
             print(f"  {task} seed {seed}: best rate {best:.0e}, suggestion "
                   f"{found.suggestion:.2g}: a factor {ratio:.1f} "
                   f"({'within' if ratio <= 3 else 'NOT within'} 3)", flush=True)
+            # One seed's best rate is noisy: rates within one binomial standard error of
+            # the best accuracy on this test set are as good, as far as it can tell.
+            error = (best_accuracy * (1 - best_accuracy) / len(y_test)) ** 0.5
+            tied = [rate for accuracy, _, rate in results if accuracy >= best_accuracy - error]
+            closest = min(max(found.suggestion / r, r / found.suggestion) for r in tied)
+            print(f"  {task} seed {seed}: rates within one standard error ({error:.3f}) of the "
+                  f"best: {', '.join(f'{r:.0e}' for r in tied)}; the closest is a factor "
+                  f"{closest:.1f} from the suggestion", flush=True)
 
 
 if __name__ == "__main__":
