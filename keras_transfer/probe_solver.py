@@ -477,9 +477,9 @@ def _cross_validate(problem: _Problem, fold_of: np.ndarray, cs,
     once `PATIENCE` values in a row score below the best accuracy: a value
     tying it could still win on the log-loss, a value below it cannot be
     chosen. (Stopping only after 3 values that improved neither the accuracy
-    nor the log-loss walked 11 of 13 values on 1,200 x 1,280 features, where
-    the accuracy peaked at the 5th: 2.0 s against 0.6 s, with the same C on
-    the five feature sets tried: synthetic, MobileNetV2's, raw digits.)
+    nor the log-loss walked 11 of 13 values on 1,200 x 1,280 features where
+    the accuracy peaked at the 5th, against 7 now, with the same C on the five
+    feature sets tried: synthetic, MobileNetV2's, raw digits.)
     """
     # Several splits (rows of a 2-D fold_of) are pooled: a row's held-out score
     # in split s sits at slot s * n + row; every fold of every split is one fit.
@@ -505,8 +505,8 @@ def _cross_validate(problem: _Problem, fold_of: np.ndarray, cs,
         groups = _fold_groups(problem, n_folds)
         best, since_best = math.inf, 0
         below_best = 0  # values in a row scoring below the best (not tied)
-        # Accuracy over many held-out rows varies smoothly with C: the walk
-        # stops as for the log-loss once neither it nor the log-loss improves.
+        # Accuracy over many held-out rows varies smoothly with C: once it has
+        # fallen below its best, it does not come back (see the docstring).
         accuracy_stops = scoring == "accuracy" and len(used) >= ACCURACY_STOP_MIN_ROWS
         for i, c in enumerate(cs):
             for group in groups:
