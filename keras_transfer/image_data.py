@@ -26,7 +26,8 @@ import numpy as np
 
 from keras_transfer import backend
 from keras_transfer.batches import ExampleBatches
-from keras_transfer.data import check_finite, labels_for_head, shuffle_each_epoch, warn
+from keras_transfer.data import (as_written, check_finite, labels_for_head, shuffle_each_epoch,
+                                 warn)
 from keras_transfer.errors import DataError
 from keras_transfer.image_files import decode_image_file
 
@@ -78,7 +79,7 @@ class ImageSource:
             return image, label
 
         return tf.data.Dataset.from_tensor_slices((self.images, self.labels)).map(
-            load, num_parallel_calls=tf.data.AUTOTUNE)
+            as_written(load), num_parallel_calls=tf.data.AUTOTUNE)
 
 
 def read_image_folder(path: str, class_names=None) -> ImageSource:
@@ -486,12 +487,13 @@ def make_image_dataset(
     dataset = source.as_tf_dataset()
     if shuffle:
         dataset = shuffle_each_epoch(dataset, min(source.size or 10_000, 10_000), seed)
-    dataset = dataset.map(prepare, num_parallel_calls=tf.data.AUTOTUNE)
+    dataset = dataset.map(as_written(prepare), num_parallel_calls=tf.data.AUTOTUNE)
     dataset = dataset.batch(batch_size, drop_remainder=drop_remainder)
     if augmentation is not None:
         augment = as_augmentation(augmentation)
-        dataset = dataset.map(lambda images, labels: (augment(images, training=True), labels),
-                              num_parallel_calls=tf.data.AUTOTUNE)
+        dataset = dataset.map(
+            as_written(lambda images, labels: (augment(images, training=True), labels)),
+            num_parallel_calls=tf.data.AUTOTUNE)
     return dataset.prefetch(tf.data.AUTOTUNE), source
 
 

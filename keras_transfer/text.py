@@ -25,7 +25,7 @@ import numpy as np
 
 from keras_transfer import backend
 from keras_transfer.batches import ExampleBatches
-from keras_transfer.data import labels_for_head, shuffle_each_epoch
+from keras_transfer.data import as_written, labels_for_head, shuffle_each_epoch
 from keras_transfer.errors import BackboneError, DataError, WeightsError
 from keras_transfer.heads import check_tasks, heads_argument
 from keras_transfer.model import TransferModel
@@ -438,7 +438,7 @@ class TextBackbone(keras.layers.Layer):
         if shuffle:
             dataset = shuffle_each_epoch(dataset, 10_000, seed)
         dataset = dataset.batch(batch_size, drop_remainder=drop_remainder).map(
-            lambda texts, labels: (self.tokenize(texts), labels),
+            as_written(lambda texts, labels: (self.tokenize(texts), labels)),
             num_parallel_calls=tf.data.AUTOTUNE)
         return dataset.prefetch(tf.data.AUTOTUNE)
 

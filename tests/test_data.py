@@ -216,3 +216,24 @@ def test_csv_rows_without_a_label_are_refused(tmp_path, rows, message):
     with pytest.raises(kt.DataError, match=message):
         source = kt.text_data.read_text_file(str(path))
         kt.data.labels_for_head(source.labels, kt.Head(2), what="texts")
+
+
+@pytest.mark.tensorflow
+def test_training_pipelines_are_traced_without_autograph(monkeypatch):
+    from tensorflow.python.autograph.impl import api
+
+    # AutoGraph converted every function of a fit's pipelines (about a second on 2 cores);
+    # they branch on static shapes only, so they are traced as written.
+    converted = []
+    convert = api.converted_call
+    monkeypatch.setattr(api, "converted_call", lambda f, *a, **k: converted.append(f) or
+                        convert(f, *a, **k))
+    from keras_transfer import routing, trainer
+
+    model = kt.ImageTransferModel(keras.Sequential([keras.Input((32, 32, 3)),
+                                                    keras.layers.Conv2D(4, 3)]), 3)
+    x = np.random.default_rng(0).integers(0, 256, (8, 32, 32, 3), dtype=np.uint8)
+    data = trainer.FitData(model=model, train=routing.head_data(model, x, np.arange(8) % 3),
+                           validation=None, augmentation=kt.default_augmentation(), seed=0)
+    data.batches(shift=0.1)
+    assert [getattr(f, "__qualname__", f) for f in converted] == []
