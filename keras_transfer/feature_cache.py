@@ -92,7 +92,7 @@ from keras_transfer.cache_store import (  # noqa: F401 - the cache root's names 
     write_manifest,
 )
 from keras_transfer.cache_key import _augmentation_key, _entry_name, data_fingerprint, model_key
-from keras_transfer.data import EpochSeed, shuffle_each_epoch
+from keras_transfer.data import EpochSeed, as_written, shuffle_each_epoch
 from keras_transfer.distribute import all_workers_agree, strategy_of
 from keras_transfer.errors import DataError
 from keras_transfer.feature_extraction import FORMAT_VERSION, write_features
@@ -258,7 +258,7 @@ class FeatureCache:
             labels = tf.reshape(tf.io.decode_raw(label_bytes, label_dtype), (-1, *label_shape))
             return features, labels
 
-        dataset = dataset.map(decode, num_parallel_calls=tf.data.AUTOTUNE)
+        dataset = dataset.map(as_written(decode), num_parallel_calls=tf.data.AUTOTUNE)
         return self._counted(dataset, batch_size, drop_remainder)
 
     def fits_in_memory(self, budget_bytes: int = DEFAULT_SHUFFLE_BYTES) -> bool:
@@ -315,7 +315,7 @@ class FeatureCache:
         if shuffle:
             order = shuffle_each_epoch(order, max(count, 1), seed)
         dataset = order.batch(batch_size, drop_remainder=drop_remainder).map(
-            lambda index: (tf.gather(features, index), tf.gather(labels, index)))
+            as_written(lambda index: (tf.gather(features, index), tf.gather(labels, index))))
         return self._counted(dataset, batch_size, drop_remainder, count)
 
     def _counted(self, dataset, batch_size, drop_remainder, count=None):
@@ -540,7 +540,7 @@ def extract_features(model, x, y=None, *, head: str | None = None, batch_size: i
     try:
         manifest = write_features(model, dataset, temporary, shard_size, augment,
                                   max(augmented_copies, 1), key, count, has_labels, batch_size,
-                                  network=bottom)
+                                  network=bottom, rehash=not _in_memory(x))
         if manifest["key"] != key:
             logger.warning(
                 "The data changed between two passes over it (a shuffled tf.data.Dataset?): "
@@ -564,6 +564,11 @@ def extract_features(model, x, y=None, *, head: str | None = None, batch_size: i
          f"{cache.feature_shape} in {len(manifest['shards'])} shard(s) "
          f"({time.perf_counter() - started:.1f} s).", verbose)
     return cache
+
+
+def _in_memory(x) -> bool:
+    """Whether `x` is arrays or texts in memory: every pass over them yields the same batches."""
+    return isinstance(x, (np.ndarray, list, tuple, dict)) and not backend.is_tf_dataset(x)
 
 
 def _expected_bytes(model, count: int, copies: int) -> int:

@@ -313,6 +313,25 @@ def test_a_damaged_cache_is_ignored_and_rebuilt(damage, backbone_runs, caplog):
     assert features.extract_features(model, x, y, batch_size=8).reused
 
 
+def test_arrays_are_hashed_once_a_dataset_on_both_passes(monkeypatch):
+    from keras_transfer import cache_key
+
+    hashed = []
+    update = cache_key._DataFingerprint.update
+    monkeypatch.setattr(cache_key._DataFingerprint, "update",
+                        lambda self, inputs, labels: hashed.append(len(labels)) or
+                        update(self, inputs, labels))
+    x, y = images()
+    cache = features.extract_features(tiny_model(), x, y, batch_size=8)
+    # Arrays cannot change between the passes: only the key's pass hashes them.
+    assert sum(hashed) == len(x) and cache.num_examples == len(x)
+    if tf is not None and kt.backend.is_tensorflow():
+        hashed.clear()
+        dataset = tf.data.Dataset.from_tensor_slices((x[::-1], y[::-1]))
+        features.extract_features(tiny_model(), dataset, batch_size=8)
+        assert sum(hashed) == 2 * len(x)
+
+
 @pytest.mark.tensorflow
 def test_a_source_that_changes_between_passes_is_reported(caplog):
     x, y = images()
