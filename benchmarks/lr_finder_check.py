@@ -8,6 +8,8 @@ and the ratio between the suggestion and the sweep's best rate (by test
 accuracy, ties to the lower loss). A second line lists the rates whose
 accuracy is within one binomial standard error of the best (one seed cannot
 tell them apart) and the smallest factor from the suggestion to one of them.
+With several seeds, a last line per task compares the best rate of the
+seed-averaged sweep with the geometric mean of the suggestions.
 
 Run: `python benchmarks/lr_finder_check.py --tasks digits textures --seeds 0 [--steps 60]`.
 """
@@ -38,6 +40,7 @@ def main():
     args = parser.parse_args()
     for task in args.tasks:
         _, load, build, num_classes = tasks[task]
+        suggestions, accuracies = [], []  # per seed
         for seed in args.seeds:
             x_train, y_train, x_test, y_test = load(seed)
             keras.utils.set_random_seed(seed)
@@ -76,6 +79,28 @@ def main():
             print(f"  {task} seed {seed}: rates within one standard error ({error:.3f}) of the "
                   f"best: {', '.join(f'{r:.0e}' for r in tied)}; the closest is a factor "
                   f"{closest:.1f} from the suggestion", flush=True)
+            suggestions.append(found.suggestion)
+            accuracies.append([accuracy for accuracy, _, _ in results])
+        if len(args.seeds) > 1:
+            print(across_seeds(task, args.rates, suggestions, accuracies), flush=True)
+
+
+def across_seeds(task, rates, suggestions, accuracies) -> str:
+    """The seeds together: the best rate of the mean sweep against the geometric mean suggestion.
+
+    Averaging the sweep's accuracies over seeds is what one seed's best rate
+    cannot give: which rate is best on this task, not on this draw.
+    """
+    import numpy as np
+
+    mean = np.mean(accuracies, axis=0)
+    best = rates[int(np.argmax(mean))]
+    suggestion = float(np.exp(np.mean(np.log(suggestions))))
+    ratio = max(suggestion / best, best / suggestion)
+    sweep = ", ".join(f"{rate:.0e} {value:.3f}" for rate, value in zip(rates, mean))
+    return (f"{task}, {len(suggestions)} seeds: mean test accuracy per rate: {sweep}; best "
+            f"{best:.0e}; geometric mean suggestion {suggestion:.2g}: a factor {ratio:.1f} "
+            f"({'within' if ratio <= 3 else 'NOT within'} 3)")
 
 
 if __name__ == "__main__":
