@@ -568,7 +568,7 @@ def extract_features(model, x, y=None, *, head: str | None = None, batch_size: i
 
 def _in_memory(x) -> bool:
     """Whether `x` is arrays or texts in memory: every pass over them yields the same batches."""
-    return isinstance(x, (np.ndarray, list, tuple, dict)) and not backend.is_tf_dataset(x)
+    return isinstance(x, (np.ndarray, list, tuple, dict))
 
 
 def _expected_bytes(model, count: int, copies: int) -> int:
