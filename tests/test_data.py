@@ -233,7 +233,8 @@ def test_training_pipelines_are_traced_without_autograph(monkeypatch):
     model = kt.ImageTransferModel(keras.Sequential([keras.Input((32, 32, 3)),
                                                     keras.layers.Conv2D(4, 3)]), 3)
     x = np.random.default_rng(0).integers(0, 256, (8, 32, 32, 3), dtype=np.uint8)
+    # The checked pipeline fit builds first, then a phase's shifted one (an augmentation map).
     data = trainer.FitData(model=model, train=routing.head_data(model, x, np.arange(8) % 3),
-                           validation=None, augmentation=kt.default_augmentation(), seed=0)
+                           validation=None, seed=0)
     data.batches(shift=0.1)
     assert [getattr(f, "__qualname__", f) for f in converted] == []
