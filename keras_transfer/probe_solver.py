@@ -511,6 +511,7 @@ def _cross_validate(problem: _Problem, fold_of: np.ndarray, cs,
         # fallen below its best, it does not come back (see the docstring).
         accuracy_stops = scoring == "accuracy" and len(used) >= ACCURACY_STOP_MIN_ROWS
         for i, c in enumerate(cs):
+            # log-steps of C: how far the line through the last two solutions goes
             ratio = math.log(c / cs[i - 1]) / math.log(cs[i - 1] / cs[i - 2]) if i >= 2 else 0.0
             for group in groups:
                 # Scores need 4 digits, not the weights' 6: a looser stop.
@@ -565,17 +566,19 @@ def _extrapolated(current: _Solution | None, before: _Solution | None,
     fit closer than the last solution alone. On 1,200 x 1,280 MobileNetV2
     features (5 folds, 13 values of C) it halved the cross-validation's
     L-BFGS iterations, 258 -> 124, with the same C chosen; a longer step
-    (1.3 or 2 times the line) took more iterations than none.
+    took more (1.3 times the line 180, twice the line 290).
 
     Args:
         current: the fold's solution at the last C (None: not fitted yet).
         before: its solution at the C before that (None: no line yet).
         ratio: log(next C / last C) / log(last C / the C before).
     """
-    if current is None or before is None or ratio == 0.0:
+    if current is None or before is None:
         return current
+    # An intercept at -inf or +inf (an output absent or certain in the fold) stays put.
     finite = np.isfinite(current.intercept) & np.isfinite(before.intercept)
-    step = np.where(finite, current.intercept - np.where(finite, before.intercept, 0.0), 0.0)
+    step = np.subtract(current.intercept, before.intercept, where=finite,
+                       out=np.zeros_like(current.intercept))
     return _Solution(current.coef + ratio * (current.coef - before.coef),
                      current.intercept + ratio * step)
 
