@@ -90,6 +90,20 @@ def test_contrastive_then_head_tunes_the_encoder_and_solves_the_probe():
     assert model.evaluate(TEXTS, LABELS)["accuracy"] == 1.0
 
 
+def test_gradients_are_clipped_to_the_global_norm():
+    # Clipped to a norm of 1e-12, Adam's step is about lr * 1e-12 / epsilon
+    # (1e-7): the encoder does not move. Unclipped, it moves by about lr.
+    def largest_change(clip):
+        model = tiny_model()
+        before = network_weights(model)
+        model.fit(TEXTS, LABELS, phases=[kt.ContrastivePhase(
+            iterations=1, batch_size=16, learning_rate=1e-3, warmup=0.0, weight_decay=0.0,
+            global_clipnorm=clip)], seed=0, verbose=0)
+        return max(np.abs(a - b).max() for a, b in zip(before, network_weights(model)))
+
+    assert largest_change(1e-12) < 1e-6 < 1e-4 < largest_change(None)
+
+
 def test_lora_trains_only_the_adapters():
     model = tiny_model()
     before = {w.path: np.array(w) for w in model.backbone.network.weights}
@@ -127,7 +141,8 @@ def test_image_backbone_is_refused_before_training(tiny_images):
 @pytest.mark.parametrize("options", [
     {"iterations": 0}, {"epochs": 1.5}, {"batch_size": 0}, {"learning_rate": -1e-5},
     {"learning_rate": float("nan")}, {"warmup": 1.5}, {"weight_decay": -0.1},
-    {"lora_rank": 0}, {"iterations": True},
+    {"lora_rank": 0}, {"iterations": True}, {"global_clipnorm": 0.0},
+    {"global_clipnorm": float("inf")},
 ])
 def test_bad_numbers_are_refused(options):
     name = next(iter(options))
