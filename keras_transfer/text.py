@@ -184,6 +184,8 @@ def resolve_text_backbone(backbone, preprocessor=None, *, sequence_length=128,
         if preprocessor is None:
             preprocessor = load_preset(keras_hub.models.TextClassifierPreprocessor, preset,
                                         sequence_length=sequence_length)
+            if os.path.isdir(preset):
+                _strip_accents_as_hugging_face_does(preset, preprocessor)
     elif isinstance(backbone, keras_hub.models.Backbone):
         network = backbone
         if preprocessor is None:
@@ -206,8 +208,6 @@ def resolve_text_backbone(backbone, preprocessor=None, *, sequence_length=128,
             "are cut to it.")
     if hasattr(preprocessor, "sequence_length"):
         preprocessor.sequence_length = sequence_length
-    if preset is not None and os.path.isdir(preset):
-        _strip_accents_as_hugging_face_does(preset, preprocessor)
     return network, preprocessor, preset
 
 
