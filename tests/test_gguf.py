@@ -225,10 +225,13 @@ def test_perplexity_counts_tokens_not_batches_and_knows_ignorance(tmp_path):
     lm = kt_gguf.load_gguf(write_tiny_llama(tmp_path / "tiny.gguf"), sequence_length=16)
     texts = ["hello world", "hello", "world hello hello world hello", "he"]
     one_by_one = kt.perplexity(lm, texts, batch_size=1)
-    assert kt.perplexity(lm, texts, batch_size=3) == pytest.approx(one_by_one, rel=1e-9)
+    # Batches of other shapes round the float32 logits differently: about 16 nats
+    # a token here, so the perplexity moves by about 16 x 1e-7 (7e-7 measured on
+    # CI); averaging per batch instead of per token would be off by far more.
+    assert kt.perplexity(lm, texts, batch_size=3) == pytest.approx(one_by_one, rel=1e-5)
     assert 1.0 < one_by_one
     each = kt.perplexity(lm, texts, batch_size=3, per_text=True)
-    np.testing.assert_allclose(each, [kt.perplexity(lm, [t]) for t in texts], rtol=1e-9)
+    np.testing.assert_allclose(each, [kt.perplexity(lm, [t]) for t in texts], rtol=1e-5)
     for variable in lm.backbone.weights:  # uniform next-token scores: perplexity = vocabulary
         variable.assign(np.zeros(variable.shape))
     vocabulary = lm.backbone.vocabulary_size
