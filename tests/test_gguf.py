@@ -226,8 +226,8 @@ def test_perplexity_counts_tokens_not_batches_and_knows_ignorance(tmp_path):
     texts = ["hello world", "hello", "world hello hello world hello", "he"]
     one_by_one = kt.perplexity(lm, texts, batch_size=1)
     # Batches of other shapes round the float32 logits differently: about 16 nats
-    # a token here, so the perplexity moves by about 16 x 1e-7 (7e-7 measured on
-    # CI); averaging per batch instead of per token would be off by far more.
+    # a token here, so the perplexity moves by about 16 x 1e-7 (7e-7 in a clean-clone
+    # run); averaging per batch instead of per token would be off by far more.
     assert kt.perplexity(lm, texts, batch_size=3) == pytest.approx(one_by_one, rel=1e-5)
     assert 1.0 < one_by_one
     each = kt.perplexity(lm, texts, batch_size=3, per_text=True)
